@@ -1,0 +1,183 @@
+"""Building the model skeleton: from ``model=`` or from a builder plugin, on the meta device.
+
+A skeleton's parameters live on the meta device (no memory); its non-persistent buffers hold
+real values computed by the model's own ``__init__`` (rotary ``inv_freq`` and the like), because
+those never come from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import torch
+from pydantic import Field
+
+from .checkpoint import CheckpointInfo, Frozen
+from .errors import BuildError
+
+if TYPE_CHECKING:
+    from .manager import PluginManager
+
+
+class ModelFacts(Frozen):
+    """What a model's library declares about it; merged from every ``loaderkit_model_facts`` answer.
+
+    :ivar keep_fp32: module-name patterns kept in float32 under bf16/fp16 (``_keep_in_fp32_modules``;
+        a pattern matches a module whose qualified name contains it as a dotted component run).
+    :ivar skip_low_precision: regexes of modules never stored in fp8
+        (``_skip_layerwise_casting_patterns``).
+    :ivar ignore_unexpected: regexes of checkpoint keys to ignore when the model lacks them.
+    :ivar ignore_missing: regexes of model keys the checkpoint may lack.
+    :ivar tied: target key -> source key of tied parameters (the target is not loaded; it is tied).
+    :ivar no_split: module class names accelerate must not split across devices.
+    :ivar finalize: callables run on the loaded model (``tie_weights`` and the like).
+    :ivar source: who declared these facts.
+    """
+
+    keep_fp32: tuple[str, ...] = ()
+    skip_low_precision: tuple[str, ...] = ()
+    ignore_unexpected: tuple[str, ...] = ()
+    ignore_missing: tuple[str, ...] = ()
+    tied: dict[str, str] = Field(default_factory=dict)
+    no_split: tuple[str, ...] = ()
+    finalize: tuple[Callable[[torch.nn.Module], Any], ...] = ()
+    source: tuple[str, ...] = ()
+
+    def merge(self, other: "ModelFacts") -> "ModelFacts":
+        """Union of two fact sets (tuples concatenated without duplicates, dicts merged)."""
+
+        def cat(a, b):
+            return tuple(dict.fromkeys((*a, *b)))
+
+        return ModelFacts(
+            keep_fp32=cat(self.keep_fp32, other.keep_fp32),
+            skip_low_precision=cat(self.skip_low_precision, other.skip_low_precision),
+            ignore_unexpected=cat(self.ignore_unexpected, other.ignore_unexpected),
+            ignore_missing=cat(self.ignore_missing, other.ignore_missing),
+            tied={**self.tied, **other.tied},
+            no_split=cat(self.no_split, other.no_split),
+            finalize=cat(self.finalize, other.finalize),
+            source=cat(self.source, other.source),
+        )
+
+    def keeps_fp32(self, module_name: str) -> bool:
+        """True if ``module_name`` matches a ``keep_fp32`` pattern (as transformers matches them)."""
+        parts = module_name.split(".")
+        for pat in self.keep_fp32:
+            pp = pat.split(".")
+            for i in range(len(parts) - len(pp) + 1):
+                if parts[i : i + len(pp)] == pp:
+                    return True
+        return False
+
+    def skips_low_precision(self, module_name: str) -> bool:
+        return any(re.search(p, module_name) for p in self.skip_low_precision)
+
+
+class BuildRequest(Frozen):
+    """What a builder gets.
+
+    :ivar checkpoint: the checkpoint description (its ``config`` holds config.json).
+    :ivar dtype: the dtype the strategy expects most parameters to compute in; builders use it as
+        the default dtype while constructing, as the model libraries do in ``from_pretrained``.
+    """
+
+    checkpoint: CheckpointInfo
+    dtype: str
+
+
+class Builder:
+    """Base class of builder plugins: make an empty model skeleton from a checkpoint's config."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    priority: ClassVar[int] = 0
+
+    def can_build(self, request: BuildRequest) -> bool:
+        """True if this builder recognises the checkpoint's config (cheap; no imports if possible)."""
+        raise NotImplementedError
+
+    def build(self, request: BuildRequest) -> torch.nn.Module:
+        """Return the model with parameters on the meta device and real non-persistent buffers.
+
+        Use :func:`meta_init` around the model's constructor.
+        """
+        raise NotImplementedError
+
+
+@contextlib.contextmanager
+def meta_init(dtype: torch.dtype | None = None):
+    """Construct modules with parameters on the meta device and buffers on the CPU.
+
+    Inside, ``torch.get_default_dtype()`` is ``dtype`` (when given), so buffers that a model
+    creates in the default dtype match what ``from_pretrained(dtype=...)`` would create.
+    """
+    from accelerate import init_empty_weights
+
+    old = torch.get_default_dtype()
+    try:
+        if dtype is not None and dtype.is_floating_point and dtype.itemsize >= 2:
+            torch.set_default_dtype(dtype)
+        with init_empty_weights(include_buffers=False):
+            yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def from_argument(model: Any, dtype: torch.dtype) -> torch.nn.Module:
+    """Turn the ``model=`` argument (a module, a module class or a zero-arg factory) into a module."""
+    if isinstance(model, torch.nn.Module):
+        return model
+    if callable(model):
+        try:
+            with meta_init(dtype):
+                built = model()
+        except Exception as exc:
+            raise BuildError(
+                f"model= factory {getattr(model, '__name__', model)!r} raised {type(exc).__name__}: {exc}; "
+                "pass a zero-argument callable that returns a torch.nn.Module"
+            ) from exc
+        if not isinstance(built, torch.nn.Module):
+            raise BuildError(
+                f"model= factory returned {type(built).__name__}, not a torch.nn.Module"
+            )
+        return built
+    raise BuildError(
+        f"model= must be a torch.nn.Module, a module class or a zero-argument factory, "
+        f"not {type(model).__name__}"
+    )
+
+
+def build_skeleton(
+    manager: "PluginManager", checkpoint: CheckpointInfo, dtype: torch.dtype
+) -> tuple[torch.nn.Module, str]:
+    """Ask builder plugins, in priority order, for a skeleton. Returns ``(model, builder_name)``."""
+    from .dtypes import dtype_name
+
+    request = BuildRequest(checkpoint=checkpoint, dtype=dtype_name(dtype))
+    for entry in manager.builders():
+        if manager.call(entry, entry.obj.can_build, request):
+            model = manager.call(entry, entry.obj.build, request)
+            if not isinstance(model, torch.nn.Module):
+                from .errors import PluginError
+
+                raise PluginError(
+                    f"builder {entry.obj.name!r} of plugin {entry.plugin!r} returned "
+                    f"{type(model).__name__}, not a torch.nn.Module",
+                    plugin=entry.plugin,
+                )
+            return model, entry.obj.name
+    cfg = checkpoint.config
+    what = "no config.json" if not cfg else (
+        "a config.json no builder recognises"
+        + (f" (architectures={cfg.get('architectures')}, model_type={cfg.get('model_type')!r},"
+           f" _class_name={cfg.get('_class_name')!r})")
+    )
+    raise BuildError(
+        f"cannot build a model for {checkpoint.path}: it has {what}. Pass the architecture "
+        "yourself: loaderkit.load(path, model=MyNet) with a module, a module class or a "
+        "zero-argument factory (install transformers or diffusers to build their models from config).",
+        path=checkpoint.path,
+    )

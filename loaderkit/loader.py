@@ -1,0 +1,267 @@
+"""The orchestrator: inspect -> negotiate -> build -> stream -> place -> runtime -> verify.
+
+Each stage lives in its own module; this one only wires them in order.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .build import ModelFacts, build_skeleton, from_argument
+from .capabilities import DeviceCaps
+from .checkpoint import CheckpointInfo
+from .dtypes import to_torch
+from .errors import BuildError, LoaderKitError, PlanError, PluginError, StrategyError
+from .inspect import describe
+from .manager import Entry, PluginManager, get_manager
+from .negotiate import negotiate
+from .plan import Plan
+from .strategy import Strategy
+
+StrategyArg = str | Strategy
+_plans: "weakref.WeakKeyDictionary[torch.nn.Module, Plan]" = weakref.WeakKeyDictionary()
+
+
+def inspect(
+    path: str | os.PathLike, *, format: str | None = None, manager: PluginManager | None = None
+) -> CheckpointInfo:
+    """Describe a checkpoint from its headers (no tensor data is read).
+
+    :param format: force a format plugin by name instead of letting formats claim the path.
+    """
+    return describe(path, manager or get_manager(), format)
+
+
+def strategy(name: str, **options: Any) -> Strategy:
+    """Make a strategy by registered name with validated options (an unknown option is an error).
+
+    ``loaderkit.strategy("fp8", compute_dtype=torch.float32)``
+    """
+    return _strategy_entry(name, get_manager())[0].obj(**options)
+
+
+def _strategy_entry(name: str, mgr: PluginManager) -> tuple[Entry, None]:
+    entry = mgr.get("strategies", name)
+    if entry is None:
+        names = ", ".join(e.name for e in mgr.strategies()) or "none"
+        raise StrategyError(f"unknown strategy {name!r}; registered strategies: {names}")
+    return entry, None
+
+
+def _resolve_strategy(arg: StrategyArg, mgr: PluginManager) -> tuple[Strategy, Entry]:
+    if isinstance(arg, Strategy):
+        entry = mgr.get("strategies", arg.name)
+        plugin = entry.plugin if entry is not None and isinstance(arg, entry.obj) else "user"
+        return arg, Entry(type(arg), plugin)
+    if isinstance(arg, str):
+        entry, _ = _strategy_entry(arg, mgr)
+        return mgr.call(entry, entry.obj), entry
+    raise StrategyError(
+        f"strategy must be a name or a loaderkit.strategy(...) object, not {type(arg).__name__}"
+    )
+
+
+def device_caps(device: str | torch.device, mgr: PluginManager) -> DeviceCaps:
+    """Capabilities of ``device`` from the ``loaderkit_device_capabilities`` hook."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise PlanError(f"invalid device {device!r}: {exc}") from None
+    results = mgr.hook("loaderkit_device_capabilities", device=str(dev))
+    if not results:
+        raise PlanError(f"no plugin describes device {str(dev)!r}; loaderkit knows cpu and cuda devices")
+    plugin, caps = results[0]
+    if not isinstance(caps, DeviceCaps):
+        raise PluginError(
+            f"plugin {plugin!r} described device {str(dev)!r} as {type(caps).__name__}, not DeviceCaps",
+            plugin=plugin,
+        )
+    return caps
+
+
+@dataclass
+class _Prepared:
+    checkpoint: CheckpointInfo
+    model: torch.nn.Module
+    facts: ModelFacts
+    plan: Plan
+
+
+def _prepare(
+    path, strategy_arg, model, device, strict, format, mgr: PluginManager
+) -> _Prepared:
+    strat, entry = _resolve_strategy(strategy_arg, mgr)
+    checkpoint = describe(path, mgr, format)
+    caps = device_caps(device, mgr)
+    dtype = to_torch(mgr.call(entry, strat.build_dtype, checkpoint, caps))
+    if model is not None:
+        skeleton, builder = from_argument(model, dtype), "model="
+    else:
+        skeleton, builder = build_skeleton(mgr, checkpoint, dtype)
+    facts = ModelFacts()
+    for plugin, f in mgr.hook("loaderkit_model_facts", model=skeleton):
+        if not isinstance(f, ModelFacts):
+            raise PluginError(
+                f"plugin {plugin!r} returned {type(f).__name__} from loaderkit_model_facts, not ModelFacts",
+                plugin=plugin,
+            )
+        facts = facts.merge(f)
+    plan = negotiate(
+        checkpoint=checkpoint,
+        model=skeleton,
+        facts=facts,
+        strategy=strat,
+        strategy_entry=entry,
+        device=caps,
+        builder=builder,
+        manager=mgr,
+        strict=strict,
+    )
+    mgr.hook("loaderkit_plan_ready", plan=plan)
+    return _Prepared(checkpoint, skeleton, facts, plan)
+
+
+def plan(
+    path: str | os.PathLike,
+    strategy: StrategyArg = "auto",
+    *,
+    model: torch.nn.Module | Callable[[], torch.nn.Module] | None = None,
+    device_map: str | torch.device = "cpu",
+    strict: bool = True,
+    format: str | None = None,
+    manager: PluginManager | None = None,
+) -> Plan:
+    """Negotiate the plan for loading ``path``, from headers and config alone (no tensor data).
+
+    Takes the same arguments as :func:`load`; ``print(plan)`` shows it readably.
+    """
+    mgr = manager or get_manager()
+    return _prepare(path, strategy, model, device_map, strict, format, mgr).plan
+
+
+def load(
+    path: str | os.PathLike,
+    strategy: StrategyArg = "auto",
+    *,
+    model: torch.nn.Module | Callable[[], torch.nn.Module] | None = None,
+    device_map: str | torch.device = "cpu",
+    strict: bool = True,
+    format: str | None = None,
+    cast_inputs: bool | None = None,
+    manager: PluginManager | None = None,
+) -> torch.nn.Module:
+    """Load a checkpoint into a model whose dtypes follow the negotiated plan.
+
+    :param path: a safetensors file, an index ``.json``, a torch ``.bin``/``.pt``/``.pth`` file,
+        or a directory holding one (transformers / diffusers layouts).
+    :param strategy: a strategy name (``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"``, ``"fp8"``,
+        or a plugin's) or a :func:`strategy` object carrying options.
+    :param model: the architecture: a module (any device, meta included), a module class or a
+        zero-argument factory. Without it, builder plugins build it from the checkpoint's config.
+    :param device_map: the device the model is placed on (``"cpu"``, ``"cuda:0"``).
+    :param strict: unexpected checkpoint keys are an error (missing keys always are, unless the
+        model already holds real values for them).
+    :param format: force a format plugin by name.
+    :param cast_inputs: cast floating-point inputs reaching the model to its compute dtype
+        (default: on when the plan stores any module in a dtype other than its compute dtype).
+    :returns: the model in eval mode. A failed load raises and returns nothing.
+    """
+    mgr = manager or get_manager()
+    if not isinstance(device_map, (str, torch.device)):
+        raise PlanError(
+            f"device_map={device_map!r}: pass a single device such as 'cpu' or 'cuda:0'"
+        )
+    prep = _prepare(path, strategy, model, device_map, strict, format, mgr)
+    plan_ = prep.plan
+    _stream_into(prep, mgr)
+    model_ = prep.model
+    for fn in prep.facts.finalize:
+        fn(model_)
+    _check_complete(model_, plan_)
+    _attach_runtime(model_, plan_, cast_inputs)
+    model_.eval()
+    from .verify import verify
+
+    report = verify(model_, plan=plan_)
+    if not report.ok:
+        raise PlanError(
+            f"{plan_.checkpoint.path}: the loaded model failed its dtype check, which is a bug in a "
+            f"plugin or in loaderkit; please report it: {report}"
+        )
+    _plans[model_] = plan_
+    mgr.hook("loaderkit_model_loaded", model=model_, plan=plan_)
+    return model_
+
+
+def _stream_into(prep: _Prepared, mgr: PluginManager) -> None:
+    from .stream import assign, read_all
+
+    plan_ = prep.plan
+    entry = mgr.get("formats", plan_.checkpoint.format)
+    if entry is None:
+        raise LoaderKitError(f"format {plan_.checkpoint.format!r} is no longer registered")
+    reader = mgr.call(entry, entry.obj.open, plan_.checkpoint)
+    try:
+        with torch.no_grad():
+            loaded = read_all(plan_, reader, mgr)
+    finally:
+        mgr.call(entry, reader.close)
+    with torch.no_grad():
+        assign(prep.model, plan_, loaded)
+
+
+def _check_complete(model: torch.nn.Module, plan_: Plan) -> None:
+    from .stream import meta_leftovers
+
+    left = meta_leftovers(model)
+    if left:
+        more = f" ... and {len(left) - 10} more" if len(left) > 10 else ""
+        raise BuildError(
+            f"{plan_.checkpoint.path}: after loading, {len(left)} tensors are still empty (meta): "
+            f"{', '.join(left[:10])}{more}. They are neither in the checkpoint nor computed by the "
+            "model's constructor; add them to the checkpoint or pass a model that initialises them",
+            path=plan_.checkpoint.path,
+            tensor=left[0],
+        )
+
+
+def _attach_runtime(model: torch.nn.Module, plan_: Plan, cast_inputs: bool | None) -> None:
+    cast_modules = [m for m in plan_.modules.values() if m.cast]
+    if not cast_modules and not cast_inputs:
+        return
+    from . import runtime
+
+    named = dict(model.named_modules())
+    q = plan_.checkpoint.quantization
+    for m in cast_modules:
+        module = named[m.name]
+        scales = {}
+        for local, dt in m.storage.items():
+            tp = plan_.tensors[f"{m.name}.{local}" if m.name else local]
+            if tp.granularity and tp.granularity != "none":
+                block = None
+                if q and tp.source in q.weights:
+                    block = q.weights[tp.source].block
+                scales[local] = (f"{local}_scale", tp.granularity, block)
+        runtime.attach_cast(module, to_torch(m.compute_dtype), scales=scales or None)
+    if cast_inputs is None:
+        cast_inputs = bool(cast_modules)
+    if cast_inputs:
+        runtime.attach_input_cast(model, to_torch(_entry_dtype(plan_)))
+
+
+def _entry_dtype(plan_: Plan) -> str:
+    counts: dict[str, int] = {}
+    for m in plan_.modules.values():
+        counts[m.compute_dtype] = counts.get(m.compute_dtype, 0) + m.nbytes
+    return max(counts, key=counts.get) if counts else "float32"
+
+
+def plan_of(model: torch.nn.Module) -> Plan | None:
+    """The plan a model was loaded with by :func:`load`, or ``None``."""
+    return _plans.get(model)

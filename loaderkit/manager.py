@@ -1,0 +1,340 @@
+"""Plugin discovery and the registries of formats, schemes, strategies and builders.
+
+Built-in plugins are plain modules registered by name, through the same door as third-party
+plugins, which come from the ``loaderkit`` entry-point group or :func:`loaderkit.register`.
+Nothing is imported or registered when ``loaderkit`` is imported: the default manager is made on
+first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Callable, Iterable
+
+import pluggy
+
+from . import hookspecs
+from .errors import LoaderKitError, PluginError
+
+ENTRY_POINT_GROUP = "loaderkit"
+DISABLE_AUTOLOAD_ENV = "LOADERKIT_DISABLE_PLUGIN_AUTOLOAD"
+BLOCK_ENV = "LOADERKIT_BLOCK_PLUGINS"
+
+#: Built-in plugins: name -> module. Registered like any other plugin.
+BUILTIN_PLUGINS: dict[str, str] = {
+    "devices": "loaderkit.plugins.devices",
+    "safetensors": "loaderkit.plugins.safetensors_format",
+    "sharded": "loaderkit.plugins.sharded",
+    "torchzip": "loaderkit.plugins.torchzip",
+    "uniform": "loaderkit.plugins.uniform",
+    "auto": "loaderkit.plugins.auto",
+    "fp8-formats": "loaderkit.plugins.fp8_formats",
+    "fp8": "loaderkit.plugins.fp8",
+    "transformers": "loaderkit.plugins.transformers_builder",
+    "diffusers": "loaderkit.plugins.diffusers_builder",
+}
+
+_KINDS = {
+    "formats": "loaderkit_register_formats",
+    "schemes": "loaderkit_register_schemes",
+    "strategies": "loaderkit_register_strategies",
+    "builders": "loaderkit_register_builders",
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A registered format, scheme, strategy or builder, with the plugin that contributed it."""
+
+    obj: Any
+    plugin: str
+
+    @property
+    def name(self) -> str:
+        return self.obj.name
+
+
+@dataclass
+class PluginRecord:
+    """How a plugin came to be registered (shown by ``loaderkit plugins``)."""
+
+    name: str
+    source: str  # "built-in", "entry point", "runtime"
+    version: str
+    module: str
+    provides: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
+class PluginManager:
+    """Owns a :class:`pluggy.PluginManager` and the registries built from its plugins.
+
+    :param autoload: load plugins from the ``loaderkit`` entry-point group (default: yes unless
+        ``LOADERKIT_DISABLE_PLUGIN_AUTOLOAD`` is set).
+    :param block: plugin names never to register (adds to ``LOADERKIT_BLOCK_PLUGINS``,
+        a comma-separated list). Built-ins can be blocked too.
+    :param builtins: register the built-in plugins (default: yes).
+    """
+
+    def __init__(
+        self, *, autoload: bool | None = None, block: Iterable[str] = (), builtins: bool = True
+    ) -> None:
+        self.pm = pluggy.PluginManager("loaderkit")
+        self.pm.add_hookspecs(hookspecs)
+        self.records: dict[str, PluginRecord] = {}
+        self._registries: dict[str, list[Entry]] | None = None
+        self._lock = threading.RLock()
+        env_block = [b.strip() for b in os.environ.get(BLOCK_ENV, "").split(",") if b.strip()]
+        for name in (*env_block, *block):
+            self.pm.set_blocked(name)
+        if builtins:
+            self._load_builtins()
+        if autoload if autoload is not None else not _env_true(DISABLE_AUTOLOAD_ENV):
+            self._load_entry_points()
+        self.check_pending()
+
+    # -- discovery ----------------------------------------------------------------------------
+
+    def _load_builtins(self) -> None:
+        from . import __version__
+
+        for name, modname in BUILTIN_PLUGINS.items():
+            if self.pm.is_blocked(name):
+                continue
+            try:
+                module = importlib.import_module(modname)
+            except Exception as exc:  # a broken install, reported with the plugin's name
+                raise PluginError(
+                    f"built-in plugin {name!r} ({modname}) failed to import: {type(exc).__name__}: {exc}",
+                    plugin=name,
+                ) from exc
+            self._register(module, name, "built-in", __version__)
+
+    def _load_entry_points(self) -> None:
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if self.pm.is_blocked(ep.name) or self.pm.get_plugin(ep.name) is not None:
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {ep.name!r} (entry point {ep.value!r} in group {ENTRY_POINT_GROUP!r}) "
+                    f"failed to import: {type(exc).__name__}: {exc}. Uninstall it, or block it with "
+                    f"{BLOCK_ENV}={ep.name}",
+                    plugin=ep.name,
+                ) from exc
+            version = ep.dist.version if ep.dist is not None else "unknown"
+            self._register(plugin, ep.name, "entry point", version)
+
+    def _register(self, plugin: Any, name: str, source: str, version: str) -> str:
+        with self._lock:
+            if name in self.records:
+                raise PluginError(
+                    f"a plugin named {name!r} is already registered (from {self.records[name].module}); "
+                    f"cannot register {_describe(plugin)} under the same name",
+                    plugin=name,
+                )
+            try:
+                registered = self.pm.register(plugin, name=name)
+            except pluggy.PluginValidationError as exc:
+                raise PluginError(f"plugin {name!r} is invalid: {exc}", plugin=name) from exc
+            except ValueError as exc:
+                raise PluginError(f"cannot register plugin {name!r}: {exc}", plugin=name) from exc
+            if registered is None:  # blocked
+                return name
+            self.records[name] = PluginRecord(name, source, version, _describe(plugin))
+            self._registries = None
+            return name
+
+    def register(self, plugin: Any, name: str | None = None) -> str:
+        """Register ``plugin`` (a module or object with ``loaderkit_*`` hook implementations)."""
+        name = name or getattr(plugin, "__name__", None) or f"plugin-{id(plugin):x}"
+        version = str(getattr(plugin, "__version__", "unknown"))
+        self._register(plugin, name, "runtime", version)
+        try:
+            self.check_pending()
+            self.registries()
+        except LoaderKitError:
+            self.unregister(name)
+            raise
+        return name
+
+    def unregister(self, plugin: Any) -> None:
+        """Unregister a plugin given by name or object. Unknown plugins are an error."""
+        with self._lock:
+            name = plugin if isinstance(plugin, str) else self.pm.get_name(plugin)
+            if name is None or self.pm.get_plugin(name) is None:
+                raise PluginError(f"no plugin {plugin!r} is registered", plugin=str(plugin))
+            self.pm.unregister(name=name)
+            self.records.pop(name, None)
+            self._registries = None
+
+    def check_pending(self) -> None:
+        """Fail if any plugin implements a ``loaderkit_`` hook that does not exist."""
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            name = self.pm.get_name(exc.plugin) or _describe(exc.plugin)
+            raise PluginError(f"plugin {name!r}: {exc}", plugin=name) from exc
+
+    # -- registries ---------------------------------------------------------------------------
+
+    def registries(self) -> dict[str, list[Entry]]:
+        with self._lock:
+            if self._registries is None:
+                self._registries = self._collect()
+            return self._registries
+
+    def _collect(self) -> dict[str, list[Entry]]:
+        from .build import Builder
+        from .checkpoint import Format, Scheme
+        from .strategy import Strategy
+
+        bases = {"formats": Format, "schemes": Scheme, "strategies": Strategy, "builders": Builder}
+        out: dict[str, list[Entry]] = {}
+        for rec in self.records.values():
+            rec.provides = {}
+        for kind, hookname in _KINDS.items():
+            seen: dict[str, Entry] = {}
+            for impl in reversed(getattr(self.pm.hook, hookname).get_hookimpls()):
+                plugin = impl.plugin_name
+
+                def register(obj: Any, _kind=kind, _plugin=plugin) -> None:
+                    _check_contribution(obj, bases[_kind], _kind, _plugin)
+                    if obj.name in seen:
+                        raise PluginError(
+                            f"duplicate {_kind[:-1] if _kind != 'strategies' else 'strategy'} name "
+                            f"{obj.name!r}: registered by plugin {seen[obj.name].plugin!r} and by "
+                            f"plugin {_plugin!r}; block one of them ({BLOCK_ENV}=<name>)",
+                            plugin=_plugin,
+                        )
+                    seen[obj.name] = Entry(obj, _plugin)
+                    if _plugin in self.records:
+                        self.records[_plugin].provides.setdefault(_kind, []).append(obj.name)
+
+                self._invoke(plugin, impl.function, register=register)
+            entries = list(seen.values())
+            entries.sort(key=lambda e: -getattr(e.obj, "priority", 0))
+            out[kind] = entries
+        for rec in self.records.values():
+            hooks = [
+                h.name
+                for h in self.pm.get_hookcallers(self.pm.get_plugin(rec.name)) or []
+                if h.name not in _KINDS.values()
+            ]
+            if hooks:
+                rec.provides["hooks"] = hooks
+        return out
+
+    def formats(self) -> list[Entry]:
+        return self.registries()["formats"]
+
+    def schemes(self) -> list[Entry]:
+        return self.registries()["schemes"]
+
+    def strategies(self) -> list[Entry]:
+        return self.registries()["strategies"]
+
+    def builders(self) -> list[Entry]:
+        return self.registries()["builders"]
+
+    def get(self, kind: str, name: str) -> Entry | None:
+        for e in self.registries()[kind]:
+            if e.name == name:
+                return e
+        return None
+
+    # -- calling plugin code ------------------------------------------------------------------
+
+    def _invoke(self, plugin: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LoaderKitError as exc:
+            if exc.plugin is None:
+                exc.plugin = plugin
+            raise
+        except Exception as exc:
+            raise PluginError(
+                f"plugin {plugin!r} raised {type(exc).__name__} in {getattr(fn, '__qualname__', fn)}: {exc}",
+                plugin=plugin,
+            ) from exc
+
+    def call(self, entry: Entry, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        """Call a registered object's method; any exception becomes an error naming the plugin."""
+        return self._invoke(entry.plugin, fn, *args, **kwargs)
+
+    def hook(self, name: str, **kwargs: Any) -> list[Any]:
+        """Call every implementation of hook ``name``; return the non-None results.
+
+        Exceptions are re-raised as :class:`PluginError` naming the plugin that raised.
+        For ``firstresult`` hooks the list holds at most one item.
+        """
+        caller = getattr(self.pm.hook, name)
+        first = bool(caller.spec and caller.spec.opts.get("firstresult"))
+        results = []
+        for impl in reversed(caller.get_hookimpls()):
+            args = {k: kwargs[k] for k in impl.argnames}
+            res = self._invoke(impl.plugin_name, impl.function, **args)
+            if res is not None:
+                results.append((impl.plugin_name, res))
+                if first:
+                    break
+        return results
+
+
+def _describe(plugin: Any) -> str:
+    mod = getattr(plugin, "__name__", None)
+    if mod:
+        return mod
+    return f"{type(plugin).__module__}.{type(plugin).__qualname__}"
+
+
+def _check_contribution(obj: Any, base: type, kind: str, plugin: str) -> None:
+    is_class = kind == "strategies"
+    ok = (isinstance(obj, type) and issubclass(obj, base)) if is_class else isinstance(obj, base)
+    if not ok:
+        want = f"a subclass of loaderkit.{base.__name__}" if is_class else f"an instance of loaderkit.{base.__name__}"
+        raise PluginError(
+            f"plugin {plugin!r} registered {obj!r} as one of its {kind}, but it must be {want}",
+            plugin=plugin,
+        )
+    name = getattr(obj, "name", "")
+    if not isinstance(name, str) or not name:
+        raise PluginError(f"plugin {plugin!r} registered a {base.__name__} with no name", plugin=plugin)
+
+
+_default: PluginManager | None = None
+_default_lock = threading.Lock()
+
+
+def get_manager() -> PluginManager:
+    """The process-wide plugin manager, made on first use."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = PluginManager()
+        return _default
+
+
+def reset_manager() -> None:
+    """Forget the process-wide manager; the next use rediscovers plugins (re-reads the env vars)."""
+    global _default
+    with _default_lock:
+        _default = None
+
+
+def register(plugin: Any, name: str | None = None) -> str:
+    """Register a plugin at runtime with the process-wide manager; returns its name."""
+    return get_manager().register(plugin, name)
+
+
+def unregister(plugin: Any) -> None:
+    """Unregister a runtime (or any) plugin, by name or object."""
+    get_manager().unregister(plugin)

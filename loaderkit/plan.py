@@ -1,0 +1,229 @@
+"""The plan: what will be read, how each tensor is converted, and how each module computes.
+
+A plan is made from headers and config alone (no tensor data is read) and is immutable. It is
+what :func:`loaderkit.plan` returns and what :func:`loaderkit.load` executes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from pydantic import Field
+
+from .capabilities import DeviceCaps
+from .checkpoint import CheckpointInfo, Frozen
+
+CONVERSIONS = ("none", "cast", "dequantize", "quantize")
+
+
+class TensorPlan(Frozen):
+    """How one model tensor is filled.
+
+    :ivar key: the model's state-dict key.
+    :ivar source: the checkpoint key it is read from.
+    :ivar shape: its shape in the model.
+    :ivar stored_dtype: dtype in the checkpoint.
+    :ivar target_dtype: dtype it is stored in, in memory.
+    :ivar conversion: ``"none"`` (zero-copy), ``"cast"``, ``"dequantize"`` or ``"quantize"``.
+    :ivar companions: checkpoint keys read with it (scales).
+    :ivar granularity: scale granularity when quantized in memory (``"channel"``...), else ``None``.
+    :ivar also: other model keys tied to this one (they share the tensor).
+    :ivar device: where it lives after loading.
+    :ivar nbytes: bytes in memory after conversion (scales included).
+    """
+
+    key: str
+    source: str
+    shape: tuple[int, ...]
+    stored_dtype: str
+    target_dtype: str
+    conversion: str
+    companions: tuple[str, ...] = ()
+    granularity: str | None = None
+    also: tuple[str, ...] = ()
+    device: str = "cpu"
+    nbytes: int = 0
+
+
+class ModulePlan(Frozen):
+    """How one module (that owns tensors) stores and computes.
+
+    :ivar name: qualified module name.
+    :ivar type: class name.
+    :ivar compute_dtype: dtype its kernel runs in.
+    :ivar storage: local tensor name -> dtype in memory.
+    :ivar cast: a runtime cast rule hands its kernel the tensors in ``compute_dtype``.
+    :ivar granularity: scale granularity of its quantized weight, if any.
+    :ivar device: execution device.
+    :ivar nbytes: bytes of its tensors in memory.
+    :ivar reason: why the strategy chose this.
+    """
+
+    name: str
+    type: str
+    compute_dtype: str
+    storage: dict[str, str]
+    cast: bool = False
+    granularity: str | None = None
+    device: str = "cpu"
+    nbytes: int = 0
+    reason: str = ""
+
+
+class Decision(Frozen):
+    """A choice made during negotiation, with the reason. ``by`` names who made it."""
+
+    subject: str
+    choice: str
+    reason: str
+    by: str = "loaderkit"
+
+
+class Plan(Frozen):
+    """The negotiated plan for loading one checkpoint into one model.
+
+    :ivar checkpoint: the checkpoint description.
+    :ivar strategy: the strategy name; :attr:`options` its validated options.
+    :ivar device: capabilities of the execution device.
+    :ivar builder: what built the skeleton (a builder name, or ``"model="``).
+    :ivar model_type: the skeleton's class name.
+    :ivar tensors: model key -> tensor plan, in read order.
+    :ivar modules: module name -> module plan, for every module that owns tensors.
+    :ivar decisions: every choice made, with its reason.
+    :ivar ignored: checkpoint keys not loaded, with why.
+    :ivar kept: model keys not in the checkpoint that keep the values the skeleton already has.
+    """
+
+    checkpoint: CheckpointInfo
+    strategy: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    device: DeviceCaps
+    builder: str
+    model_type: str
+    tensors: dict[str, TensorPlan]
+    modules: dict[str, ModulePlan]
+    decisions: tuple[Decision, ...] = ()
+    ignored: dict[str, str] = Field(default_factory=dict)
+    kept: tuple[str, ...] = ()
+
+    # -- views --------------------------------------------------------------------------------
+
+    def bytes_per_device(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.tensors.values():
+            out[t.device] = out.get(t.device, 0) + t.nbytes
+        return out
+
+    def bytes_per_dtype(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.tensors.values():
+            out[t.target_dtype] = out.get(t.target_dtype, 0) + t.nbytes
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+    def conversions(self) -> dict[str, int]:
+        return dict(Counter(t.conversion for t in self.tensors.values()))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (what ``loaderkit plan --json`` prints)."""
+        return {
+            "checkpoint": self.checkpoint.summary(),
+            "strategy": self.strategy,
+            "options": {k: str(v) for k, v in self.options.items()},
+            "device": self.device.model_dump(mode="json"),
+            "builder": self.builder,
+            "model_type": self.model_type,
+            "bytes_per_device": self.bytes_per_device(),
+            "bytes_per_dtype": self.bytes_per_dtype(),
+            "conversions": self.conversions(),
+            "modules": {k: m.model_dump(mode="json") for k, m in self.modules.items()},
+            "tensors": {k: t.model_dump(mode="json") for k, t in self.tensors.items()},
+            "decisions": [d.model_dump(mode="json") for d in self.decisions],
+            "ignored": self.ignored,
+            "kept": list(self.kept),
+        }
+
+    def table(self, all_modules: bool = False) -> str:
+        """A readable rendering. Modules are grouped by identical treatment unless ``all_modules``."""
+        lines = [
+            f"checkpoint  {self.checkpoint.path}  [{self.checkpoint.format}"
+            + (f", {self.checkpoint.quantization.family}" if self.checkpoint.quantization else "")
+            + f"]  {len(self.checkpoint.tensors)} tensors, {_fmt_bytes(self.checkpoint.total_bytes)}",
+            f"model       {self.model_type}  (built by {self.builder})",
+            f"strategy    {self.strategy}"
+            + (f"  {self.options}" if self.options else ""),
+            f"device      {self.device.device}" + (f"  ({self.device.name})" if self.device.name else ""),
+            "memory      "
+            + ", ".join(f"{d}: {_fmt_bytes(b)}" for d, b in self.bytes_per_device().items())
+            + "  ("
+            + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in self.bytes_per_dtype().items())
+            + ")",
+            "conversions " + ", ".join(f"{k}: {v}" for k, v in sorted(self.conversions().items())),
+            "",
+        ]
+        header = ("module", "type", "storage", "compute", "cast", "scale", "bytes")
+        rows: list[tuple[str, ...]] = []
+        if all_modules:
+            for m in self.modules.values():
+                rows.append(_module_row(m.name or "(root)", m))
+        else:
+            groups: dict[tuple, list[ModulePlan]] = {}
+            for m in self.modules.values():
+                sig = (m.type, _storage_str(m), m.compute_dtype, m.cast, m.granularity)
+                groups.setdefault(sig, []).append(m)
+            for ms in groups.values():
+                label = ms[0].name or "(root)"
+                if len(ms) > 1:
+                    label = f"{label} (+{len(ms) - 1} alike)"
+                total = sum(m.nbytes for m in ms)
+                rows.append(_module_row(label, ms[0], total))
+        lines.extend(_render(header, rows))
+        if self.decisions:
+            lines.append("")
+            lines.append("decisions")
+            for d in self.decisions:
+                lines.append(f"  - {d.subject}: {d.choice} ({d.reason}) [{d.by}]")
+        if self.ignored:
+            lines.append("")
+            lines.append(f"ignored checkpoint keys ({len(self.ignored)})")
+            for k, why in list(self.ignored.items())[:20]:
+                lines.append(f"  - {k}: {why}")
+            if len(self.ignored) > 20:
+                lines.append(f"  ... and {len(self.ignored) - 20} more")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _storage_str(m: ModulePlan) -> str:
+    vals = sorted(set(m.storage.values()))
+    if len(vals) <= 1:
+        return vals[0] if vals else "-"
+    return ",".join(f"{k}:{v}" for k, v in m.storage.items())
+
+
+def _module_row(label: str, m: ModulePlan, nbytes: int | None = None) -> tuple[str, ...]:
+    return (
+        label,
+        m.type,
+        _storage_str(m),
+        m.compute_dtype,
+        "yes" if m.cast else "-",
+        m.granularity or "-",
+        _fmt_bytes(m.nbytes if nbytes is None else nbytes),
+    )
+
+
+def _render(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return [fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows]
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

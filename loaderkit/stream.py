@@ -1,0 +1,160 @@
+"""Stage 4: stream tensors from the checkpoint, converting each one as the plan says.
+
+Tensors are read one at a time from the format's reader (a lazy mmap view for safetensors), so a
+tensor that needs no conversion is never copied and the checkpoint is never materialised twice.
+Nothing is assigned to the model until every tensor has been read and converted: a failure midway
+leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .checkpoint import CheckpointInfo, QuantizedWeight, TensorReader
+from .dtypes import is_fp8, to_torch
+from .errors import CorruptCheckpointError, LoaderKitError
+from .manager import PluginManager
+from .plan import Plan, TensorPlan
+
+
+@dataclass
+class Loaded:
+    """Converted tensors waiting to be assigned: ``tensors`` by model key, ``scales`` by
+    ``(module name, buffer name)``."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    scales: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
+
+
+def read_all(plan: Plan, reader: TensorReader, manager: PluginManager, progress=None) -> Loaded:
+    """Read and convert every planned tensor. Returns them unassigned."""
+    out = Loaded()
+    for tp in plan.tensors.values():
+        try:
+            raw = reader.get(tp.source)
+        except LoaderKitError:
+            raise
+        except Exception as exc:
+            raise CorruptCheckpointError(
+                f"{plan.checkpoint.path}: cannot read tensor {tp.source!r}: {type(exc).__name__}: {exc}",
+                path=plan.checkpoint.path,
+                tensor=tp.source,
+            ) from exc
+        _check_raw(raw, tp, plan.checkpoint)
+        tensor, scale = convert(tp, raw, plan.checkpoint, reader, manager)
+        if tp.device != "cpu":
+            tensor = tensor.to(tp.device)
+            scale = None if scale is None else scale.to(tp.device)
+        out.tensors[tp.key] = tensor
+        if scale is not None:
+            mod, _, local = tp.key.rpartition(".")
+            out.scales[(mod, f"{local}_scale")] = scale
+        if progress is not None:
+            progress(tp.nbytes)
+    return out
+
+
+def _check_raw(raw: torch.Tensor, tp: TensorPlan, ckpt: CheckpointInfo) -> None:
+    info = ckpt.tensors[tp.source]
+    if tuple(raw.shape) != info.shape or str(raw.dtype).removeprefix("torch.") != info.dtype:
+        raise CorruptCheckpointError(
+            f"{ckpt.path}: tensor {tp.source!r} in {info.file} reads as {str(raw.dtype)} "
+            f"{list(raw.shape)} but its header says {info.dtype} {list(info.shape)}",
+            path=ckpt.path,
+            tensor=tp.source,
+        )
+
+
+def convert(
+    tp: TensorPlan, raw: torch.Tensor, ckpt: CheckpointInfo, reader: TensorReader, manager: PluginManager
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Convert one raw tensor as planned. Returns ``(tensor, scale or None)``."""
+    target = to_torch(tp.target_dtype)
+    if tp.conversion == "none":
+        if tp.companions:
+            return raw, _scale_buffer(ckpt, tp.source, reader)
+        return raw, None
+    if tp.conversion == "cast":
+        if is_fp8(tp.stored_dtype):
+            from .convert import upcast
+
+            return upcast(raw, target), None
+        return raw.to(target), None
+    if tp.conversion == "dequantize":
+        q = ckpt.quantization
+        entry = manager.get("schemes", q.scheme)
+        if entry is None:
+            raise LoaderKitError(
+                f"{ckpt.path}: scheme {q.scheme!r} that described the checkpoint is no longer registered",
+                path=ckpt.path,
+            )
+        qw: QuantizedWeight = q.weights[tp.source]
+        companions = {k: reader.get(k) for k in tp.companions}
+        out = manager.call(entry, entry.obj.dequantize, qw, raw, companions, target)
+        if out.dtype != target or tuple(out.shape) != tp.shape:
+            raise LoaderKitError(
+                f"scheme {q.scheme!r} dequantized {tp.source!r} to {out.dtype} {list(out.shape)}, "
+                f"expected {target} {list(tp.shape)}",
+                plugin=entry.plugin,
+                tensor=tp.source,
+            )
+        return out, None
+    if tp.conversion == "quantize":
+        from .convert import quantize
+
+        q, scale = quantize(raw, target, granularity=tp.granularity or "channel")
+        return q, None if (tp.granularity or "channel") == "none" else scale
+    raise LoaderKitError(f"unknown conversion {tp.conversion!r} planned for {tp.key!r}")
+
+
+def _scale_buffer(ckpt: CheckpointInfo, source: str, reader: TensorReader) -> torch.Tensor:
+    """The scale of a kept fp8 weight, as a float32 multiplier."""
+    qw = ckpt.quantization.weights[source]
+    s = reader.get(qw.scale)
+    if qw.scale_encoding == "ue8m0":
+        if s.dtype == torch.uint8:
+            s = torch.exp2(s.to(torch.float32) - 127.0)
+        else:
+            s = s.to(torch.float32)
+    else:
+        s = s.to(torch.float32)
+    if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
+        raise CorruptCheckpointError(
+            f"{ckpt.path}: scale {qw.scale!r} of {source!r} holds NaN, Inf or negative values",
+            path=ckpt.path,
+            tensor=qw.scale,
+        )
+    return s
+
+
+def assign(model: torch.nn.Module, plan: Plan, loaded: Loaded) -> None:
+    """Put every loaded tensor into the model (tied keys share one parameter), then scales."""
+    named = dict(model.named_modules(remove_duplicate=False))
+    for key, tensor in loaded.tensors.items():
+        tp = plan.tensors[key]
+        value = None
+        for k in (key, *tp.also):
+            mod_name, _, local = k.rpartition(".")
+            module = named[mod_name]
+            if local in module._parameters:
+                if value is None or not isinstance(value, torch.nn.Parameter):
+                    grad = tensor.is_floating_point() and not is_fp8(tp.target_dtype)
+                    value = torch.nn.Parameter(tensor, requires_grad=grad)
+                module._parameters[local] = value
+            else:
+                module._buffers[local] = tensor if value is None else value.data
+    for (mod_name, name), scale in loaded.scales.items():
+        module = named[mod_name]
+        if name in module._parameters or name in module._buffers:
+            module._buffers.pop(name, None)
+            module._parameters.pop(name, None)
+        module.register_buffer(name, scale, persistent=True)
+
+
+def meta_leftovers(model: torch.nn.Module) -> list[str]:
+    """Names of parameters and buffers still on the meta device."""
+    out = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    out += [n for n, b in model.named_buffers() if b.device.type == "meta"]
+    return out

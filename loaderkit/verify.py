@@ -1,0 +1,203 @@
+"""Stage 7: check that a model's dtypes are consistent — statically, and with example inputs.
+
+:func:`verify` works on any module, loaded by loaderkit or not. Statically, every module that
+owns floating-point parameters must hand its kernel those parameters in one compute dtype: either
+they are stored in it, or a cast rule covers them. With ``example_inputs`` it also runs a forward
+pass and checks, at every torch kernel module, that the activations arriving are in the dtype
+its weights are seen in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .dtypes import dtype_name, is_fp8
+from .errors import VerifyError
+
+#: torch modules whose kernels fail (or silently misbehave) on mixed input/weight dtypes.
+_KERNEL_TYPES = (
+    torch.nn.Linear,
+    torch.nn.modules.conv._ConvNd,
+    torch.nn.LayerNorm,
+    torch.nn.GroupNorm,
+    torch.nn.modules.batchnorm._NormBase,
+)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One inconsistency: the module, what kind of problem, and a message saying what to do."""
+
+    module: str
+    kind: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.module or '(root)'}: {self.message}"
+
+
+@dataclass
+class VerifyReport:
+    """The result of :func:`verify`.
+
+    :ivar ok: no problems were found.
+    :ivar problems: every problem found, one per module and kind.
+    :ivar modules_checked: how many modules owning tensors were checked.
+    :ivar compute_dtypes: compute dtype name -> number of modules computing in it.
+    :ivar ran_forward: whether a forward pass with example inputs was checked.
+    """
+
+    problems: list[Problem] = field(default_factory=list)
+    modules_checked: int = 0
+    compute_dtypes: dict[str, int] = field(default_factory=dict)
+    ran_forward: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def __str__(self) -> str:
+        head = (
+            f"verify: {'ok' if self.ok else f'{len(self.problems)} problem(s)'}; "
+            f"{self.modules_checked} modules checked; compute dtypes "
+            + ", ".join(f"{k}: {v}" for k, v in sorted(self.compute_dtypes.items()))
+            + ("; forward checked" if self.ran_forward else "")
+        )
+        return "\n".join([head, *(f"  - {p}" for p in self.problems)])
+
+
+def _cast_rule(module: torch.nn.Module):
+    try:
+        from .runtime import cast_rule_of
+    except ImportError:  # pragma: no cover - runtime is part of the package
+        return None
+    return cast_rule_of(module)
+
+
+def kernel_dtype(module: torch.nn.Module) -> tuple[torch.dtype | None, list[str]]:
+    """The dtype a module's kernel sees its floating parameters in, and any static problems."""
+    params = {n: p for n, p in module.named_parameters(recurse=False) if p is not None}
+    floats = {n: p.dtype for n, p in params.items() if p.dtype.is_floating_point}
+    if not floats:
+        return None, []
+    rule = _cast_rule(module)
+    if rule is not None:
+        compute = rule.compute_dtype
+        uncovered = [
+            f"{n} ({dtype_name(d)})" for n, d in floats.items() if d != compute and n not in rule.params
+        ]
+        if uncovered:
+            return compute, [
+                f"its cast rule computes in {dtype_name(compute)} but does not cover {', '.join(uncovered)}"
+            ]
+        return compute, []
+    dtypes = set(floats.values())
+    problems = []
+    fp8 = [n for n, d in floats.items() if is_fp8(dtype_name(d))]
+    if fp8:
+        problems.append(
+            f"stores {', '.join(f'{n} ({dtype_name(floats[n])})' for n in fp8)} with no cast rule: its "
+            "kernel would see fp8 and fail (e.g. 'Input type (BFloat16) and bias type (Float8_e4m3fn)'). "
+            "Load it with loaderkit.load(..., strategy='fp8'), which attaches cast rules"
+        )
+    elif len(dtypes) > 1:
+        problems.append(
+            "holds parameters in mixed dtypes ("
+            + ", ".join(f"{n}: {dtype_name(d)}" for n, d in floats.items())
+            + ") with no cast rule; cast them to one dtype"
+        )
+    compute = next(d for d in floats.values() if not is_fp8(dtype_name(d))) if len(fp8) < len(floats) else None
+    return compute, problems
+
+
+def verify(
+    model: torch.nn.Module,
+    example_inputs: Any = None,
+    *,
+    example_kwargs: dict[str, Any] | None = None,
+    plan: Any = None,
+    strict: bool = False,
+) -> VerifyReport:
+    """Check a model's dtype consistency.
+
+    :param model: any module.
+    :param example_inputs: a tensor or tuple of positional inputs; when given (or
+        ``example_kwargs``), a forward pass is run under ``torch.no_grad`` and the dtype of the
+        activations reaching every kernel module is checked.
+    :param plan: the :class:`loaderkit.Plan` to check each module's compute dtype against
+        (default: the plan :func:`loaderkit.load` loaded the model with, if any).
+    :param strict: raise :class:`loaderkit.VerifyError` listing the problems instead of returning.
+    """
+    if plan is None:
+        from .loader import plan_of
+
+        plan = plan_of(model)
+    report = VerifyReport()
+    computes: dict[str, torch.dtype | None] = {}
+    for name, module in model.named_modules():
+        compute, problems = kernel_dtype(module)
+        if compute is None and not problems:
+            continue
+        report.modules_checked += 1
+        computes[name] = compute
+        if compute is not None:
+            key = dtype_name(compute)
+            report.compute_dtypes[key] = report.compute_dtypes.get(key, 0) + 1
+        report.problems.extend(Problem(name, "storage", p) for p in problems)
+        if plan is not None and name in plan.modules and compute is not None:
+            want = plan.modules[name].compute_dtype
+            if dtype_name(compute) != want:
+                report.problems.append(
+                    Problem(name, "plan", f"computes in {dtype_name(compute)} but the plan says {want}")
+                )
+    if example_inputs is not None or example_kwargs:
+        report.ran_forward = True
+        _check_forward(model, example_inputs, example_kwargs or {}, computes, report)
+    if strict and not report.ok:
+        first = report.problems[0]
+        raise VerifyError(str(report), module=first.module)
+    return report
+
+
+def _check_forward(model, inputs, kwargs, computes, report) -> None:
+    seen: set[str] = set()
+    handles = []
+
+    def make_hook(name: str):
+        def hook(module, args, kw):
+            want = computes.get(name)
+            if want is None or name in seen:
+                return
+            for a in (*args, *kw.values()):
+                if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != want:
+                    seen.add(name)
+                    report.problems.append(
+                        Problem(
+                            name,
+                            "activation",
+                            f"receives {dtype_name(a.dtype)} activations but its kernel computes in "
+                            f"{dtype_name(want)}; cast the input (loaderkit casts inputs at the model's "
+                            "entry when loaded with cast_inputs=True)",
+                        )
+                    )
+                    return
+
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, _KERNEL_TYPES) and name in computes:
+            handles.append(module.register_forward_pre_hook(make_hook(name), with_kwargs=True))
+    args = inputs if isinstance(inputs, (tuple, list)) else (() if inputs is None else (inputs,))
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as exc:  # the crash verify exists to predict
+        report.problems.append(
+            Problem("", "forward", f"forward pass raised {type(exc).__name__}: {exc}")
+        )
+    finally:
+        for h in handles:
+            h.remove()

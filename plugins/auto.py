@@ -1,0 +1,112 @@
+"""Built-in plugin ``auto``: choose a strategy from the checkpoint's dtypes and the device's speed.
+
+The policy, in order (every step is recorded as a decision in the plan):
+
+1. An fp8 checkpoint keeps its fp8 storage (strategy ``fp8``) and computes in the fastest
+   wide dtype of the device: bfloat16 where it is native, else float32 (on a CPU without native
+   bf16 a bf16 matmul is emulated and measured ~4.9x slower than fp32).
+2. Otherwise the checkpoint's dominant float dtype is kept if the device computes it natively.
+3. A bf16/fp16 checkpoint on a device that only emulates that dtype is computed in float32
+   (``prefer="speed"``, the default: 2x the memory, several times faster), or kept as stored
+   (``prefer="memory"``).
+4. auto never lowers precision: a float32 checkpoint stays float32.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from loaderkit.dtypes import is_float, is_fp8
+from loaderkit.hookspecs import hookimpl
+from loaderkit.strategy import ModelContext, ModuleContext, ModuleDecision, Strategy, StrategyOptions
+
+
+class AutoOptions(StrategyOptions):
+    """Options of ``auto``.
+
+    :ivar prefer: ``"speed"`` computes in a dtype the device runs natively even when it needs more
+        memory than the checkpoint's; ``"memory"`` keeps the checkpoint's dtype.
+    """
+
+    prefer: Literal["speed", "memory"] = "speed"
+
+
+def dominant_dtype(checkpoint) -> str:
+    """The float dtype holding most of the checkpoint's model-tensor bytes (scales excluded)."""
+    q = checkpoint.quantization
+    skip = q.companion_keys() if q else set()
+    counts: dict[str, int] = {}
+    for t in checkpoint.tensors.values():
+        if t.name not in skip and is_float(t.dtype):
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.nbytes
+    return max(counts, key=counts.get) if counts else "float32"
+
+
+class Auto(Strategy):
+    name = "auto"
+    description = "pick storage and compute dtypes from the checkpoint and the device (see docs)"
+    Options = AutoOptions
+
+    def _choose(self, checkpoint, device) -> tuple[Strategy, list[tuple[str, str, str]]]:
+        from . import uniform
+
+        stored = dominant_dtype(checkpoint)
+        notes = [("checkpoint dtype", stored, "dominant float dtype by bytes")]
+        wide = "bfloat16" if device.is_fast("bfloat16") else "float32"
+        if is_fp8(stored) or checkpoint.quantization is not None:
+            try:
+                from .fp8 import FP8
+            except ImportError:
+                FP8 = None
+            why = (
+                f"{device.device} computes bfloat16 natively"
+                if wide == "bfloat16"
+                else f"{device.device} has no native bfloat16 (emulated bf16 measured ~4.9x slower than fp32)"
+            )
+            if FP8 is not None:
+                notes.append(("strategy", f"fp8 storage, {wide} compute", f"fp8 checkpoint kept as stored; {why}"))
+                return FP8(compute_dtype=wide), notes
+            notes.append(("strategy", wide, f"fp8 checkpoint dequantized; {why}"))
+            return (uniform.BF16() if wide == "bfloat16" else uniform.FP32()), notes
+        if stored == "float32" or stored == "float64":
+            notes.append(("strategy", "fp32", "the checkpoint is float32; auto never lowers precision"))
+            return uniform.FP32(), notes
+        by_dtype = {"bfloat16": uniform.BF16, "float16": uniform.FP16}
+        if device.is_fast(stored):
+            notes.append(("strategy", stored, f"{device.device} computes {stored} natively"))
+            return by_dtype[stored](), notes
+        if self.options.prefer == "memory":
+            notes.append(
+                ("strategy", stored, f"prefer='memory': kept as stored although {device.device} emulates {stored}")
+            )
+            return by_dtype[stored](), notes
+        notes.append(
+            (
+                "strategy",
+                "fp32",
+                f"{device.device} has no native {stored} (an emulated bf16 forward measured ~4.9x slower "
+                "than fp32); float32 doubles the memory — pass prefer='memory' to keep "
+                f"{stored}",
+            )
+        )
+        return uniform.FP32(), notes
+
+    def build_dtype(self, checkpoint, device) -> str:
+        inner, _ = self._choose(checkpoint, device)
+        return inner.build_dtype(checkpoint, device)
+
+    def prepare(self, ctx: ModelContext) -> None:
+        self._inner, notes = self._choose(ctx.checkpoint, ctx.device)
+        for n in notes:
+            self.note(*n)
+        self._inner.decisions = []
+        self._inner.prepare(ctx)
+        self.decisions.extend(self._inner.decisions)
+
+    def decide(self, module: ModuleContext) -> ModuleDecision:
+        return self._inner.decide(module)
+
+
+@hookimpl
+def loaderkit_register_strategies(register):
+    register(Auto)
