@@ -152,7 +152,7 @@ def load(
     device_map: str | torch.device = "cpu",
     strict: bool = True,
     format: str | None = None,
-    cast_inputs: bool | None = None,
+    cast_inputs: bool = True,
     manager: PluginManager | None = None,
 ) -> torch.nn.Module:
     """Load a checkpoint into a model whose dtypes follow the negotiated plan.
@@ -167,8 +167,9 @@ def load(
     :param strict: unexpected checkpoint keys are an error (missing keys always are, unless the
         model already holds real values for them).
     :param format: force a format plugin by name.
-    :param cast_inputs: cast floating-point inputs reaching the model to its compute dtype
-        (default: on when the plan stores any module in a dtype other than its compute dtype).
+    :param cast_inputs: cast floating-point tensors passed to the model's ``forward`` to the
+        dtype its modules mostly compute in (as pipelines do with latents and timesteps); integer
+        inputs are never touched. Default on; pass ``False`` to feed activations as they are.
     :returns: the model in eval mode. A failed load raises and returns nothing.
     """
     mgr = manager or get_manager()
@@ -230,7 +231,7 @@ def _check_complete(model: torch.nn.Module, plan_: Plan) -> None:
         )
 
 
-def _attach_runtime(model: torch.nn.Module, plan_: Plan, cast_inputs: bool | None) -> None:
+def _attach_runtime(model: torch.nn.Module, plan_: Plan, cast_inputs: bool) -> None:
     cast_modules = [m for m in plan_.modules.values() if m.cast]
     if not cast_modules and not cast_inputs:
         return
@@ -248,9 +249,13 @@ def _attach_runtime(model: torch.nn.Module, plan_: Plan, cast_inputs: bool | Non
                 if q and tp.source in q.weights:
                     block = q.weights[tp.source].block
                 scales[local] = (f"{local}_scale", tp.granularity, block)
-        runtime.attach_cast(module, to_torch(m.compute_dtype), scales=scales or None)
-    if cast_inputs is None:
-        cast_inputs = bool(cast_modules)
+        runtime.attach_cast(
+            module,
+            to_torch(m.compute_dtype),
+            scales=scales or None,
+            resident=m.resident,
+            native=m.kernel == "native",
+        )
     if cast_inputs:
         runtime.attach_input_cast(model, to_torch(_entry_dtype(plan_)))
 

@@ -319,6 +319,8 @@ def _plan_module(ctx, module, decision, keys, slots, source_of, also, checkpoint
             compute_dtype=compute,
             storage=storage,
             cast=needs_cast,
+            kernel=decision.kernel if needs_cast else "cast",
+            resident=decision.resident and needs_cast,
             granularity=granularity,
             device=device.device,
             nbytes=sum(t.nbytes for t in tplans.values()),

@@ -54,6 +54,8 @@ class ModulePlan(Frozen):
     :ivar compute_dtype: dtype its kernel runs in.
     :ivar storage: local tensor name -> dtype in memory.
     :ivar cast: a runtime cast rule hands its kernel the tensors in ``compute_dtype``.
+    :ivar kernel: ``"cast"`` or ``"native"`` (native fp8 matmul) for modules with a cast rule.
+    :ivar resident: the cast rule keeps a compute-dtype copy resident.
     :ivar granularity: scale granularity of its quantized weight, if any.
     :ivar device: execution device.
     :ivar nbytes: bytes of its tensors in memory.
@@ -65,6 +67,8 @@ class ModulePlan(Frozen):
     compute_dtype: str
     storage: dict[str, str]
     cast: bool = False
+    kernel: str = "cast"
+    resident: bool = False
     granularity: str | None = None
     device: str = "cpu"
     nbytes: int = 0
@@ -209,7 +213,7 @@ def _module_row(label: str, m: ModulePlan, nbytes: int | None = None) -> tuple[s
         m.type,
         _storage_str(m),
         m.compute_dtype,
-        "yes" if m.cast else "-",
+        ("native" if m.kernel == "native" else "resident" if m.resident else "yes") if m.cast else "-",
         m.granularity or "-",
         _fmt_bytes(m.nbytes if nbytes is None else nbytes),
     )

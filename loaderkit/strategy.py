@@ -65,12 +65,18 @@ class ModuleDecision(Frozen):
         non-float tensors are never cast, whatever is listed).
     :ivar granularity: scale granularity for tensors quantized on load (``"channel"``,
         ``"tensor"``, ``"block"`` or ``"none"`` for unscaled).
+    :ivar kernel: for modules stored in another dtype than they compute in: ``"cast"`` (the cast
+        rule hands the kernel compute-dtype tensors) or ``"native"`` (a native fp8 matmul, where
+        the device has one; negotiated by the strategy).
+    :ivar resident: keep a compute-dtype copy of cast weights resident (faster, more memory).
     :ivar reason: why, in a few words; shown in the plan.
     """
 
     compute: str
     storage: dict[str, str] = Field(default_factory=dict)
     granularity: str = "channel"
+    kernel: str = "cast"
+    resident: bool = False
     reason: str = ""
 
 

@@ -1,0 +1,7 @@
+"""``python -m loaderkit`` runs the command-line interface."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,163 @@
+"""The ``loaderkit`` command: inspect, plan, plugins, demo.
+
+Errors print one line, ``loaderkit: error: ...``, and exit 1; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from .errors import LoaderKitError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="loaderkit",
+        description="Load checkpoints with storage and compute dtypes negotiated into a checked plan.",
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("inspect", help="describe a checkpoint from its headers (no tensor data read)")
+    s.add_argument("path")
+    s.add_argument("--format", help="force a format plugin by name")
+    s.add_argument("--tensors", action="store_true", help="list every tensor")
+    s.add_argument("--json", action="store_true", help="print JSON")
+
+    s = sub.add_parser("plan", help="negotiate and show the loading plan (no tensor data read)")
+    s.add_argument("path")
+    s.add_argument("--strategy", "-s", default="auto", help="strategy name (default: auto)")
+    s.add_argument(
+        "--option", "-o", action="append", default=[], metavar="KEY=VALUE",
+        help="strategy option; VALUE is parsed as JSON when it can be (repeatable)",
+    )
+    s.add_argument("--device", default="cpu", help="execution device (default: cpu)")
+    s.add_argument("--format", help="force a format plugin by name")
+    s.add_argument("--all", action="store_true", help="one row per module instead of grouping alike ones")
+    s.add_argument("--non-strict", action="store_true", help="ignore unexpected checkpoint keys")
+    s.add_argument("--json", action="store_true", help="print JSON")
+
+    s = sub.add_parser("plugins", help="list plugins: version, source and what each provides")
+    s.add_argument("--json", action="store_true", help="print JSON")
+
+    s = sub.add_parser("demo", help="save a small sample model, load it under each strategy, report")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    return p
+
+
+def _options(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise LoaderKitError(f"strategy option {pair!r} must look like KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def cmd_inspect(args) -> int:
+    from .loader import inspect
+
+    info = inspect(args.path, format=args.format)
+    data = info.summary()
+    if args.json:
+        if args.tensors:
+            data["tensor_list"] = {k: t.model_dump(mode="json") for k, t in info.tensors.items()}
+        print(json.dumps(data, indent=2, default=str))
+        return 0
+    from .plan import _fmt_bytes
+
+    print(f"path         {data['path']}")
+    print(f"format       {data['format']}  ({len(data['files'])} file(s))")
+    print(f"tensors      {data['tensors']}, {_fmt_bytes(data['total_bytes'])}")
+    print("dtypes       " + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in data["dtypes"].items()))
+    if data["config"]:
+        print("config       " + ", ".join(f"{k}={v}" for k, v in data["config"].items()))
+    if data["metadata"]:
+        meta = ", ".join(f"{k}={v}" for k, v in data["metadata"].items())
+        print("metadata     " + (meta if len(meta) < 200 else meta[:197] + "..."))
+    q = data["quantization"]
+    if q:
+        print(f"quantization {q['family']} (scheme {q['scheme']}), {q['granularity']} scales, "
+              f"{q['quantized_tensors']} quantized tensors")
+        for k, v in q["details"].items():
+            text = str(v)
+            print(f"  {k}: {text if len(text) < 200 else text[:197] + '...'}")
+    if args.tensors:
+        for t in info.tensors.values():
+            print(f"  {t.name}  {t.dtype}  {list(t.shape)}  {t.file}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .loader import plan, strategy
+
+    strat = strategy(args.strategy, **_options(args.option)) if args.option else args.strategy
+    p = plan(args.path, strat, device_map=args.device, format=args.format, strict=not args.non_strict)
+    if args.json:
+        print(json.dumps(p.to_dict(), indent=2, default=str))
+    else:
+        print(p.table(all_modules=args.all))
+    return 0
+
+
+def cmd_plugins(args) -> int:
+    from .manager import get_manager
+
+    mgr = get_manager()
+    mgr.registries()
+    records = [
+        {"name": r.name, "version": r.version, "source": r.source, "module": r.module, "provides": r.provides}
+        for r in mgr.records.values()
+    ]
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return 0
+    for r in records:
+        provides = "; ".join(f"{k}: {', '.join(v)}" for k, v in r["provides"].items()) or "-"
+        print(f"{r['name']:<14} {r['version']:<10} {r['source']:<12} {provides}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(json_output=args.json)
+
+
+COMMANDS = {"inspect": cmd_inspect, "plan": cmd_plan, "plugins": cmd_plugins, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``loaderkit`` command; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(f"loaderkit {__version__}")
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except LoaderKitError as exc:
+        if args.debug:
+            raise
+        print(f"loaderkit: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("loaderkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

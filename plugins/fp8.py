@@ -1,0 +1,179 @@
+"""Built-in plugin ``fp8``: store weights in fp8, compute in bf16 / fp16 / fp32.
+
+What is stored in fp8 (by default):
+
+* the ``weight`` of every ``Linear`` and ``Conv1d/2d/3d`` (and transposed convolutions);
+* except in modules the model's library keeps in float32 (``_keep_in_fp32_modules``) or never
+  casts (``_skip_layerwise_casting_patterns``), and modules matching :data:`DEFAULT_SKIP`
+  (positional/patch embeddings, output heads) or the user's ``skip`` patterns / ``skip_types``.
+
+Biases, norms and embeddings stay in the compute dtype. Every module that stores fp8 gets a cast
+rule (``loaderkit.runtime``) that hands its kernel the weight in the compute dtype.
+
+From an fp8 checkpoint the stored fp8 bytes and their scales are kept as they are: nothing is
+requantized and no full-precision copy of a weight is ever made; fp8 tensors other than weights
+(rare fp8 biases) are dequantized into the compute dtype. From a bf16/fp16/fp32 checkpoint each
+weight is quantized as it streams, with one scale per output channel by default (``granularity``:
+``"channel"``, ``"tensor"`` or ``"none"`` — unscaled fp8 flushes small weights to zero).
+
+Native fp8 matmul (``native="auto"`` or ``"always"``) needs ``torch._scaled_mm`` on CUDA sm >= 8.9;
+elsewhere ``"auto"`` records the fallback to the cast path and ``"always"`` fails at plan time.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+import torch
+from pydantic import field_validator
+
+from loaderkit.dtypes import dtype_name, is_fp8
+from loaderkit.errors import PlanError
+from loaderkit.hookspecs import hookimpl
+from loaderkit.strategy import ModelContext, ModuleContext, ModuleDecision, Strategy, StrategyOptions
+
+#: module-name regexes never quantized on load: positional / patch / time embeddings and output
+#: heads, whose precision matters most for the least memory.
+DEFAULT_SKIP: tuple[str, ...] = (
+    r"(^|\.)(pos|patch|time|timestep|position|positional)_?embed",
+    r"(^|\.)(lm_head|head|proj_out|final_layer|norm_out|output)$",
+)
+
+
+def _as_dtype_name(value, allowed: tuple[str, ...], what: str) -> str:
+    name = dtype_name(value) if isinstance(value, (str, torch.dtype)) else value
+    if name not in allowed:
+        raise ValueError(f"{what} must be one of {', '.join(allowed)}, not {value!r}")
+    return name
+
+
+class FP8Options(StrategyOptions):
+    """Options of the ``fp8`` strategy.
+
+    :ivar storage_dtype: ``float8_e4m3fn`` (default) or ``float8_e5m2``, for weights quantized on load.
+    :ivar compute_dtype: ``bfloat16`` (default), ``float16`` or ``float32``.
+    :ivar granularity: scale granularity when quantizing a high-precision checkpoint.
+    :ivar skip: extra module-name regexes kept in the compute dtype.
+    :ivar skip_types: extra module class names kept in the compute dtype.
+    :ivar default_skips: apply :data:`DEFAULT_SKIP` (default on).
+    :ivar native: ``"never"`` (cast path), ``"auto"`` (native fp8 matmul where the device has it)
+        or ``"always"`` (fail at plan time where it does not).
+    :ivar resident: keep a compute-dtype copy of every fp8 weight resident: the forward costs no
+        upcast but memory grows by the compute-dtype size of those weights.
+    """
+
+    storage_dtype: str = "float8_e4m3fn"
+    compute_dtype: str = "bfloat16"
+    granularity: Literal["channel", "tensor", "none"] = "channel"
+    skip: tuple[str, ...] = ()
+    skip_types: tuple[str, ...] = ()
+    default_skips: bool = True
+    native: Literal["never", "auto", "always"] = "never"
+    resident: bool = False
+
+    @field_validator("storage_dtype", mode="before")
+    @classmethod
+    def _storage(cls, v):
+        return _as_dtype_name(v, ("float8_e4m3fn", "float8_e5m2"), "storage_dtype")
+
+    @field_validator("compute_dtype", mode="before")
+    @classmethod
+    def _compute(cls, v):
+        return _as_dtype_name(v, ("bfloat16", "float16", "float32"), "compute_dtype")
+
+    @field_validator("skip")
+    @classmethod
+    def _regexes(cls, v):
+        for pat in v:
+            re.compile(pat)
+        return v
+
+
+class FP8(Strategy):
+    name = "fp8"
+    description = "fp8 (e4m3fn) weight storage, bf16 compute; cast rules on every fp8 module"
+    Options = FP8Options
+
+    def build_dtype(self, checkpoint, device) -> str:
+        return self.options.compute_dtype
+
+    def prepare(self, ctx: ModelContext) -> None:
+        o = self.options
+        self._device = ctx.device
+        self._skips = [re.compile(p) for p in (*(DEFAULT_SKIP if o.default_skips else ()), *o.skip)]
+        if o.compute_dtype not in ctx.device.compute_dtypes:
+            raise PlanError(
+                f"strategy fp8: {ctx.device.device} cannot compute in {o.compute_dtype}; pass "
+                f"compute_dtype= one of {', '.join(ctx.device.compute_dtypes)}"
+            )
+        self._native = False
+        if o.native != "never":
+            if ctx.device.fp8_matmul:
+                self._native = True
+                self.note("fp8 kernel", "native scaled fp8 matmul", f"{ctx.device.device} supports it")
+            elif o.native == "always":
+                raise PlanError(
+                    f"strategy fp8 with native='always': {ctx.device.device} ({ctx.device.name}) has no "
+                    "native fp8 matmul (needs CUDA sm >= 8.9 and torch._scaled_mm); use native='auto' "
+                    "to fall back to the cast path, or run on such a GPU"
+                )
+            else:
+                self.note(
+                    "fp8 kernel",
+                    f"cast path (upcast to {o.compute_dtype})",
+                    f"native fp8 matmul unavailable on {ctx.device.device}: needs CUDA sm >= 8.9",
+                )
+        q = ctx.checkpoint.quantization
+        if q is not None:
+            self.note("fp8 checkpoint", f"kept as stored ({q.family})", "no requantization, scales kept")
+        self.note(
+            "compute",
+            o.compute_dtype,
+            "fp8 storage is upcast per module at forward time"
+            + ("" if ctx.device.is_fast(o.compute_dtype) else f"; note {ctx.device.device} computes "
+               f"{o.compute_dtype} slowly — compute_dtype=torch.float32 may be faster"),
+        )
+
+    def _skipped(self, module: ModuleContext) -> str | None:
+        if module.keep_fp32:
+            return "kept in float32 by the model's library"
+        if module.skip_low_precision:
+            return "the model's library never stores it in low precision"
+        if module.type in self.options.skip_types:
+            return f"{module.type} is in skip_types"
+        for pat in self._skips:
+            if pat.search(module.name):
+                return f"matches skip pattern {pat.pattern!r}"
+        return None
+
+    def decide(self, module: ModuleContext) -> ModuleDecision:
+        o = self.options
+        compute = "float32" if module.keep_fp32 else o.compute_dtype
+        storage: dict[str, str] = {}
+        weight = module.tensors.get("weight")
+        reason = ""
+        if weight is not None and is_fp8(weight.dtype):
+            storage["weight"] = weight.dtype  # stored fp8 stays fp8, whatever the module
+            reason = "fp8 in the checkpoint, kept"
+        elif weight is not None and module.kind in ("linear", "conv"):
+            skipped = self._skipped(module)
+            if skipped is None:
+                storage["weight"] = o.storage_dtype
+                reason = f"quantized on load, {o.granularity} scales"
+            else:
+                reason = skipped
+        native = self._native and module.kind == "linear" and "weight" in storage
+        return ModuleDecision(
+            compute=compute,
+            storage=storage,
+            granularity=o.granularity,
+            kernel="native" if native else "cast",
+            resident=o.resident,
+            reason=reason,
+        )
+
+
+@hookimpl
+def loaderkit_register_strategies(register):
+    register(FP8)
