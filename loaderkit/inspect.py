@@ -22,7 +22,7 @@ def describe(path: str | os.PathLike, manager: PluginManager, format: str | None
             "an index .json, or a directory holding one",
             path=p,
         )
-    p = p.resolve()
+    p = p.absolute()
     entry = _claim(p, manager, format)
     info = manager.call(entry, entry.obj.describe, p)
     if not isinstance(info, CheckpointInfo):

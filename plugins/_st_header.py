@@ -1,0 +1,392 @@
+"""A strict safetensors header parser, and the checkpoint file names shared by the built-in formats.
+
+The parser reads only the 8-byte length prefix and the JSON header of a file, never its tensor
+data, and checks everything the safetensors format requires (the reference reader is lenient on
+some of it, e.g. it accepts duplicate tensor names):
+
+* an 8-byte little-endian ``u64`` header length ``N`` of at most 100,000,000 bytes, and a file at
+  least ``8 + N`` bytes long;
+* ``N`` bytes of UTF-8 JSON that start with ``{`` (trailing space padding is allowed), with no
+  duplicate keys and no ``NaN``/``Infinity`` constants;
+* ``__metadata__`` (optional) mapping strings to strings;
+* per tensor: a known ``dtype``, a ``shape`` of non-negative integers and ``data_offsets``
+  ``[begin, end]`` whose length is exactly ``numel * itemsize``;
+* offsets that tile the data buffer exactly: no gap, no overlap, no trailing bytes, so that the
+  file size is ``8 + N + buffer``.
+
+Unknown keys inside a tensor entry are ignored, as the reference reader does. ``F4`` tensors
+(two fp4 values per byte) are described the way torch holds them: ``float4_e2m1fn_x2`` with the
+last dimension halved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gc
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from loaderkit.checkpoint import TensorInfo
+from loaderkit.dtypes import SAFETENSORS_DTYPES, to_torch
+from loaderkit.errors import CorruptCheckpointError, UnsupportedCheckpointError
+
+#: the largest header the safetensors format allows.
+MAX_HEADER_BYTES = 100_000_000
+_FIX = "the file is corrupt or truncated; download or save it again"
+
+
+@dataclass(frozen=True, slots=True)
+class StEntry:
+    """One tensor of a safetensors header: loaderkit dtype, torch shape, and byte range in the buffer."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
+class StHeader:
+    """A validated safetensors header.
+
+    :ivar path: the file it was read from.
+    :ivar header_len: ``N``, the JSON header's length in bytes.
+    :ivar metadata: the ``__metadata__`` strings (empty when absent).
+    :ivar entries: the tensors, sorted by data offset.
+    """
+
+    path: str
+    header_len: int
+    metadata: dict[str, str]
+    entries: tuple[StEntry, ...]
+
+    @property
+    def data_start(self) -> int:
+        """Absolute file offset of the data buffer."""
+        return 8 + self.header_len
+
+    def tensor_infos(self, file: str) -> dict[str, TensorInfo]:
+        """The tensors as :class:`TensorInfo` records whose ``file`` is ``file``, in offset order."""
+        return {
+            e.name: TensorInfo(name=e.name, shape=e.shape, dtype=e.dtype, file=file, nbytes=e.end - e.begin)
+            for e in self.entries
+        }
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _DuplicateKey(k)
+            seen.add(k)
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"the JSON constant {name} is not allowed")
+
+
+def loads_strict(text: str, path: object, what: str) -> Any:
+    """Parse JSON text, refusing duplicate keys and ``NaN``/``Infinity``.
+
+    :raises CorruptCheckpointError: naming ``path`` (and the duplicated key as ``tensor``).
+    """
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except _DuplicateKey as exc:
+        raise CorruptCheckpointError(
+            f"{what} of {path} lists the key {exc.key!r} twice; duplicate names are forbidden "
+            f"(a reader would silently keep only one of them); {_FIX}",
+            path=path,
+            tensor=exc.key,
+        ) from None
+    except (ValueError, RecursionError) as exc:
+        raise CorruptCheckpointError(f"{what} of {path} is not valid JSON: {exc}; {_FIX}", path=path) from None
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a large header is turned into records.
+
+    Parsing a header allocates a few objects per tensor and none of them form cycles; with torch
+    imported, the full collections this would trigger cost more than the parse itself (about 70 ms
+    for a 10,000-tensor header). The collector's previous state is restored on exit.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+@functools.cache
+def _dtype_table() -> dict[str, tuple[str, int]]:
+    """safetensors dtype string -> (loaderkit dtype name, bytes per stored element of torch's dtype)."""
+    table: dict[str, tuple[str, int]] = {}
+    for st, name in SAFETENSORS_DTYPES.items():
+        try:
+            table[st] = (name, to_torch(name).itemsize)
+        except Exception:  # this torch build lacks the dtype
+            continue
+    return table
+
+
+def read_header(path: str | os.PathLike) -> StHeader:
+    """Read and validate the header of the safetensors file at ``path`` (tensor data is not read).
+
+    :raises CorruptCheckpointError: for any violation of the format, naming the file and tensor.
+    """
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            n = _check_prefix(prefix, size, path)
+            raw = f.read(n)
+    except OSError as exc:
+        raise CorruptCheckpointError(f"cannot read safetensors file {path}: {exc}", path=path) from exc
+    if len(raw) != n:
+        raise CorruptCheckpointError(f"safetensors file {path} ended inside its header; {_FIX}", path=path)
+    return parse_header(raw, size, path)
+
+
+def parse_file_bytes(data: bytes, path: object = "<bytes>") -> StHeader:
+    """Validate a whole safetensors file image held in memory (handy for tests)."""
+    n = _check_prefix(data[:8], len(data), path)
+    return parse_header(data[8 : 8 + n], len(data), path)
+
+
+def _check_prefix(prefix: bytes, size: int, path: object) -> int:
+    if len(prefix) < 8:
+        raise CorruptCheckpointError(
+            f"safetensors file {path} is {size} bytes long, too short to hold the 8-byte header "
+            f"length; {_FIX}",
+            path=path,
+        )
+    (n,) = struct.unpack("<Q", prefix)
+    if n > MAX_HEADER_BYTES:
+        raise CorruptCheckpointError(
+            f"safetensors file {path} declares a {n}-byte header, over the format's limit of "
+            f"{MAX_HEADER_BYTES} bytes; it is not a safetensors file or {_FIX}",
+            path=path,
+        )
+    if 8 + n > size:
+        raise CorruptCheckpointError(
+            f"safetensors file {path} declares a {n}-byte header but holds only {size - 8} bytes "
+            f"after the length prefix; {_FIX}",
+            path=path,
+        )
+    return n
+
+
+def parse_header(raw: bytes, file_size: int, path: object) -> StHeader:
+    """Validate the ``N`` header bytes ``raw`` of a file of ``file_size`` bytes."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CorruptCheckpointError(
+            f"header of safetensors file {path} is not UTF-8 ({exc}); {_FIX}", path=path
+        ) from None
+    body = text.rstrip(" ")
+    if not body.startswith("{") or not body.endswith("}"):
+        raise CorruptCheckpointError(
+            f"header of safetensors file {path} is not a JSON object (it must start with '{{' and "
+            f"may only be padded with spaces); {_FIX}",
+            path=path,
+        )
+    obj = loads_strict(body, path, "safetensors header")
+    metadata = _metadata(obj.pop("__metadata__", None), path)
+    buffer_len = file_size - 8 - len(raw)
+    entries = [_entry(name, spec, buffer_len, path) for name, spec in obj.items()]
+    entries.sort(key=lambda e: (e.begin, e.end))
+    _check_tiling(entries, buffer_len, path)
+    return StHeader(str(path), len(raw), metadata, tuple(entries))
+
+
+def _metadata(meta: Any, path: object) -> dict[str, str]:
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise CorruptCheckpointError(
+            f"__metadata__ of safetensors file {path} is {type(meta).__name__}, not an object of "
+            f"strings; {_FIX}",
+            path=path,
+        )
+    for k, v in meta.items():
+        if not isinstance(v, str):
+            raise CorruptCheckpointError(
+                f"__metadata__[{k!r}] of safetensors file {path} is {type(v).__name__}, but metadata "
+                f"values must be strings; {_FIX}",
+                path=path,
+            )
+    return meta
+
+
+def _bad(path: object, name: str, what: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"tensor {name!r} in safetensors file {path}: {what}; {_FIX}", path=path, tensor=name
+    )
+
+
+def _int_list(x: Any, length: int | None = None) -> bool:
+    """True for a list of non-negative ints (``bool`` excluded), of ``length`` items if given."""
+    if type(x) is not list or (length is not None and len(x) != length):
+        return False
+    for v in x:
+        if type(v) is not int or v < 0:
+            return False
+    return True
+
+
+def _entry(name: str, spec: Any, buffer_len: int, path: object) -> StEntry:
+    if not isinstance(spec, dict):
+        raise _bad(path, name, f"entry is {type(spec).__name__}, not an object")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in spec:
+            raise _bad(path, name, f"entry lacks {key!r}")
+    st, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
+    dtype, itemsize = _dtype(st, name, path)
+    if not _int_list(shape):
+        raise _bad(path, name, f"shape {shape!r} is not a list of non-negative integers")
+    if not _int_list(offsets, 2):
+        raise _bad(path, name, f"data_offsets {offsets!r} is not a pair of non-negative integers")
+    begin, end = offsets
+    if end < begin:
+        raise _bad(path, name, f"data_offsets {offsets!r} end before they begin")
+    if end > buffer_len:
+        raise _bad(path, name, f"data ends at byte {end} of a {buffer_len}-byte data buffer (truncated file)")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if st == "F4":  # two fp4 values per byte; torch's float4_e2m1fn_x2 halves the last dim
+        if not shape or shape[-1] % 2:
+            raise _bad(path, name, f"F4 shape {shape} needs an even last dimension (two values per byte)")
+        shape = [*shape[:-1], shape[-1] // 2]
+        numel //= 2
+    if end - begin != numel * itemsize:
+        raise _bad(
+            path,
+            name,
+            f"shape {shape} of {st} needs {numel * itemsize} bytes but data_offsets {offsets} span "
+            f"{end - begin}",
+        )
+    return StEntry(name, dtype, tuple(shape), begin, end)
+
+
+def _dtype(st: Any, name: str, path: object) -> tuple[str, int]:
+    found = _dtype_table().get(st) if isinstance(st, str) else None
+    if found is not None:
+        return found
+    if isinstance(st, str) and st.startswith("F6"):
+        raise _bad(path, name, f"dtype {st} (6-bit float) has no torch dtype and cannot be loaded")
+    if st in SAFETENSORS_DTYPES:
+        raise UnsupportedCheckpointError(
+            f"tensor {name!r} in safetensors file {path} has dtype {st}, which this torch build "
+            "lacks; upgrade torch",
+            path=path,
+            tensor=name,
+        )
+    known = ", ".join(SAFETENSORS_DTYPES)
+    raise _bad(path, name, f"unknown dtype {st!r} (known: {known})")
+
+
+def _check_tiling(entries: list[StEntry], buffer_len: int, path: object) -> None:
+    pos = 0
+    for e in entries:
+        if e.begin > pos:
+            raise _bad(path, e.name, f"bytes {pos}..{e.begin} before it belong to no tensor (gap)")
+        if e.begin < pos:
+            raise _bad(path, e.name, f"data_offsets [{e.begin}, {e.end}] overlap the previous tensor")
+        pos = e.end
+    if pos != buffer_len:
+        raise CorruptCheckpointError(
+            f"safetensors file {path} has {buffer_len - pos} trailing bytes after its last tensor "
+            f"(file size must be 8 + header + data); {_FIX}",
+            path=path,
+        )
+
+
+def looks_like_safetensors(path: Path) -> bool:
+    """Cheap sniff from the first 9 bytes: a plausible header length followed by ``{``."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return 2 <= n <= MAX_HEADER_BYTES and 8 + n <= size
+
+
+# --- checkpoint file names ----------------------------------------------------------------------
+
+INDEX_RE = re.compile(r"^(?P<stem>.+)\.(?P<kind>safetensors|bin)\.index(?:\.(?P<variant>[^.]+))?\.json$")
+_SINGLE_RE = re.compile(
+    r"^(?P<stem>model|diffusion_pytorch_model|pytorch_model)(?:\.(?P<variant>[^.]+))?\.(?P<kind>safetensors|bin)$"
+)
+_SHARD_RE = re.compile(r"-\d+-of-\d+$")
+_SINGLE_STEMS = {"safetensors": ("model", "diffusion_pytorch_model"), "bin": ("pytorch_model", "diffusion_pytorch_model")}
+_STEM_RANK = {"model": 0, "pytorch_model": 0, "diffusion_pytorch_model": 1}
+
+
+def _candidate(name: str) -> tuple[tuple, str] | None:
+    """Rank a file name found in a checkpoint directory; lower ranks win. ``None``: not a candidate.
+
+    Order: safetensors before bin; within a kind, plain before variant; at the same variant level
+    an index before a single file; transformers names before diffusers names, then by name.
+    """
+    m = INDEX_RE.match(name)
+    if m:
+        kind, variant, stem = m["kind"], m["variant"], m["stem"]
+        fmt = "sharded"
+        shape_rank = 0
+    else:
+        m = _SINGLE_RE.match(name)
+        if not m or m["stem"] not in _SINGLE_STEMS[m["kind"]]:
+            return None
+        kind, variant, stem = m["kind"], m["variant"], m["stem"]
+        if variant and _SHARD_RE.search(variant):
+            return None
+        fmt = "safetensors" if kind == "safetensors" else "torchzip"
+        shape_rank = 1
+    rank = (kind != "safetensors", variant is not None, shape_rank, _STEM_RANK.get(stem, 2), name)
+    return rank, fmt
+
+
+def pick_in_directory(directory: Path) -> tuple[str, Path] | None:
+    """Choose the checkpoint a directory holds: ``(format name, file)``, or ``None``.
+
+    Deterministic: a plain (non-variant) checkpoint beats a variant (``model.fp16.safetensors``,
+    ``model.safetensors.index.fp16.json``); an index beats a single file of the same variant;
+    safetensors beats torch ``.bin``.
+    """
+    best: tuple[tuple, str, Path] | None = None
+    try:
+        children = list(directory.iterdir())
+    except OSError:
+        return None
+    for child in children:
+        ranked = _candidate(child.name)
+        if ranked is None or not child.is_file():
+            continue
+        if best is None or ranked[0] < best[0]:
+            best = (ranked[0], ranked[1], child)
+    return None if best is None else (best[1], best[2])

@@ -1,0 +1,161 @@
+"""Built-in format ``safetensors``: one ``.safetensors`` file, or a directory holding one.
+
+A directory is claimed when it holds a single-file checkpoint named the transformers/diffusers
+way (``model.safetensors``, ``diffusion_pytorch_model.safetensors`` or a variant such as
+``model.fp16.safetensors``) and no index that would make it a sharded checkpoint; see
+:func:`loaderkit.plugins._st_header.pick_in_directory` for the exact order.
+
+The header is validated strictly by loaderkit itself (``_st_header``); tensors are then served by
+``safetensors.safe_open`` as lazy zero-copy views of a private memory map.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from loaderkit.checkpoint import CheckpointInfo, Format, TensorInfo
+from loaderkit.dtypes import dtype_name
+from loaderkit.errors import CheckpointError, CorruptCheckpointError, UnsupportedCheckpointError
+from loaderkit.hookspecs import hookimpl
+
+from ._st_header import gc_paused, looks_like_safetensors, pick_in_directory, read_header
+
+
+class ClosingReader:
+    """Mixin that makes a tensor reader a context manager that calls :meth:`close` on exit."""
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SafetensorsReader(ClosingReader):
+    """Serves tensors of one or more safetensors files through ``safe_open`` (one handle per file).
+
+    Files are opened on first use. Each returned tensor is checked against the described shape and
+    dtype, so a file replaced after it was described cannot slip through.
+
+    :param checkpoint: the described checkpoint; ``TensorInfo.file`` is resolved against its root.
+    """
+
+    def __init__(self, checkpoint: CheckpointInfo) -> None:
+        self.checkpoint = checkpoint
+        self._root = Path(checkpoint.root)
+        self._handles: dict[str, object] = {}
+
+    def _handle(self, file: str):
+        h = self._handles.get(file)
+        if h is None:
+            from safetensors import safe_open
+
+            path = self._root / file
+            try:
+                h = safe_open(str(path), framework="pt", device="cpu")
+            except Exception as exc:
+                raise CorruptCheckpointError(f"cannot open safetensors file {path}: {exc}", path=path) from exc
+            self._handles[file] = h
+        return h
+
+    def get(self, name: str) -> torch.Tensor:
+        """Return tensor ``name`` on the CPU as stored (nothing is read until it is touched)."""
+        info = self.checkpoint.tensors.get(name)
+        if info is None:
+            raise CheckpointError(
+                f"tensor {name!r} is not in checkpoint {self.checkpoint.path}; its tensors are listed "
+                "by loaderkit.inspect()",
+                path=self.checkpoint.path,
+                tensor=name,
+            )
+        path = self._root / info.file
+        try:
+            t = self._handle(info.file).get_tensor(name)
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CorruptCheckpointError(
+                f"cannot read tensor {name!r} from {path}: {exc}", path=path, tensor=name
+            ) from exc
+        check_tensor(t, info, path)
+        return t
+
+    def close(self) -> None:
+        """Close every file handle (tensors already returned stay valid)."""
+        handles, self._handles = self._handles, {}
+        for h in handles.values():
+            h.__exit__(None, None, None)
+
+
+def check_tensor(t: torch.Tensor, info: TensorInfo, path: object) -> None:
+    """Fail if a tensor read back does not match its description (the file changed since)."""
+    if tuple(t.shape) != info.shape or dtype_name(t.dtype) != info.dtype:
+        raise CorruptCheckpointError(
+            f"tensor {info.name!r} in {path} is {dtype_name(t.dtype)} {tuple(t.shape)} but was described "
+            f"as {info.dtype} {info.shape}; the file changed after it was inspected — inspect it again",
+            path=path,
+            tensor=info.name,
+        )
+
+
+def _single_file(path: Path) -> Path:
+    if path.is_dir():
+        picked = pick_in_directory(path)
+        if picked is None or picked[0] != "safetensors":
+            raise UnsupportedCheckpointError(
+                f"directory {path} holds no single-file safetensors checkpoint (model.safetensors, "
+                "diffusion_pytorch_model.safetensors or a variant such as model.fp16.safetensors)",
+                path=path,
+            )
+        return picked[1]
+    return path
+
+
+class SafetensorsFormat(Format):
+    """A single safetensors file (``.safetensors``), or a directory holding one."""
+
+    name = "safetensors"
+    description = "single-file safetensors (a .safetensors file or a directory with model.safetensors)"
+    priority = 10
+
+    def claim(self, path: Path) -> bool:
+        """Claim ``*.safetensors`` files, files whose first bytes are a safetensors header, and
+        directories whose preferred checkpoint is a single safetensors file."""
+        if path.is_dir():
+            picked = pick_in_directory(path)
+            return picked is not None and picked[0] == "safetensors"
+        if not path.is_file():
+            return False
+        if path.name.lower().endswith(".safetensors"):
+            return True
+        return "." not in path.name and looks_like_safetensors(path)
+
+    def describe(self, path: Path) -> CheckpointInfo:
+        """Describe from the header alone (the 8-byte prefix and the JSON header are all that is read)."""
+        path = Path(path)
+        file = _single_file(path)
+        with gc_paused():
+            header = read_header(file)
+            return CheckpointInfo(
+                path=str(path.absolute()),
+                root=str(file.parent.absolute()),
+                format=self.name,
+                files=(file.name,),
+                tensors=header.tensor_infos(file.name),
+                metadata=dict(header.metadata),
+            )
+
+    def open(self, checkpoint: CheckpointInfo) -> SafetensorsReader:
+        """A reader serving lazy, zero-copy CPU tensors; close it (or use ``with``) when done."""
+        return SafetensorsReader(checkpoint)
+
+
+@hookimpl
+def loaderkit_register_formats(register: Callable[[Format], None]) -> None:
+    register(SafetensorsFormat())

@@ -1,0 +1,286 @@
+"""Built-in format ``torchzip``: legacy torch checkpoints (``.bin``, ``.pt``, ``.pth``).
+
+Files are read only with ``torch.load(path, weights_only=True, mmap=True, map_location="cpu")``.
+A pickle that needs code (a class, a function call) is refused with
+:class:`~loaderkit.UnsafeCheckpointError`; loaderkit never falls back to an unsafe load.
+
+Because a torch checkpoint has no separate header, :meth:`TorchZipFormat.describe` has to unpickle
+the file's small ``data.pkl`` record. With ``mmap=True`` the tensor storages are memory-mapped,
+not read: describing touches no tensor data. The most recently loaded file is kept (one slot,
+keyed by path, size and modification time) so that ``open`` right after ``describe`` does not
+unpickle it again; ``open`` takes it out of the slot.
+
+What counts as the state dict: the top-level mapping's tensor values. If it holds no tensors but
+exactly one of ``"state_dict"`` / ``"model"`` is a mapping of tensors (a training checkpoint), that
+mapping is used. Non-tensor entries (``"epoch"``, an optimizer state, ...) are skipped, and their
+names are recorded in the metadata under ``"torch.ignored_entries"`` so nothing disappears
+silently; ``"torch.state_dict_key"`` records an unwrapped key.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from loaderkit.checkpoint import CheckpointInfo, Format, TensorInfo
+from loaderkit.dtypes import dtype_name
+from loaderkit.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError, UnsupportedCheckpointError
+from loaderkit.hookspecs import hookimpl
+
+from ._st_header import looks_like_safetensors, pick_in_directory
+from .safetensors_format import ClosingReader, check_tensor
+
+SUFFIXES = (".bin", ".pt", ".pth")
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+class Loaded:
+    """A loaded torch checkpoint: its tensors (memory-mapped) and metadata about what was skipped."""
+
+    __slots__ = ("tensors", "metadata")
+
+    def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        self.tensors = tensors
+        self.metadata = metadata
+
+
+_slot: tuple[tuple, Loaded] | None = None
+_slot_lock = threading.Lock()
+
+
+def _key(path: Path) -> tuple:
+    st = path.stat()
+    return (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def load_file(path: Path, *, keep: bool) -> Loaded:
+    """Load ``path`` safely (weights only, memory-mapped), reusing the one-slot cache.
+
+    :param keep: leave the result in the slot (``describe``) or take it out (``open``).
+    """
+    global _slot
+    key = _key(path)
+    with _slot_lock:
+        if _slot is not None and _slot[0] == key:
+            loaded = _slot[1]
+            if not keep:
+                _slot = None
+            return loaded
+    loaded = _load_uncached(path)
+    if keep:
+        with _slot_lock:
+            _slot = (key, loaded)
+    return loaded
+
+
+def _check_container(path: Path) -> None:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == _ZIP_MAGIC:
+        return
+    if looks_like_safetensors(path):
+        raise UnsupportedCheckpointError(
+            f"{path} is a safetensors file with a torch suffix; rename it to end in .safetensors",
+            path=path,
+        )
+    raise UnsupportedCheckpointError(
+        f"{path} is not a zip-based torch checkpoint (it may use the legacy format of "
+        "torch.save(..., _use_new_zipfile_serialization=False), which cannot be memory-mapped). "
+        "Convert it to safetensors with trusted tools, e.g. load it in a trusted environment and "
+        "write it with safetensors.torch.save_file",
+        path=path,
+    )
+
+
+def _unpickler_reason(message: str) -> str:
+    """What torch's weights-only unpickler refused, without its advice to load unsafely."""
+    m = re.search(r"GLOBAL ([\w.]+)", message)
+    if m:
+        return f"its pickle references {m.group(1)}, which is code, not data"
+    if "WeightsUnpickler error:" in message:
+        lines = message.split("WeightsUnpickler error:", 1)[1].strip().splitlines()
+        if lines:
+            return lines[0][:400]
+    return "its pickle holds more than tensors and plain containers"
+
+
+def _load_uncached(path: Path) -> Loaded:
+    try:
+        _check_container(path)
+        obj = torch.load(str(path), weights_only=True, mmap=True, map_location="cpu")
+    except CheckpointError:
+        raise
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"torch checkpoint {path} was refused by torch.load(weights_only=True): "
+            f"{_unpickler_reason(str(exc))}. It needs code to be unpickled, and loaderkit never falls "
+            "back to an unsafe load. If you trust the file, convert it to safetensors with trusted "
+            "tools (load it in a trusted environment, write it with safetensors.torch.save_file).",
+            path=path,
+        ) from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read torch checkpoint {path}: {exc}", path=path) from exc
+    except Exception as exc:
+        raise CorruptCheckpointError(
+            f"torch checkpoint {path} could not be loaded: {type(exc).__name__}: {exc}; the file is "
+            "corrupt or truncated; download or save it again",
+            path=path,
+        ) from exc
+    tensors, metadata = extract_state_dict(obj, path)
+    return Loaded(tensors, metadata)
+
+
+def extract_state_dict(obj: object, path: object) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Find the state dict in an unpickled checkpoint (see the module docstring for the rule)."""
+    if not isinstance(obj, Mapping):
+        raise UnsupportedCheckpointError(
+            f"torch checkpoint {path} holds a {type(obj).__name__}, not a dict of tensors "
+            "(a state dict); save model.state_dict() instead",
+            path=path,
+        )
+    metadata: dict[str, str] = {}
+    prefix = ""
+    if not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        nested = [k for k in ("state_dict", "model") if _holds_tensors(obj.get(k))]
+        if len(nested) != 1:
+            what = "both 'state_dict' and 'model' hold tensors" if nested else "it holds no tensors"
+            raise UnsupportedCheckpointError(
+                f"torch checkpoint {path} has no state dict loaderkit can pick: {what}", path=path
+            )
+        metadata["torch.state_dict_key"] = nested[0]
+        ignored_top = [str(k) for k in obj if k != nested[0]]
+        obj, prefix = obj[nested[0]], f"{nested[0]}."
+    else:
+        ignored_top = []
+    tensors: dict[str, torch.Tensor] = {}
+    ignored = list(ignored_top)
+    for k, v in obj.items():
+        if isinstance(k, str) and isinstance(v, torch.Tensor):
+            _check_layout(v, k, path)
+            tensors[k] = v
+        else:
+            ignored.append(f"{prefix}{k}")
+    if ignored:
+        metadata["torch.ignored_entries"] = ", ".join(ignored)
+    return tensors, metadata
+
+
+def _holds_tensors(v: object) -> bool:
+    return isinstance(v, Mapping) and any(isinstance(x, torch.Tensor) for x in v.values())
+
+
+def _check_layout(t: torch.Tensor, name: str, path: object) -> None:
+    if t.layout != torch.strided:
+        raise UnsupportedCheckpointError(
+            f"tensor {name!r} in {path} has layout {t.layout}; only dense tensors are supported "
+            "(save it with .to_dense())",
+            path=path,
+            tensor=name,
+        )
+
+
+def tensor_infos(tensors: Mapping[str, torch.Tensor], file: str) -> dict[str, TensorInfo]:
+    """Describe memory-mapped tensors (shape, dtype, bytes) without touching their data."""
+    return {
+        k: TensorInfo(
+            name=k,
+            shape=tuple(t.shape),
+            dtype=dtype_name(t.dtype),
+            file=file,
+            nbytes=t.numel() * t.element_size(),
+        )
+        for k, t in tensors.items()
+    }
+
+
+class TorchReader(ClosingReader):
+    """Serves tensors of one or more torch zip files (memory-mapped; each file loaded on first use)."""
+
+    def __init__(self, checkpoint: CheckpointInfo) -> None:
+        self.checkpoint = checkpoint
+        self._root = Path(checkpoint.root)
+        self._files: dict[str, Loaded] = {}
+
+    def get(self, name: str) -> torch.Tensor:
+        """Return tensor ``name`` on the CPU as stored (a view of the memory-mapped file)."""
+        info = self.checkpoint.tensors.get(name)
+        if info is None:
+            raise CheckpointError(
+                f"tensor {name!r} is not in checkpoint {self.checkpoint.path}; its tensors are listed "
+                "by loaderkit.inspect()",
+                path=self.checkpoint.path,
+                tensor=name,
+            )
+        path = self._root / info.file
+        loaded = self._files.get(info.file)
+        if loaded is None:
+            loaded = self._files[info.file] = load_file(path, keep=False)
+        t = loaded.tensors.get(name)
+        if t is None:
+            raise CorruptCheckpointError(
+                f"tensor {name!r} is no longer in {path}; the file changed after it was inspected — "
+                "inspect it again",
+                path=path,
+                tensor=name,
+            )
+        check_tensor(t, info, path)
+        return t
+
+    def close(self) -> None:
+        """Drop the loaded files (tensors already returned stay valid)."""
+        self._files = {}
+
+
+def _torch_file(path: Path) -> Path:
+    if path.is_dir():
+        picked = pick_in_directory(path)
+        if picked is None or picked[0] != "torchzip":
+            raise UnsupportedCheckpointError(
+                f"directory {path} holds no single torch checkpoint (pytorch_model.bin)", path=path
+            )
+        return picked[1]
+    return path
+
+
+class TorchZipFormat(Format):
+    """Legacy torch zip checkpoints read with ``weights_only=True`` and ``mmap=True``."""
+
+    name = "torchzip"
+    description = "torch .bin/.pt/.pth zip checkpoints (weights_only, memory-mapped)"
+    priority = 0
+
+    def claim(self, path: Path) -> bool:
+        """Claim ``.bin``/``.pt``/``.pth`` files and directories whose checkpoint is ``pytorch_model.bin``."""
+        if path.is_dir():
+            picked = pick_in_directory(path)
+            return picked is not None and picked[0] == "torchzip"
+        return path.is_file() and path.name.lower().endswith(SUFFIXES)
+
+    def describe(self, path: Path) -> CheckpointInfo:
+        """Describe a torch file by unpickling it memory-mapped (no tensor data is read)."""
+        path = Path(path)
+        file = _torch_file(path).absolute()
+        loaded = load_file(file, keep=True)
+        return CheckpointInfo(
+            path=str(path.absolute()),
+            root=str(file.parent),
+            format=self.name,
+            files=(file.name,),
+            tensors=tensor_infos(loaded.tensors, file.name),
+            metadata=dict(loaded.metadata),
+        )
+
+    def open(self, checkpoint: CheckpointInfo) -> TorchReader:
+        """A reader serving memory-mapped CPU tensors; close it (or use ``with``) when done."""
+        return TorchReader(checkpoint)
+
+
+@hookimpl
+def loaderkit_register_formats(register: Callable[[Format], None]) -> None:
+    register(TorchZipFormat())
