@@ -26,6 +26,8 @@ class ModelFacts(Frozen):
 
     :ivar keep_fp32: module-name patterns kept in float32 under bf16/fp16 (``_keep_in_fp32_modules``;
         a pattern matches a module whose qualified name contains it as a dotted component run).
+    :ivar keep_fp32_fp16: patterns (matched like ``keep_fp32``) kept in float32 only when the
+        compute dtype is float16 (transformers' non-strict ``_keep_in_fp32_modules``).
     :ivar skip_low_precision: regexes of modules never stored in fp8
         (``_skip_layerwise_casting_patterns``).
     :ivar ignore_unexpected: regexes of checkpoint keys to ignore when the model lacks them.
@@ -37,6 +39,7 @@ class ModelFacts(Frozen):
     """
 
     keep_fp32: tuple[str, ...] = ()
+    keep_fp32_fp16: tuple[str, ...] = ()
     skip_low_precision: tuple[str, ...] = ()
     ignore_unexpected: tuple[str, ...] = ()
     ignore_missing: tuple[str, ...] = ()
@@ -53,6 +56,7 @@ class ModelFacts(Frozen):
 
         return ModelFacts(
             keep_fp32=cat(self.keep_fp32, other.keep_fp32),
+            keep_fp32_fp16=cat(self.keep_fp32_fp16, other.keep_fp32_fp16),
             skip_low_precision=cat(self.skip_low_precision, other.skip_low_precision),
             ignore_unexpected=cat(self.ignore_unexpected, other.ignore_unexpected),
             ignore_missing=cat(self.ignore_missing, other.ignore_missing),
@@ -62,10 +66,11 @@ class ModelFacts(Frozen):
             source=cat(self.source, other.source),
         )
 
-    def keeps_fp32(self, module_name: str) -> bool:
-        """True if ``module_name`` matches a ``keep_fp32`` pattern (as transformers matches them)."""
+    def keeps_fp32(self, module_name: str, fp16: bool = False) -> bool:
+        """True if ``module_name`` matches a ``keep_fp32`` pattern (or, with ``fp16``, a
+        ``keep_fp32_fp16`` one): a run of dotted components equal to the pattern's."""
         parts = module_name.split(".")
-        for pat in self.keep_fp32:
+        for pat in (*self.keep_fp32, *(self.keep_fp32_fp16 if fp16 else ())):
             pp = pat.split(".")
             for i in range(len(parts) - len(pp) + 1):
                 if parts[i : i + len(pp)] == pp:

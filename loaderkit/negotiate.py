@@ -219,6 +219,7 @@ def negotiate(
             kind=module_kind(module),
             tensors=infos,
             keep_fp32=facts.keeps_fp32(mname),
+            keep_fp32_fp16=facts.keeps_fp32(mname, fp16=True),
             skip_low_precision=facts.skips_low_precision(mname),
         )
         decision = manager.call(strategy_entry, strategy.decide, ctx)

@@ -45,6 +45,7 @@ class ModuleContext(Frozen):
     :ivar tensors: the module's own parameters and persistent buffers (local name -> info of the
         tensor that will fill it, or of the planned tensor when the checkpoint lacks it).
     :ivar keep_fp32: the model library asks for this module to stay in float32.
+    :ivar keep_fp32_fp16: the library asks for it to stay in float32 when computing in float16.
     :ivar skip_low_precision: the library or user asks this module not to be stored in a
         low-precision format (``_skip_layerwise_casting_patterns`` and the strategy's skips).
     """
@@ -54,6 +55,7 @@ class ModuleContext(Frozen):
     kind: str
     tensors: dict[str, TensorInfo]
     keep_fp32: bool = False
+    keep_fp32_fp16: bool = False
     skip_low_precision: bool = False
 
 

@@ -135,8 +135,11 @@ class FP8(Strategy):
                f"{o.compute_dtype} slowly — compute_dtype=torch.float32 may be faster"),
         )
 
+    def _keeps_fp32(self, module: ModuleContext) -> bool:
+        return module.keep_fp32 or (self.options.compute_dtype == "float16" and module.keep_fp32_fp16)
+
     def _skipped(self, module: ModuleContext) -> str | None:
-        if module.keep_fp32:
+        if self._keeps_fp32(module):
             return "kept in float32 by the model's library"
         if module.skip_low_precision:
             return "the model's library never stores it in low precision"
@@ -149,7 +152,7 @@ class FP8(Strategy):
 
     def decide(self, module: ModuleContext) -> ModuleDecision:
         o = self.options
-        compute = "float32" if module.keep_fp32 else o.compute_dtype
+        compute = "float32" if self._keeps_fp32(module) else o.compute_dtype
         storage: dict[str, str] = {}
         weight = module.tensors.get("weight")
         reason = ""

@@ -33,7 +33,8 @@ class Uniform(Strategy):
         return self.dtype
 
     def decide(self, module: ModuleContext) -> ModuleDecision:
-        if self.dtype != "float32" and module.keep_fp32 and self.options.keep_fp32_modules:
+        keep = module.keep_fp32 or (self.dtype == "float16" and module.keep_fp32_fp16)
+        if self.dtype != "float32" and keep and self.options.keep_fp32_modules:
             return ModuleDecision(compute="float32", reason="kept in float32 by the model's library")
         return ModuleDecision(compute=self.dtype)
 

@@ -1,0 +1,291 @@
+"""Built-in plugin: build Hugging Face transformers models from ``config.json`` and declare their facts.
+
+The skeleton is constructed the way ``PreTrainedModel.from_pretrained`` constructs it (same config,
+same class, same default dtype, same attention implementation, weight tying deferred), except that
+parameters live on the meta device and non-persistent buffers (rotary ``inv_freq``,
+``position_ids``) hold the values the model's own initialisation computes.
+
+transformers is imported only inside the functions that need it: a plain torch model never
+triggers the import, and without transformers installed this plugin contributes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loaderkit.build import Builder, BuildRequest, ModelFacts, meta_init
+from loaderkit.dtypes import to_torch
+from loaderkit.errors import BuildError
+from loaderkit.hookspecs import hookimpl
+
+#: Config keys describing a quantized checkpoint; loaderkit decodes such weights itself, so the
+#: model is built dense (as if the checkpoint had been dequantized).
+_QUANT_KEYS = ("quantization_config",)
+
+#: Extra unexpected-key patterns ``from_pretrained`` ignores for models with these buffers.
+_LEGACY_BUFFER_PATTERNS = (
+    ("rotary_emb.inv_freq", r"rotary_emb\.inv_freq"),
+    ("position_ids", r"(^|\.)position_ids$"),
+)
+
+
+def available() -> bool:
+    """True if transformers is installed (checked without importing it)."""
+    return importlib.util.find_spec("transformers") is not None
+
+
+class TransformersBuilder(Builder):
+    """Builds transformers models from a config with ``architectures`` or ``model_type``."""
+
+    name = "transformers"
+    description = "transformers models from config.json (architectures / model_type)"
+
+    def can_build(self, request: BuildRequest) -> bool:
+        cfg = request.checkpoint.config
+        if not isinstance(cfg, dict) or "_class_name" in cfg:
+            return False
+        if not (cfg.get("architectures") or cfg.get("model_type")):
+            return False
+        return available()
+
+    def build(self, request: BuildRequest) -> torch.nn.Module:
+        import transformers
+
+        ckpt = request.checkpoint
+        dtype = to_torch(request.dtype)
+        model_cls, config = _resolve(transformers, _dense_config(ckpt.config or {}), ckpt.path)
+        _set_config_dtype(config, dtype)
+        config.name_or_path = ckpt.root
+        try:
+            with _init_contexts(dtype):
+                model = model_cls(config)
+                _patch_output_recorders(model)
+        except Exception as exc:
+            raise BuildError(
+                f"transformers could not construct {model_cls.__name__} from the config of "
+                f"{ckpt.path}: {type(exc).__name__}: {exc}",
+                path=ckpt.path,
+            ) from exc
+        _load_generation_config(model, ckpt.root)
+        return model
+
+
+def _dense_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``cfg`` without quantization configs (top level and nested sub-configs)."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        if key in _QUANT_KEYS:
+            continue
+        out[key] = _dense_config(value) if isinstance(value, dict) and "model_type" in value else value
+    return out
+
+
+def _resolve(transformers: Any, cfg: dict[str, Any], path: str) -> tuple[type, Any]:
+    """Pick the model class and make its config, as ``from_pretrained`` would."""
+    archs = cfg.get("architectures") or []
+    if archs:
+        model_cls = getattr(transformers, str(archs[0]), None)
+        if not (isinstance(model_cls, type) and issubclass(model_cls, transformers.PreTrainedModel)):
+            raise BuildError(
+                f"config.json of {path} names architecture {archs[0]!r}, which transformers "
+                f"{transformers.__version__} does not provide (custom-code models are not built "
+                "from config); pass the architecture yourself: loaderkit.load(path, model=...)",
+                path=path,
+            )
+        return model_cls, _make_config(model_cls.config_class, cfg, path)
+    from transformers.models.auto.auto_factory import _get_model_class
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = cfg.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise BuildError(
+            f"config.json of {path} has model_type {model_type!r}, unknown to transformers "
+            f"{transformers.__version__}; upgrade transformers or pass model=...",
+            path=path,
+        )
+    config = _make_config(CONFIG_MAPPING[model_type], cfg, path)
+    try:
+        return _get_model_class(config, transformers.AutoModel._model_mapping), config
+    except KeyError:
+        raise BuildError(
+            f"config.json of {path} (model_type {model_type!r}) has no 'architectures' and "
+            "transformers has no AutoModel for it; pass model=...",
+            path=path,
+        ) from None
+
+
+def _make_config(config_cls: type, cfg: dict[str, Any], path: str) -> Any:
+    try:
+        return config_cls.from_dict(dict(cfg))
+    except Exception as exc:
+        raise BuildError(
+            f"transformers could not read the config.json of {path} as {config_cls.__name__}: "
+            f"{type(exc).__name__}: {exc}",
+            path=path,
+        ) from exc
+
+
+def _set_config_dtype(config: Any, dtype: torch.dtype) -> None:
+    """Record the load dtype on the config and its sub-configs, as ``from_pretrained`` does."""
+    config.dtype = dtype
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        if sub is not None:
+            sub.dtype = dtype
+
+
+@contextlib.contextmanager
+def _init_contexts(dtype: torch.dtype):
+    """meta_init plus transformers' own construction contexts (tying deferred, patches applied)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(meta_init(dtype))
+        try:
+            from transformers import initialization
+
+            stack.enter_context(initialization.no_tie_weights())
+        except (ImportError, AttributeError):  # older transformers tie in post_init; harmless
+            pass
+        try:
+            from transformers.monkey_patching import apply_patches
+
+            stack.enter_context(apply_patches())
+        except ImportError:
+            pass
+        yield
+
+
+def _patch_output_recorders(model: torch.nn.Module) -> None:
+    try:
+        from transformers.monkey_patching import patch_output_recorders
+    except ImportError:
+        return
+    patch_output_recorders(model)
+
+
+def _load_generation_config(model: Any, root: str) -> None:
+    """Use ``generation_config.json`` beside the weights, as ``from_pretrained`` does (local only)."""
+    if not (Path(root) / "generation_config.json").is_file():
+        return
+    if not (hasattr(model, "can_generate") and model.can_generate()):
+        return
+    from transformers import GenerationConfig
+
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(root, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise BuildError(
+            f"cannot read {Path(root) / 'generation_config.json'}: {exc}", path=root
+        ) from exc
+
+
+# -------------------------------------------------------------------------------------------
+# Facts
+# -------------------------------------------------------------------------------------------
+
+
+def tie_weights(model: torch.nn.Module) -> None:
+    """Tie the model's weights after loading (``PreTrainedModel.tie_weights``)."""
+    model.tie_weights()
+
+
+def _patterns(value: Any) -> tuple[str, ...]:
+    if not value:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    return tuple(sorted(str(v) for v in value))
+
+
+def _keep_fp32_facts(model: Any) -> dict[str, tuple[str, ...]]:
+    """transformers' fp32 lists, as the exact names of the modules they reach.
+
+    transformers 5 matches each entry (``*`` meaning ``.*``) with ``re.search`` against the
+    model's state-dict keys, so entries may name parameters (``"gate.weight"``) or fragments;
+    the owning modules of the matching keys are what loaderkit keeps in float32.
+    ``_keep_in_fp32_modules_strict`` applies under bf16 and fp16, ``_keep_in_fp32_modules`` only
+    under fp16: the fp16-only modules go to ``ModelFacts.keep_fp32_fp16``. Modules the model
+    itself creates in float32 are kept like strict ones.
+    """
+    keys = model.state_dict(keep_vars=True)
+    strict = _owners(keys, _patterns(getattr(model, "_keep_in_fp32_modules_strict", None)))
+    strict = tuple(dict.fromkeys((*strict, *_created_fp32(keys))))
+    fp16 = _owners(keys, _patterns(getattr(model, "_keep_in_fp32_modules", None)))
+    fp16_only = tuple(m for m in fp16 if m not in strict)
+    return {"keep_fp32": strict, "keep_fp32_fp16": fp16_only}
+
+
+def _owners(keys: dict[str, torch.Tensor], patterns: tuple[str, ...]) -> tuple[str, ...]:
+    """Modules owning the state-dict keys that transformers' fp32 patterns match."""
+    if not patterns:
+        return ()
+    rx = re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in patterns))
+    return tuple(dict.fromkeys(k.rpartition(".")[0] for k in keys if rx.search(k)))
+
+
+def _created_fp32(keys: dict[str, torch.Tensor]) -> tuple[str, ...]:
+    """Modules whose constructor made float32 tensors while the default dtype was bf16/fp16.
+
+    ``from_pretrained`` loads such a tensor in the dtype the model created it with (routers'
+    ``weight`` and ``e_score_correction_bias`` in MoE models), not in the load dtype.
+    """
+    dtypes = {t.dtype for t in keys.values() if t.is_floating_point()}
+    if torch.float32 not in dtypes or not dtypes & {torch.bfloat16, torch.float16}:
+        return ()
+    return tuple(dict.fromkeys(k.rpartition(".")[0] for k, t in keys.items() if t.dtype == torch.float32))
+
+
+def _ignore_unexpected(model: torch.nn.Module) -> tuple[str, ...]:
+    pats = list(_patterns(getattr(model, "_keys_to_ignore_on_load_unexpected", None)))
+    buffers = [name for name, _ in model.named_buffers()]
+    for suffix, pattern in _LEGACY_BUFFER_PATTERNS:
+        if any(b.endswith(suffix) for b in buffers):
+            pats.append(pattern)
+    return tuple(dict.fromkeys(pats))
+
+
+def _tied(model: Any) -> dict[str, str]:
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if tied is None and hasattr(model, "get_expanded_tied_weights_keys"):
+        tied = model.get_expanded_tied_weights_keys(all_submodels=True)
+    return {str(k): str(v) for k, v in (tied or {}).items()}
+
+
+def facts_for(model: torch.nn.Module) -> ModelFacts:
+    """The facts transformers declares about a ``PreTrainedModel``."""
+    return ModelFacts(
+        **_keep_fp32_facts(model),
+        ignore_unexpected=_ignore_unexpected(model),
+        ignore_missing=_patterns(getattr(model, "_keys_to_ignore_on_load_missing", None)),
+        tied=_tied(model),
+        no_split=_patterns(getattr(model, "_no_split_modules", None)),
+        finalize=(tie_weights,),
+        source=("transformers",),
+    )
+
+
+# -------------------------------------------------------------------------------------------
+# Hooks
+# -------------------------------------------------------------------------------------------
+
+
+@hookimpl
+def loaderkit_register_builders(register) -> None:
+    """Register the transformers builder when transformers is installed."""
+    if available():
+        register(TransformersBuilder())
+
+
+@hookimpl
+def loaderkit_model_facts(model: torch.nn.Module) -> ModelFacts | None:
+    """Facts for ``PreTrainedModel`` instances; ``None`` for anything else (no import triggered)."""
+    modeling = sys.modules.get("transformers.modeling_utils")
+    if modeling is None or not isinstance(model, modeling.PreTrainedModel):
+        return None
+    return facts_for(model)
