@@ -20,10 +20,12 @@ from .errors import BuildError, LoaderKitError, PlanError, PluginError, Strategy
 from .inspect import describe
 from .manager import Entry, PluginManager, get_manager
 from .negotiate import negotiate
+from .place import DiskWriter, Placement, dispatch, normalise, place
 from .plan import Plan
 from .strategy import Strategy
 
 StrategyArg = str | Strategy
+DeviceMap = str | torch.device | dict
 _plans: "weakref.WeakKeyDictionary[torch.nn.Module, Plan]" = weakref.WeakKeyDictionary()
 
 
@@ -90,14 +92,15 @@ class _Prepared:
     model: torch.nn.Module
     facts: ModelFacts
     plan: Plan
+    placement: Placement
 
 
 def _prepare(
-    path, strategy_arg, model, device, strict, format, mgr: PluginManager
+    path, strategy_arg, model, placement: Placement, strict, format, mgr: PluginManager
 ) -> _Prepared:
     strat, entry = _resolve_strategy(strategy_arg, mgr)
     checkpoint = describe(path, mgr, format)
-    caps = device_caps(device, mgr)
+    caps = device_caps(placement.main_device, mgr)
     dtype = to_torch(mgr.call(entry, strat.build_dtype, checkpoint, caps))
     if model is not None:
         skeleton, builder = from_argument(model, dtype), "model="
@@ -122,8 +125,9 @@ def _prepare(
         manager=mgr,
         strict=strict,
     )
+    plan = place(skeleton, plan, placement, facts.no_split)
     mgr.hook("loaderkit_plan_ready", plan=plan)
-    return _Prepared(checkpoint, skeleton, facts, plan)
+    return _Prepared(checkpoint, skeleton, facts, plan, placement)
 
 
 def plan(
@@ -131,17 +135,23 @@ def plan(
     strategy: StrategyArg = "auto",
     *,
     model: torch.nn.Module | Callable[[], torch.nn.Module] | None = None,
-    device_map: str | torch.device = "cpu",
+    device_map: DeviceMap = "cpu",
+    max_memory: dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
+    offload_buffers: bool = False,
+    no_split_module_classes: list[str] | None = None,
     strict: bool = True,
     format: str | None = None,
     manager: PluginManager | None = None,
 ) -> Plan:
     """Negotiate the plan for loading ``path``, from headers and config alone (no tensor data).
 
-    Takes the same arguments as :func:`load`; ``print(plan)`` shows it readably.
+    Takes the same arguments as :func:`load`; ``print(plan)`` shows it readably. Nothing is
+    read, allocated or written (the offload folder is only checked for writability).
     """
     mgr = manager or get_manager()
-    return _prepare(path, strategy, model, device_map, strict, format, mgr).plan
+    placement = normalise(device_map, max_memory, offload_folder, offload_buffers, no_split_module_classes)
+    return _prepare(path, strategy, model, placement, strict, format, mgr).plan
 
 
 def load(
@@ -149,7 +159,11 @@ def load(
     strategy: StrategyArg = "auto",
     *,
     model: torch.nn.Module | Callable[[], torch.nn.Module] | None = None,
-    device_map: str | torch.device = "cpu",
+    device_map: DeviceMap = "cpu",
+    max_memory: dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
+    offload_buffers: bool = False,
+    no_split_module_classes: list[str] | None = None,
     strict: bool = True,
     format: str | None = None,
     cast_inputs: bool = True,
@@ -163,7 +177,16 @@ def load(
         or a plugin's) or a :func:`strategy` object carrying options.
     :param model: the architecture: a module (any device, meta included), a module class or a
         zero-argument factory. Without it, builder plugins build it from the checkpoint's config.
-    :param device_map: the device the model is placed on (``"cpu"``, ``"cuda:0"``).
+    :param device_map: where the model goes: a device (``"cpu"``, ``"cuda:0"``), a policy
+        (``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``) or a dict of module
+        name -> device (GPU index, ``"cuda:N"``, ``"cpu"``, ``"disk"``), as accelerate takes it.
+        Sizes are those of the plan's storage dtypes (fp8 is one byte; scales count).
+    :param max_memory: device -> bytes or ``"8GiB"``-style string, for the policies.
+    :param offload_folder: where modules mapped to ``"disk"`` are written during loading
+        (safetensors tensors that need no conversion are pointed at, not copied).
+    :param offload_buffers: offload buffers with the parameters (default: buffers stay in memory).
+    :param no_split_module_classes: module classes never split across devices, added to those
+        the model's library declares.
     :param strict: unexpected checkpoint keys are an error (missing keys always are, unless the
         model already holds real values for them).
     :param format: force a format plugin by name.
@@ -173,17 +196,15 @@ def load(
     :returns: the model in eval mode. A failed load raises and returns nothing.
     """
     mgr = manager or get_manager()
-    if not isinstance(device_map, (str, torch.device)):
-        raise PlanError(
-            f"device_map={device_map!r}: pass a single device such as 'cpu' or 'cuda:0'"
-        )
-    prep = _prepare(path, strategy, model, device_map, strict, format, mgr)
+    placement = normalise(device_map, max_memory, offload_folder, offload_buffers, no_split_module_classes)
+    prep = _prepare(path, strategy, model, placement, strict, format, mgr)
     plan_ = prep.plan
-    _stream_into(prep, mgr)
+    writer = _stream_into(prep, mgr)
     model_ = prep.model
     for fn in prep.facts.finalize:
         fn(model_)
     _check_complete(model_, plan_)
+    dispatch(model_, plan_, placement, writer)
     _attach_runtime(model_, plan_, cast_inputs)
     model_.eval()
     from .verify import verify
@@ -199,27 +220,32 @@ def load(
     return model_
 
 
-def _stream_into(prep: _Prepared, mgr: PluginManager) -> None:
+def _stream_into(prep: _Prepared, mgr: PluginManager) -> DiskWriter | None:
     from .stream import assign, read_all
 
     plan_ = prep.plan
     entry = mgr.get("formats", plan_.checkpoint.format)
     if entry is None:
         raise LoaderKitError(f"format {plan_.checkpoint.format!r} is no longer registered")
+    writer = DiskWriter(plan_.offload_folder) if plan_.offload_folder else None
     reader = mgr.call(entry, entry.obj.open, plan_.checkpoint)
     try:
         with torch.no_grad():
-            loaded = read_all(plan_, reader, mgr)
+            loaded = read_all(plan_, reader, mgr, writer, prep.placement.offload_buffers)
+        if writer is not None:
+            writer.finish()
     finally:
         mgr.call(entry, reader.close)
     with torch.no_grad():
         assign(prep.model, plan_, loaded)
+    return writer
 
 
 def _check_complete(model: torch.nn.Module, plan_: Plan) -> None:
     from .stream import meta_leftovers
 
-    left = meta_leftovers(model)
+    offloaded = {k for t in plan_.tensors.values() if t.device == "disk" for k in (t.key, *t.also)}
+    left = [k for k in meta_leftovers(model) if k not in offloaded]
     if left:
         more = f" ... and {len(left) - 10} more" if len(left) > 10 else ""
         raise BuildError(

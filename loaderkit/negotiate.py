@@ -302,6 +302,7 @@ def _plan_module(ctx, module, decision, keys, slots, source_of, also, checkpoint
             companions=companions,
             granularity=gran,
             also=tuple(also.get(key, ())),
+            buffer=not slot.is_param,
             device=device.device,
             nbytes=nbytes,
         )

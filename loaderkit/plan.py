@@ -29,7 +29,8 @@ class TensorPlan(Frozen):
     :ivar companions: checkpoint keys read with it (scales).
     :ivar granularity: scale granularity when quantized in memory (``"channel"``...), else ``None``.
     :ivar also: other model keys tied to this one (they share the tensor).
-    :ivar device: where it lives after loading.
+    :ivar buffer: it fills a buffer rather than a parameter.
+    :ivar device: where it rests after loading: a device, or ``"disk"`` (offload folder).
     :ivar nbytes: bytes in memory after conversion (scales included).
     """
 
@@ -42,6 +43,7 @@ class TensorPlan(Frozen):
     companions: tuple[str, ...] = ()
     granularity: str | None = None
     also: tuple[str, ...] = ()
+    buffer: bool = False
     device: str = "cpu"
     nbytes: int = 0
 
@@ -58,7 +60,9 @@ class ModulePlan(Frozen):
     :ivar resident: the cast rule keeps a compute-dtype copy resident.
     :ivar granularity: scale granularity of its quantized weight, if any.
     :ivar device: execution device.
-    :ivar nbytes: bytes of its tensors in memory.
+    :ivar offload: where its weights rest between forwards when not on the execution device
+        (``"cpu"`` or ``"disk"``), else ``None``.
+    :ivar nbytes: bytes of its tensors (in memory, or on disk when offloaded there).
     :ivar reason: why the strategy chose this.
     """
 
@@ -71,6 +75,7 @@ class ModulePlan(Frozen):
     resident: bool = False
     granularity: str | None = None
     device: str = "cpu"
+    offload: str | None = None
     nbytes: int = 0
     reason: str = ""
 
@@ -97,6 +102,9 @@ class Plan(Frozen):
     :ivar decisions: every choice made, with its reason.
     :ivar ignored: checkpoint keys not loaded, with why.
     :ivar kept: model keys not in the checkpoint that keep the values the skeleton already has.
+    :ivar device_map: module name -> device (``"cuda:0"``, ``"cpu"``, ``"disk"``) when the model is
+        spread over several places; ``None`` when it sits on one device.
+    :ivar offload_folder: where disk-offloaded tensors are written, if any.
     """
 
     checkpoint: CheckpointInfo
@@ -110,6 +118,8 @@ class Plan(Frozen):
     decisions: tuple[Decision, ...] = ()
     ignored: dict[str, str] = Field(default_factory=dict)
     kept: tuple[str, ...] = ()
+    device_map: dict[str, str] | None = None
+    offload_folder: str | None = None
 
     # -- views --------------------------------------------------------------------------------
 
@@ -145,6 +155,8 @@ class Plan(Frozen):
             "decisions": [d.model_dump(mode="json") for d in self.decisions],
             "ignored": self.ignored,
             "kept": list(self.kept),
+            "device_map": self.device_map,
+            "offload_folder": self.offload_folder,
         }
 
     def table(self, all_modules: bool = False) -> str:
@@ -165,23 +177,28 @@ class Plan(Frozen):
             "conversions " + ", ".join(f"{k}: {v}" for k, v in sorted(self.conversions().items())),
             "",
         ]
-        header = ("module", "type", "storage", "compute", "cast", "scale", "bytes")
+        placed = self.device_map is not None
+        header = ("module", "type", "storage", "compute", "cast", "scale", "bytes") + (
+            ("device", "rests on") if placed else ()
+        )
         rows: list[tuple[str, ...]] = []
         if all_modules:
             for m in self.modules.values():
-                rows.append(_module_row(m.name or "(root)", m))
+                rows.append(_module_row(m.name or "(root)", m, placed=placed))
         else:
             groups: dict[tuple, list[ModulePlan]] = {}
             for m in self.modules.values():
-                sig = (m.type, _storage_str(m), m.compute_dtype, m.cast, m.granularity)
+                sig = (m.type, _storage_str(m), m.compute_dtype, m.cast, m.granularity, m.device, m.offload)
                 groups.setdefault(sig, []).append(m)
             for ms in groups.values():
                 label = ms[0].name or "(root)"
                 if len(ms) > 1:
                     label = f"{label} (+{len(ms) - 1} alike)"
                 total = sum(m.nbytes for m in ms)
-                rows.append(_module_row(label, ms[0], total))
+                rows.append(_module_row(label, ms[0], total, placed=placed))
         lines.extend(_render(header, rows))
+        if self.offload_folder:
+            lines.insert(5, f"offload     {self.offload_folder}")
         if self.decisions:
             lines.append("")
             lines.append("decisions")
@@ -207,8 +224,8 @@ def _storage_str(m: ModulePlan) -> str:
     return ",".join(f"{k}:{v}" for k, v in m.storage.items())
 
 
-def _module_row(label: str, m: ModulePlan, nbytes: int | None = None) -> tuple[str, ...]:
-    return (
+def _module_row(label: str, m: ModulePlan, nbytes: int | None = None, placed: bool = False) -> tuple[str, ...]:
+    row = (
         label,
         m.type,
         _storage_str(m),
@@ -217,6 +234,7 @@ def _module_row(label: str, m: ModulePlan, nbytes: int | None = None) -> tuple[s
         m.granularity or "-",
         _fmt_bytes(m.nbytes if nbytes is None else nbytes),
     )
+    return row + ((m.device, m.offload or "-") if placed else ())
 
 
 def _render(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:

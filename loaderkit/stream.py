@@ -9,6 +9,8 @@ leaves the model exactly as it was.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,6 +19,9 @@ from .dtypes import is_fp8, to_torch
 from .errors import CorruptCheckpointError, LoaderKitError
 from .manager import PluginManager
 from .plan import Plan, TensorPlan
+
+if TYPE_CHECKING:
+    from .place import DiskWriter
 
 
 @dataclass
@@ -28,32 +33,73 @@ class Loaded:
     scales: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
 
 
-def read_all(plan: Plan, reader: TensorReader, manager: PluginManager, progress=None) -> Loaded:
-    """Read and convert every planned tensor. Returns them unassigned."""
+def read_all(
+    plan: Plan,
+    reader: TensorReader,
+    manager: PluginManager,
+    writer: "DiskWriter | None" = None,
+    offload_buffers: bool = False,
+    progress=None,
+) -> Loaded:
+    """Read and convert every planned tensor. Returns them unassigned.
+
+    Tensors planned for ``"disk"`` go to ``writer`` as they stream (or are pointed at in their
+    safetensors file when they need no conversion) and are represented in the result by meta
+    tensors of their storage dtype, which accelerate's offload hooks fill at forward time.
+    """
     out = Loaded()
     for tp in plan.tensors.values():
-        try:
-            raw = reader.get(tp.source)
-        except LoaderKitError:
-            raise
-        except Exception as exc:
-            raise CorruptCheckpointError(
-                f"{plan.checkpoint.path}: cannot read tensor {tp.source!r}: {type(exc).__name__}: {exc}",
-                path=plan.checkpoint.path,
-                tensor=tp.source,
-            ) from exc
-        _check_raw(raw, tp, plan.checkpoint)
-        tensor, scale = convert(tp, raw, plan.checkpoint, reader, manager)
-        if tp.device != "cpu":
+        if tp.device == "disk" and writer is not None and _point_at_source(tp, plan, writer):
+            out.tensors[tp.key] = _meta_like(tp)
+            continue
+        tensor, scale = _read_one(tp, plan, reader, manager)
+        mod, _, local = tp.key.rpartition(".")
+        if tp.device == "disk" and writer is not None:
+            for k in (tp.key, *tp.also):
+                writer.write(k, tensor)
+            tensor = _meta_like(tp)
+            if scale is not None and offload_buffers:
+                writer.write(f"{mod}.{local}_scale" if mod else f"{local}_scale", scale)
+                scale = torch.empty_like(scale, device="meta")
+        elif tp.device not in ("cpu", "disk"):
             tensor = tensor.to(tp.device)
             scale = None if scale is None else scale.to(tp.device)
         out.tensors[tp.key] = tensor
         if scale is not None:
-            mod, _, local = tp.key.rpartition(".")
             out.scales[(mod, f"{local}_scale")] = scale
         if progress is not None:
             progress(tp.nbytes)
     return out
+
+
+def _read_one(tp: TensorPlan, plan: Plan, reader: TensorReader, manager: PluginManager):
+    try:
+        raw = reader.get(tp.source)
+    except LoaderKitError:
+        raise
+    except Exception as exc:
+        raise CorruptCheckpointError(
+            f"{plan.checkpoint.path}: cannot read tensor {tp.source!r}: {type(exc).__name__}: {exc}",
+            path=plan.checkpoint.path,
+            tensor=tp.source,
+        ) from exc
+    _check_raw(raw, tp, plan.checkpoint)
+    return convert(tp, raw, plan.checkpoint, reader, manager)
+
+
+def _point_at_source(tp: TensorPlan, plan: Plan, writer: "DiskWriter") -> bool:
+    """Offload without copying: point the offload index at the tensor in its safetensors file."""
+    info = plan.checkpoint.tensors[tp.source]
+    if tp.conversion != "none" or tp.companions or not info.file.endswith(".safetensors"):
+        return False
+    path = str(Path(plan.checkpoint.root) / info.file)
+    for k in (tp.key, *tp.also):
+        writer.point(k, path, tp.source, tp.target_dtype)
+    return True
+
+
+def _meta_like(tp: TensorPlan) -> torch.Tensor:
+    return torch.empty(tp.shape, dtype=to_torch(tp.target_dtype), device="meta")
 
 
 def _check_raw(raw: torch.Tensor, tp: TensorPlan, ckpt: CheckpointInfo) -> None:

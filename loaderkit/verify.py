@@ -113,6 +113,46 @@ def kernel_dtype(module: torch.nn.Module) -> tuple[torch.dtype | None, list[str]
     return compute, problems
 
 
+def _offload_hook(module: torch.nn.Module):
+    """accelerate's AlignDevicesHook on ``module`` (possibly inside a SequentialHook), or None."""
+    hook = getattr(module, "_hf_hook", None)
+    hooks = getattr(hook, "hooks", None) or ([hook] if hook is not None else [])
+    for h in hooks:
+        if hasattr(h, "execution_device") and hasattr(h, "weights_map"):
+            return h
+    return None
+
+
+def placement_problems(module: torch.nn.Module) -> list[str]:
+    """Whether each of the module's own tensors will reach its execution device at forward time.
+
+    A tensor on the meta device needs an offload hook whose weights map holds it; a tensor on
+    another device than the one the hook executes on needs the hook to move it.
+    """
+    own = {n: t for n, t in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False))}
+    if not own:
+        return []
+    hook = _offload_hook(module)
+    problems = []
+    meta = [n for n, t in own.items() if t.device.type == "meta"]
+    if meta:
+        wm = getattr(hook, "weights_map", None) if hook is not None and getattr(hook, "offload", False) else None
+        missing = [n for n in meta if wm is None or n not in wm]
+        if missing:
+            problems.append(
+                f"{', '.join(missing)} on the meta device with no offload hook that brings "
+                "it back: the forward would fail; load it with loaderkit.load(..., offload_folder=...)"
+            )
+    if hook is None:
+        devices = {t.device for t in own.values() if t.device.type != "meta"}
+        if len(devices) > 1:
+            problems.append(
+                "holds tensors on several devices (" + ", ".join(sorted(map(str, devices)))
+                + ") with no hook moving them to one execution device"
+            )
+    return problems
+
+
 def verify(
     model: torch.nn.Module,
     example_inputs: Any = None,
@@ -127,6 +167,9 @@ def verify(
     :param example_inputs: a tensor or tuple of positional inputs; when given (or
         ``example_kwargs``), a forward pass is run under ``torch.no_grad`` and the dtype of the
         activations reaching every kernel module is checked.
+    Placement is checked too: every module's tensors must reach its execution device (tensors
+    offloaded to the meta device need accelerate's offload hook, which brings them back).
+
     :param plan: the :class:`loaderkit.Plan` to check each module's compute dtype against
         (default: the plan :func:`loaderkit.load` loaded the model with, if any).
     :param strict: raise :class:`loaderkit.VerifyError` listing the problems instead of returning.
@@ -147,6 +190,7 @@ def verify(
             key = dtype_name(compute)
             report.compute_dtypes[key] = report.compute_dtypes.get(key, 0) + 1
         report.problems.extend(Problem(name, "storage", p) for p in problems)
+        report.problems.extend(Problem(name, "placement", p) for p in placement_problems(module))
         if plan is not None and name in plan.modules and compute is not None:
             want = plan.modules[name].compute_dtype
             if dtype_name(compute) != want:
