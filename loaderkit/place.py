@@ -188,12 +188,37 @@ def _owner(device_map: dict, name: str) -> Any:
     return best, best_len >= 0
 
 
+def partition(model: torch.nn.Module, device_map: dict) -> dict:
+    """Rewrite a device map whose entries nest (``{"": "cpu", "blocks.1": "disk"}``) into the
+    non-overlapping form accelerate dispatches: a nested entry's parent is replaced by its
+    children (and its own tensors), each inheriting the parent's device unless mapped."""
+    out = dict(device_map)
+    while True:
+        nested = [
+            k for k in out
+            if any(o != k and (k == "" or o.startswith(k + ".")) for o in out)
+        ]
+        if not nested:
+            return out
+        for key in nested:
+            dev = out.pop(key)
+            try:
+                module = model.get_submodule(key)
+            except AttributeError:
+                raise PlanError(f"device_map names {key!r}, which is not a module of the model") from None
+            prefix = f"{key}." if key else ""
+            for name, _ in module.named_children():
+                out.setdefault(prefix + name, dev)
+            for name, _ in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)):
+                out.setdefault(prefix + name, dev)
+
+
 def place(model: torch.nn.Module, plan: Plan, placement: Placement, no_split: tuple[str, ...]) -> Plan:
     """Return the plan with every tensor's resting device and every module's execution device."""
     if placement.single:
         return plan
     if isinstance(placement.device_map, dict):
-        device_map = dict(placement.device_map)
+        device_map = partition(model, dict(placement.device_map))
     else:
         device_map = infer_device_map(model, plan, placement, (*no_split, *placement.no_split))
     device_map = {k: _device_str(v) for k, v in device_map.items()}
