@@ -1,0 +1,514 @@
+"""Runtime cast rules: modules that store tensors in one dtype and compute in another.
+
+A *cast rule* is an accelerate :class:`~accelerate.hooks.ModelHook` attached with
+``add_hook_to_module(module, hook, append=True)``. Just before the module's forward it swaps each
+covered tensor whose stored dtype differs from the compute dtype (or that has a scale) for its
+decoded compute-dtype copy (:func:`loaderkit.convert.upcast`), and just after it puts the stored
+tensor back. Tensors already in the compute dtype are not touched, the module is never cast as a
+whole (diffusers' layerwise casting does ``module.to(compute)`` and ``module.to(storage)`` around
+every call), and ``module.forward`` is left to accelerate's hook machinery.
+
+* **Offload**: a rule appended after accelerate's ``AlignDevicesHook`` runs after it, so the fp8
+  weights are first brought to the execution device, then decoded there; when the offload hook
+  releases the tensors to the meta device after forward, the rule keeps them released and in the
+  stored dtype. Attach rules *after* ``cpu_offload``/``dispatch_model`` (``dispatch_model``
+  replaces existing hooks); a rule that meets weights still on the meta device says so.
+* **Exceptions**: a forward hook registered with ``always_call=True`` restores the stored tensors
+  when the forward raises, so parameters never stay in the compute dtype.
+* **Resident**: ``resident=True`` keeps the decoded copy between calls (faster, more memory).
+* **Workspace**: on the CPU, under ``torch.no_grad``/``inference_mode`` and for the standard
+  layers (Linear, Conv, Embedding, norms), decoded copies go to reused buffers: a fresh 32-64 MB
+  allocation costs more than the decode itself on small-core machines (page faults).
+* **Native fp8**: ``native=True`` on an ``nn.Linear`` whose weight is ``float8_e4m3fn`` on a CUDA
+  device with compute capability >= 8.9 runs ``torch._scaled_mm`` with a dynamically quantized
+  activation instead of decoding the weight; elsewhere the rule decodes, and says why in
+  :attr:`CastRule.native_reason`.
+
+Cast rules are for inference: gradients do not flow into the stored tensors, and a model must not
+run forward from several threads at once. Code that calls ``module.forward`` directly (not
+``module(...)``) skips the exception guard.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from accelerate.hooks import ModelHook, SequentialHook, add_hook_to_module, remove_hook_from_module
+from torch import nn
+
+from .convert import GRANULARITIES, upcast
+from .errors import LoaderKitError
+
+#: layers whose forward only hands its tensors to a functional kernel (safe for reused buffers).
+_KERNEL_LAYERS = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+    nn.ConvTranspose3d, nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
+    nn.modules.batchnorm._NormBase,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TensorCast:
+    """How one tensor of a module is handed to its kernel.
+
+    :ivar name: the tensor's name relative to the module (``"weight"``, ``"out_proj.weight"``).
+    :ivar scale: name of the module buffer holding its float32 scale, or ``None``.
+    :ivar granularity: ``"none"``, ``"tensor"``, ``"channel"`` or ``"block"``.
+    :ivar block: the block shape for ``"block"`` granularity.
+    """
+
+    name: str
+    scale: str | None = None
+    granularity: str = "none"
+    block: tuple[int, int] | None = None
+
+
+@dataclass
+class CastRule:
+    """The inspectable state of a cast rule (what :func:`cast_rule_of` returns).
+
+    :ivar compute_dtype: the dtype the module's kernel sees its tensors in.
+    :ivar tensors: local tensor name -> :class:`TensorCast`, for every tensor the rule covers.
+    :ivar resident: whether decoded copies are kept between calls.
+    :ivar native: whether native fp8 matmul was requested.
+    :ivar native_reason: after the first forward with ``native``, why it is (not) used.
+    """
+
+    compute_dtype: torch.dtype
+    tensors: dict[str, TensorCast]
+    resident: bool = False
+    native: bool = False
+    native_reason: str = ""
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """Names of the covered tensors."""
+        return tuple(self.tensors)
+
+    def scale_of(self, name: str) -> TensorCast | None:
+        """The scale description of a covered tensor (``None`` when not covered)."""
+        return self.tensors.get(name)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-friendly summary."""
+        return {
+            "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
+            "tensors": {
+                n: {"scale": t.scale, "granularity": t.granularity, "block": list(t.block) if t.block else None}
+                for n, t in self.tensors.items()
+            },
+            "resident": self.resident,
+            "native": self.native,
+            "native_reason": self.native_reason,
+        }
+
+
+# -- public API --------------------------------------------------------------------------------
+
+
+def supports(module: nn.Module) -> bool:
+    """Whether a cast rule can cover ``module``.
+
+    Any module whose forward reads its own tensors by attribute can be covered. Not covered:
+    TorchScript modules (their compiled forward does not read attributes through Python),
+    parametrized modules (``weight`` is computed, not stored) and modules holding tensor-subclass
+    parameters of other quantization libraries.
+    """
+    if isinstance(module, torch.jit.ScriptModule):
+        return False
+    if torch.nn.utils.parametrize.is_parametrized(module):
+        return False
+    return all(type(p) in (nn.Parameter, torch.Tensor) for p in module.parameters(recurse=False))
+
+
+def attach_cast(
+    module: nn.Module,
+    compute_dtype: torch.dtype,
+    *,
+    scales: dict[str, tuple[str, str, tuple[int, int] | None]] | None = None,
+    resident: bool = False,
+    native: bool = False,
+    names: list[str] | None = None,
+    name: str = "",
+) -> CastRule:
+    """Attach a cast rule so that ``module``'s kernel sees its tensors in ``compute_dtype``.
+
+    :param compute_dtype: a floating, non-fp8 dtype.
+    :param scales: covered tensor name -> ``(scale buffer name, granularity, block)``; the scale
+        is a float32 buffer on ``module`` and a multiplier (``W = q.float() * scale``).
+    :param resident: keep the decoded copies between calls (faster forward, more memory).
+    :param native: use native fp8 matmul for an ``nn.Linear`` where the device has it.
+    :param names: the tensors to cover (default: the module's own floating parameters, plus
+        ``out_proj``'s for ``nn.MultiheadAttention``, which reads them itself).
+    :param name: the module's qualified name, used in error messages.
+    :returns: the rule (also available later through :func:`cast_rule_of`).
+    :raises LoaderKitError: for an unsuitable dtype, an unknown tensor or a malformed scale.
+    """
+    label = name or type(module).__name__
+    if not compute_dtype.is_floating_point or compute_dtype.itemsize == 1:
+        raise LoaderKitError(f"{label}: compute dtype {compute_dtype} is not a compute dtype", module=name)
+    if not supports(module):
+        raise LoaderKitError(
+            f"{label}: a cast rule cannot cover a {type(module).__name__} (scripted, parametrized or "
+            "holding foreign tensor subclasses); store it in its compute dtype instead",
+            module=name,
+        )
+    _remove_hooks(module, lambda h: isinstance(h, CastHook))
+    scales = dict(scales or {})
+    covered = list(names) if names is not None else _default_names(module)
+    covered += [n for n in scales if n not in covered]
+    tensors = {n: _tensor_cast(module, n, scales.get(n), label, name) for n in covered}
+    rule = CastRule(compute_dtype=compute_dtype, tensors=tensors, resident=resident, native=native)
+    hook = CastHook(rule, pooled=isinstance(module, _KERNEL_LAYERS))
+    add_hook_to_module(module, hook, append=True)
+    hook.guard = module.register_forward_hook(hook.forward_exit, always_call=True)
+    return rule
+
+
+def cast_rule_of(module: nn.Module) -> CastRule | None:
+    """The cast rule attached to ``module`` by :func:`attach_cast`, or ``None``."""
+    hook = _find(getattr(module, "_hf_hook", None), CastHook)
+    return hook.rule if hook is not None else None
+
+
+def cast_rules(model: nn.Module) -> dict[str, CastRule]:
+    """Every cast rule in ``model``, by qualified module name."""
+    return {n: r for n, m in model.named_modules() if (r := cast_rule_of(m)) is not None}
+
+
+def attach_input_cast(model: nn.Module, dtype: torch.dtype) -> InputCastHook:
+    """Cast the floating-point tensors passed to ``model`` (positional and keyword, nested in
+    lists, tuples and dicts) to ``dtype``. Integer and boolean tensors (token ids, masks) and
+    non-tensors pass unchanged. Returns the hook; :func:`detach` removes it.
+    """
+    if not dtype.is_floating_point or dtype.itemsize == 1:
+        raise LoaderKitError(f"input cast dtype {dtype} is not a compute dtype")
+    for old in list(_hooks_of(model)):
+        if isinstance(old, InputCastHook):
+            _remove_hooks(model, lambda h, old=old: h is old)
+    hook = InputCastHook(dtype)
+    add_hook_to_module(model, hook, append=True)
+    return hook
+
+
+def detach(model: nn.Module, recurse: bool = True) -> None:
+    """Remove loaderkit's hooks (cast rules, input casts) from ``model`` and its submodules.
+
+    Other hooks (accelerate's offload hooks) stay in place and keep working. Stored tensors are
+    left as they are stored.
+    """
+    modules = model.modules() if recurse else [model]
+    for module in list(modules):
+        _remove_hooks(module, lambda h: isinstance(h, (CastHook, InputCastHook)))
+
+
+def native_fp8_available(device: torch.device | str | None = None) -> bool:
+    """Whether ``device`` has native fp8 matmul: CUDA compute capability >= 8.9 and
+    ``torch._scaled_mm``. CPUs (where ``_scaled_mm`` is a slow reference loop) answer ``False``.
+    """
+    device = torch.device(device if device is not None else "cuda")
+    if device.type != "cuda" or not hasattr(torch, "_scaled_mm") or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def release_workspace() -> None:
+    """Free the CPU buffers reused for decoded copies (they are re-made on the next forward)."""
+    _POOL.clear()
+
+
+# -- the hooks ---------------------------------------------------------------------------------
+
+
+class CastHook(ModelHook):
+    """The accelerate hook behind a :class:`CastRule` (see the module docstring)."""
+
+    def __init__(self, rule: CastRule, pooled: bool = False) -> None:
+        self.rule = rule
+        self.pooled = pooled
+        self.guard: torch.utils.hooks.RemovableHandle | None = None
+        self._depth = 0
+        self._swapped: list[_Swap] = []
+        self._cache: dict[str, tuple[tuple, torch.Tensor]] = {}
+
+    def pre_forward(self, module: nn.Module, *args, **kwargs):
+        self._depth += 1
+        if self._depth == 1:
+            try:
+                self._swap_in(module)
+            except BaseException:
+                self._depth -= 1
+                self._restore()
+                raise
+        return args, kwargs
+
+    def post_forward(self, module: nn.Module, output):
+        self._leave(output)
+        return output
+
+    def forward_exit(self, module: nn.Module, args, output) -> None:
+        """Always-called forward hook: restores the stored tensors if the forward raised."""
+        if self._depth:
+            self._depth = 1
+            self._leave(None)
+
+    def detach_hook(self, module: nn.Module) -> nn.Module:
+        self._depth = 1
+        self._leave(None)
+        self._cache.clear()
+        if self.guard is not None:
+            self.guard.remove()
+            self.guard = None
+        return module
+
+    def _leave(self, output) -> None:
+        if self._depth == 0:
+            return
+        self._depth -= 1
+        if self._depth == 0:
+            self._restore(output)
+
+    def _swap_in(self, module: nn.Module) -> None:
+        from .native import plan_native  # noqa: PLC0415 - keeps the fp8 matmul code apart
+
+        native = plan_native(self.rule, module) if self.rule.native else set()
+        for tc in self.rule.tensors.values():
+            owner, key = _resolve(module, tc.name)
+            is_param = key in owner._parameters
+            stored = owner._parameters[key] if is_param else owner._buffers.get(key)
+            if stored is None or (stored.dtype == self.rule.compute_dtype and tc.scale is None):
+                continue
+            if stored.device.type == "meta":
+                raise LoaderKitError(
+                    f"{type(module).__name__}.{tc.name} is still on the meta device when its cast rule "
+                    "runs: attach cast rules after accelerate's offload/dispatch hooks",
+                    tensor=tc.name,
+                )
+            scale = getattr(module, tc.scale) if tc.scale else None
+            if tc.name in native:
+                from .native import Fp8LinearWeight  # noqa: PLC0415
+
+                compute, pooled = Fp8LinearWeight.wrap(stored, scale, self.rule.compute_dtype), False
+                swapped = compute
+            else:
+                compute, pooled = self._decode(tc, stored, scale)
+                swapped = nn.Parameter(compute, requires_grad=False) if is_param else compute
+            (owner._parameters if is_param else owner._buffers)[key] = swapped
+            self._swapped.append(_Swap(owner, key, is_param, stored, swapped, compute if pooled else None))
+
+    def _decode(self, tc: TensorCast, stored: torch.Tensor, scale: torch.Tensor | None):
+        """(decoded tensor, whether it came from the workspace pool)."""
+        dtype = self.rule.compute_dtype
+        block = tc.block if tc.granularity == "block" else None
+        data = stored.detach()
+        if self.rule.resident:
+            key = (weakref.ref(stored), stored._version, data.data_ptr(), _version(scale))
+            hit = self._cache.get(tc.name)
+            if hit is not None and hit[0][0]() is stored and hit[0][1:] == key[1:]:
+                return hit[1], False
+            out = upcast(data, dtype, scale, block)
+            self._cache[tc.name] = (key, out)
+            return out, False
+        if self.pooled and data.device.type == "cpu" and not torch.is_grad_enabled():
+            out = _POOL.take(tuple(data.shape), dtype)
+            return upcast(data, dtype, scale, block, out=out), True
+        return upcast(data, dtype, scale, block), False
+
+    def _restore(self, output=None) -> None:
+        swaps, self._swapped = self._swapped, []
+        alias = _storages(output) if any(s.pooled is not None for s in swaps) else set()
+        for s in reversed(swaps):
+            s.restore()
+            if s.pooled is not None and s.pooled.untyped_storage().data_ptr() not in alias:
+                _POOL.give(s.pooled)
+
+
+class InputCastHook(ModelHook):
+    """Casts the floating tensors reaching a model's root to one dtype."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def pre_forward(self, module: nn.Module, *args, **kwargs):
+        return _cast_tree(args, self.dtype), _cast_tree(kwargs, self.dtype)
+
+
+@dataclass
+class _Swap:
+    owner: nn.Module
+    key: str
+    is_param: bool
+    stored: torch.Tensor
+    swapped: torch.Tensor
+    pooled: torch.Tensor | None
+
+    def restore(self) -> None:
+        table = self.owner._parameters if self.is_param else self.owner._buffers
+        current = table.get(self.key)
+        if current is self.swapped:
+            table[self.key] = self.stored
+        elif current is not None and current.device.type == "meta" and self.stored.device.type != "meta":
+            # an offload hook released the tensor after forward: keep it released, as stored
+            empty = torch.empty_like(self.stored, device="meta")
+            table[self.key] = type(self.stored)(empty, self.stored.requires_grad) if self.is_param else empty
+        # otherwise someone assigned a new tensor during forward: it stays
+
+
+@dataclass
+class _Pool:
+    """Reused CPU buffers for decoded copies, keyed by (shape, dtype)."""
+
+    free: dict[tuple, list[torch.Tensor]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        with self.lock:
+            stack = self.free.get((shape, dtype))
+            if stack:
+                return stack.pop()
+        with torch.inference_mode(False):  # a normal tensor can be written in and out of inference mode
+            return torch.empty(shape, dtype=dtype)
+
+    def give(self, buf: torch.Tensor) -> None:
+        with self.lock:
+            self.free.setdefault((tuple(buf.shape), buf.dtype), []).append(buf)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.free.clear()
+
+
+_POOL = _Pool()
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _default_names(module: nn.Module) -> list[str]:
+    names = [n for n, p in module.named_parameters(recurse=False) if p is not None and p.is_floating_point()]
+    if isinstance(module, nn.MultiheadAttention):
+        names += [f"out_proj.{n}" for n, p in module.out_proj.named_parameters(recurse=False) if p is not None]
+    return names
+
+
+def _tensor_cast(module: nn.Module, tname: str, spec, label: str, mname: str) -> TensorCast:
+    try:
+        owner, key = _resolve(module, tname)
+    except AttributeError:
+        owner, key = None, ""
+    tensor = None if owner is None else owner._parameters.get(key, owner._buffers.get(key))
+    if owner is None or (key not in owner._parameters and key not in owner._buffers):
+        raise LoaderKitError(f"{label} has no parameter or buffer {tname!r} to cover", module=mname, tensor=tname)
+    if spec is None:
+        return TensorCast(tname)
+    scale_name, granularity, block = spec
+    if granularity not in GRANULARITIES:
+        raise LoaderKitError(
+            f"{label}.{tname}: unknown scale granularity {granularity!r}; use one of {', '.join(GRANULARITIES)}",
+            module=mname,
+            tensor=tname,
+        )
+    scale = module._buffers.get(scale_name)
+    if scale is None:
+        raise LoaderKitError(
+            f"{label}.{tname}: scale buffer {scale_name!r} is not a buffer of the module; register it "
+            "with module.register_buffer(name, scale) before attaching the rule",
+            module=mname,
+            tensor=tname,
+        )
+    _check_scale_shape(tuple(tensor.shape) if tensor is not None else (), scale, granularity, block, f"{label}.{tname}")
+    block = tuple(block) if block is not None else None
+    return TensorCast(tname, scale_name, granularity, block)
+
+
+def _check_scale_shape(shape, scale: torch.Tensor, granularity: str, block, where: str) -> None:
+    import math  # noqa: PLC0415
+
+    if scale.numel() == 1 and granularity != "block":
+        return
+    if granularity == "channel" and shape and scale.numel() == shape[0]:
+        return
+    if granularity == "block" and block is not None and len(shape) == 2:
+        grid = (math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1]))
+        if tuple(scale.shape) == grid:
+            return
+    raise LoaderKitError(
+        f"{where}: a {granularity} scale of shape {list(scale.shape)} does not fit a tensor of shape "
+        f"{list(shape)}" + (f" with block {list(block)}" if block else ""),
+    )
+
+
+def _resolve(module: nn.Module, tname: str) -> tuple[nn.Module, str]:
+    *path, key = tname.split(".")
+    for part in path:
+        module = getattr(module, part)
+    return module, key
+
+
+def _version(t: torch.Tensor | None) -> tuple:
+    return () if t is None else (t.data_ptr(), t._version)
+
+
+def _storages(output) -> set[int]:
+    found: set[int] = set()
+
+    def visit(x) -> None:
+        if isinstance(x, torch.Tensor):
+            found.add(x.untyped_storage().data_ptr())
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                visit(v)
+        elif isinstance(x, dict):
+            for v in x.values():
+                visit(v)
+
+    visit(output)
+    return found
+
+
+def _cast_tree(x, dtype: torch.dtype):
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return type(x)(*(_cast_tree(v, dtype) for v in x))
+    if isinstance(x, (list, tuple)):
+        return type(x)(_cast_tree(v, dtype) for v in x)
+    if isinstance(x, dict):
+        return type(x)((k, _cast_tree(v, dtype)) for k, v in x.items())
+    return x
+
+
+def _flatten(hook) -> Iterator[ModelHook]:
+    if isinstance(hook, SequentialHook):
+        for h in hook.hooks:
+            yield from _flatten(h)
+    elif hook is not None:
+        yield hook
+
+
+def _hooks_of(module: nn.Module) -> list[ModelHook]:
+    return list(_flatten(getattr(module, "_hf_hook", None)))
+
+
+def _find(hook, kind: type):
+    return next((h for h in _flatten(hook) if isinstance(h, kind)), None)
+
+
+def _remove_hooks(module: nn.Module, drop) -> None:
+    """Remove the hooks matching ``drop`` from ``module``'s chain, leaving the others attached."""
+    hooks = _hooks_of(module)
+    gone = [h for h in hooks if drop(h)]
+    if not gone:
+        return
+    for h in gone:
+        h.detach_hook(module)
+    kept = [h for h in hooks if not drop(h)]
+    if kept:
+        module._hf_hook = kept[0] if len(kept) == 1 else SequentialHook(*kept)
+        return
+    module._hf_hook = ModelHook()  # remove_hook_from_module calls detach_hook on what is left
+    remove_hook_from_module(module)

@@ -1,0 +1,257 @@
+"""Exactness of fp8 decoding and accuracy of fp8 encoding (loaderkit.convert)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loaderkit import LoaderKitError
+from loaderkit.convert import dequantize_reference, expand_block_scale, fp8_max, quantize, upcast
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+FP8 = [E4M3, E5M2]
+COMPUTE = [torch.bfloat16, torch.float16, torch.float32]
+_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(_INT[t.element_size()])
+
+
+def assert_bit_equal(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape
+    mismatch = (bits(a) != bits(b)).nonzero()
+    assert mismatch.numel() == 0, f"{len(mismatch)} elements differ, first at {mismatch[0].tolist()}"
+
+
+def all_codes(dtype: torch.dtype) -> torch.Tensor:
+    return torch.arange(256, dtype=torch.uint8).view(dtype)
+
+
+def random_codes(dtype: torch.dtype, *shape: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen).view(dtype)
+
+
+# -- exhaustive decoding ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("src", FP8 + [torch.float8_e4m3fnuz, torch.float8_e5m2fnuz])
+@pytest.mark.parametrize("dst", COMPUTE + [torch.float64])
+def test_all_256_codes_decode_exactly(src, dst):
+    q = all_codes(src)
+    assert_bit_equal(upcast(q, dst), q.to(dst))
+    assert_bit_equal(upcast(q, dst), dequantize_reference(q, dst))
+
+
+@pytest.mark.parametrize("src", FP8)
+@pytest.mark.parametrize("dst", COMPUTE)
+def test_special_values(src, dst):
+    out = upcast(all_codes(src), dst)
+    assert bits(out)[0] == 0  # +0
+    assert out[0x80] == 0 and torch.signbit(out[0x80])  # -0 keeps its sign
+    subnormal = 2.0**-9 if src == E4M3 else 2.0**-16
+    assert out[0x01].item() == subnormal and out[0x81].item() == -subnormal
+    nan_codes = [0x7F, 0xFF] if src == E4M3 else [0x7D, 0x7E, 0x7F, 0xFD, 0xFE, 0xFF]
+    assert torch.isnan(out[nan_codes]).all()
+    assert torch.isnan(out).sum() == len(nan_codes)
+    if src == E5M2:
+        assert out[0x7C].item() == math.inf and out[0xFC].item() == -math.inf
+    assert out.float().nan_to_num(0, 0, 0).abs().max().item() == fp8_max(src)
+
+
+@pytest.mark.parametrize("src", FP8)
+@pytest.mark.parametrize("dst", COMPUTE)
+@pytest.mark.parametrize("shape", [(333, 1001), (4097,), (2, 3, 5, 7), (1,), (0, 4)])
+def test_large_and_odd_shapes_decode_exactly(src, dst, shape):
+    q = random_codes(src, *shape)  # every code, many times: pair table, odd tail, chunk edges
+    assert_bit_equal(upcast(q, dst), q.to(dst))
+
+
+def test_non_contiguous_and_offset_inputs():
+    q = random_codes(E4M3, 300, 301)
+    for view in (q.t(), q[:, 1:], q[1:, ::2], q.reshape(-1)[1:]):
+        assert_bit_equal(upcast(view, torch.bfloat16), view.to(torch.bfloat16))
+
+
+def test_out_buffer_is_filled_and_returned():
+    q = random_codes(E4M3, 64, 300)
+    out = torch.empty(64, 300, dtype=torch.bfloat16)
+    assert upcast(q, torch.bfloat16, out=out) is out
+    assert_bit_equal(out, q.to(torch.bfloat16))
+    with pytest.raises(LoaderKitError, match="out="):
+        upcast(q, torch.bfloat16, out=torch.empty(64, 300))
+
+
+# -- scaled decoding ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("src", FP8)
+@pytest.mark.parametrize("dst", COMPUTE)
+def test_tensor_scale_exact(src, dst):
+    q = random_codes(src, 257, 300)
+    for scale in (torch.tensor(0.0123), torch.tensor([3.5]), torch.tensor(1.7, dtype=torch.bfloat16)):
+        assert_bit_equal(upcast(q, dst, scale), dequantize_reference(q, dst, scale))
+
+
+@pytest.mark.parametrize("src", FP8)
+@pytest.mark.parametrize("dst", COMPUTE)
+@pytest.mark.parametrize("shape", [(300, 200), (300, 7), (1, 5000)])
+def test_channel_scale_exact(src, dst, shape):
+    q = random_codes(src, *shape)  # (300, 7): few columns -> float route; others -> grouped tables
+    scale = torch.rand(shape[0], 1, generator=torch.Generator().manual_seed(1)) * 4 + 1e-3
+    assert_bit_equal(upcast(q, dst, scale), dequantize_reference(q, dst, scale))
+    assert_bit_equal(upcast(q, dst, scale.bfloat16()), dequantize_reference(q, dst, scale.bfloat16()))
+
+
+@pytest.mark.parametrize("dst", COMPUTE)
+def test_conv_channel_scale_exact(dst):
+    q = random_codes(E4M3, 40, 3, 2, 3, 3)  # Conv3d weight [O, I, kt, kh, kw]
+    scale = torch.rand(40, 1, 1, 1, 1) + 0.01
+    assert_bit_equal(upcast(q, dst, scale), dequantize_reference(q, dst, scale))
+
+
+@pytest.mark.parametrize("src", FP8)
+@pytest.mark.parametrize("dst", COMPUTE)
+@pytest.mark.parametrize(("shape", "block"), [((300, 200), (128, 128)), ((130, 1000), (128, 128)), ((9, 10), (4, 3))])
+def test_block_scale_exact(src, dst, shape, block):
+    q = random_codes(src, *shape)
+    grid = (math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1]))
+    scale = torch.rand(grid, generator=torch.Generator().manual_seed(2)) * 3 + 1e-3
+    assert_bit_equal(upcast(q, dst, scale, block), dequantize_reference(q, dst, scale, block))
+
+
+def test_block_scale_expansion_uses_ceil_division():
+    scale = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    full = expand_block_scale(scale, (3, 5), (2, 4))
+    assert full.tolist() == [[1, 1, 1, 1, 2], [1, 1, 1, 1, 2], [3, 3, 3, 3, 4]]
+
+
+def test_scale_errors():
+    q = random_codes(E4M3, 300, 200)
+    with pytest.raises(LoaderKitError, match=r"needs \[3, 2\]"):
+        upcast(q, torch.bfloat16, torch.ones(2, 2), (128, 128))
+    with pytest.raises(LoaderKitError, match="compute dtype"):
+        upcast(q, E5M2)
+    with pytest.raises(LoaderKitError, match="without a block scale"):
+        upcast(q, torch.bfloat16, None, (128, 128))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    cols=st.integers(1, 300),
+    kind=st.sampled_from(["none", "tensor", "channel", "block"]),
+    dst=st.sampled_from(COMPUTE),
+    seed=st.integers(0, 2**16),
+)
+def test_upcast_matches_reference_property(rows, cols, kind, dst, seed):
+    q = random_codes(E4M3, rows, cols, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    block = (8, 16) if kind == "block" else None
+    scale = {
+        "none": None,
+        "tensor": torch.rand((), generator=gen) * 10,
+        "channel": torch.rand(rows, 1, generator=gen) * 10,
+        "block": torch.rand(math.ceil(rows / 8), math.ceil(cols / 16), generator=gen) * 10,
+    }[kind]
+    assert_bit_equal(upcast(q, dst, scale, block), dequantize_reference(q, dst, scale, block))
+
+
+# -- quantize -----------------------------------------------------------------------------------
+
+
+def _rel_bound(fp8: torch.dtype) -> tuple[float, float]:
+    """(relative half-ulp, smallest subnormal) of an fp8 format."""
+    return (2.0**-4, 2.0**-9) if fp8 == E4M3 else (2.0**-3, 2.0**-16)
+
+
+@pytest.mark.parametrize("fp8", FP8)
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
+@pytest.mark.parametrize("src", [torch.float32, torch.bfloat16])
+def test_quantize_round_trip_error_is_bounded(fp8, granularity, src):
+    gen = torch.Generator().manual_seed(3)
+    w = (torch.randn(300, 200, generator=gen) * torch.logspace(-3, 1, 300)[:, None]).to(src)
+    q, scale = quantize(w, fp8, granularity, block=(128, 128))
+    assert q.dtype == fp8 and q.shape == w.shape and scale.dtype == torch.float32
+    expected_shape = {"tensor": (), "channel": (300, 1), "block": (3, 2)}[granularity]
+    assert tuple(scale.shape) == expected_shape
+    block = (128, 128) if granularity == "block" else None
+    back = dequantize_reference(q, torch.float32, scale, block)
+    full = expand_block_scale(scale, w.shape, block) if block else scale.expand(w.shape)
+    rel, sub = _rel_bound(fp8)
+    err = (back - w.float()).abs()
+    assert (err <= w.float().abs() * rel + full * sub / 2 + 1e-30).all()
+    assert not torch.isnan(back).any()
+    assert (q.float().abs().amax() <= fp8_max(fp8)).all()
+
+
+def test_quantize_zero_rows_and_zero_tensor_decode_to_exact_zeros():
+    w = torch.randn(6, 50)
+    w[2] = 0
+    q, scale = quantize(w, E4M3, "channel")
+    assert scale[2].item() == 1.0 and torch.isfinite(scale).all()
+    assert (dequantize_reference(q, torch.float32, scale)[2] == 0).all()
+    for granularity in ("tensor", "channel", "block"):
+        q, scale = quantize(torch.zeros(10, 20), E4M3, granularity, block=(4, 8))
+        assert (scale == 1).all()
+        assert (dequantize_reference(q, torch.bfloat16, scale, (4, 8) if granularity == "block" else None) == 0).all()
+
+
+def test_per_channel_keeps_small_rows_that_plain_fp8_flushes():
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(4, 256, generator=gen)
+    w[1] *= 1e-6  # far below e4m3fn's smallest subnormal (2**-9 ~ 2e-3)
+    plain = w.to(E4M3).float()
+    assert (plain[1] == 0).float().mean() > 0.99  # unscaled fp8 wipes the row out
+    q, scale = quantize(w, E4M3, "channel")
+    back = dequantize_reference(q, torch.float32, scale)
+    assert torch.allclose(back[1], w[1], rtol=2.0**-4, atol=1e-10)
+    q_t, s_t = quantize(w, E4M3, "tensor")  # one scale for all rows loses the small row too
+    assert (dequantize_reference(q_t, torch.float32, s_t)[1] == 0).float().mean() > 0.9
+
+
+def test_quantize_values_at_amax_do_not_overflow_to_nan():
+    w = torch.tensor([[448.0, -448.0, 1.0], [57344.0, 3.0, -57344.0]])
+    for fp8 in FP8:
+        for granularity in ("tensor", "channel", "block"):
+            q, scale = quantize(w, fp8, granularity, block=(1, 2))
+            assert not torch.isnan(q.float()).any() and not torch.isinf(q.float()).any()
+
+
+def test_quantize_none_saturates():
+    q, scale = quantize(torch.tensor([[1000.0, -1000.0, 0.5]]), E4M3, "none")
+    assert scale is None
+    assert q.float().tolist() == [[448.0, -448.0, 0.5]]
+
+
+def test_quantize_one_dim_channel_falls_back_to_tensor_scale():
+    q, scale = quantize(torch.randn(33), E4M3, "channel")
+    assert scale.shape == () and q.shape == (33,)
+
+
+def test_quantize_chunks_large_tensors_without_changing_results():
+    w = torch.randn(2100, 1000)  # > 1M elements: several row chunks
+    q, scale = quantize(w, E4M3, "channel")
+    ref_scale = (w.abs().amax(dim=1, keepdim=True) / 448).clamp(min=torch.finfo(torch.float32).tiny)
+    assert torch.equal(scale, ref_scale)
+    assert torch.equal(q.view(torch.uint8), (w / ref_scale).clamp(-448, 448).to(E4M3).view(torch.uint8))
+    q_b, s_b = quantize(w, E4M3, "block", block=(128, 128))
+    assert s_b.shape == (17, 8)
+    ref_b = torch.nn.functional.pad(w.abs(), (0, 24, 0, 76)).view(17, 128, 8, 128).amax(dim=(1, 3)) / 448
+    assert torch.equal(s_b, ref_b)
+
+
+def test_quantize_errors():
+    with pytest.raises(LoaderKitError, match="inf or NaN"):
+        quantize(torch.tensor([[1.0, float("inf")]]), E4M3, "channel")
+    with pytest.raises(LoaderKitError, match="granularity"):
+        quantize(torch.ones(2, 2), E4M3, "row")
+    with pytest.raises(LoaderKitError, match="2-D"):
+        quantize(torch.ones(2, 2, 2), E4M3, "block")
+    with pytest.raises(LoaderKitError, match="8-bit"):
+        quantize(torch.ones(2, 2), torch.bfloat16)

@@ -1,0 +1,202 @@
+"""Strategies: auto's recorded choices on described devices, the uniform ones, and the example plugin."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import loaderkit
+from loaderkit import DeviceCaps, PlanError
+
+from conftest import EXAMPLE_PLUGIN, TinyNet, save_st, seeded
+
+
+def device_plugin(*fast: str):
+    """A plugin describing the CPU (ahead of the built-in probe) as fast in ``fast`` dtypes only."""
+
+    class FakeDevice:
+        @loaderkit.hookimpl(tryfirst=True)
+        def loaderkit_device_capabilities(self, device):
+            if torch.device(device).type != "cpu":
+                return None
+            return DeviceCaps(device=device, kind="cpu", name="described cpu", fast_dtypes=("float32", *fast))
+
+    return FakeDevice()
+
+
+@pytest.fixture
+def cpu_without_fast_bf16(fresh_manager):
+    name = loaderkit.register(device_plugin(), name="slow-bf16-cpu")
+    try:
+        yield
+    finally:
+        loaderkit.unregister(name)
+
+
+@pytest.fixture
+def cpu_with_fast_bf16(fresh_manager):
+    name = loaderkit.register(device_plugin("bfloat16"), name="fast-bf16-cpu")
+    try:
+        yield
+    finally:
+        loaderkit.unregister(name)
+
+
+@pytest.fixture
+def bf16_ckpt(tmp_path):
+    ref = seeded(TinyNet)
+    return save_st(tmp_path / "bf16.safetensors", ref, torch.bfloat16), ref
+
+
+def decision(plan, subject: str):
+    found = [d for d in plan.decisions if d.subject == subject]
+    assert found, f"no decision about {subject!r} in {plan.decisions}"
+    return found[-1]
+
+
+# -------------------------------------------------------------------------------------------
+# auto
+# -------------------------------------------------------------------------------------------
+
+
+def test_auto_computes_bf16_checkpoint_in_fp32_without_fast_bf16(cpu_without_fast_bf16, bf16_ckpt):
+    path, ref = bf16_ckpt
+    plan = loaderkit.plan(path, "auto", model=TinyNet)
+    assert plan.device.name == "described cpu"
+    assert decision(plan, "checkpoint dtype").choice == "bfloat16"
+    chosen = decision(plan, "strategy")
+    assert chosen.choice == "fp32" and chosen.by == "strategy auto"
+    assert "no native bfloat16" in chosen.reason and "prefer='memory'" in chosen.reason
+    assert {m.compute_dtype for m in plan.modules.values()} == {"float32"}
+    assert "no native bfloat16" in str(plan)
+    model = loaderkit.load(path, "auto", model=TinyNet)
+    assert model.proj.weight.dtype == torch.float32
+    assert torch.equal(model.proj.weight, ref.proj.weight.to(torch.bfloat16).float())
+
+
+def test_auto_prefer_memory_keeps_bf16(cpu_without_fast_bf16, bf16_ckpt):
+    path, _ = bf16_ckpt
+    plan = loaderkit.plan(path, loaderkit.strategy("auto", prefer="memory"), model=TinyNet)
+    chosen = decision(plan, "strategy")
+    assert chosen.choice == "bfloat16" and "prefer='memory'" in chosen.reason
+    assert {m.compute_dtype for m in plan.modules.values()} == {"bfloat16"}
+    assert plan.options == {"prefer": "memory"}
+    assert set(plan.bytes_per_dtype()) == {"bfloat16"}
+
+
+def test_auto_keeps_bf16_where_it_is_fast(cpu_with_fast_bf16, bf16_ckpt):
+    path, _ = bf16_ckpt
+    plan = loaderkit.plan(path, "auto", model=TinyNet)
+    chosen = decision(plan, "strategy")
+    assert chosen.choice == "bfloat16" and "natively" in chosen.reason
+    model = loaderkit.load(path, "auto", model=TinyNet)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_auto_never_lowers_fp32(cpu_with_fast_bf16, tiny_ckpt):
+    path, _ = tiny_ckpt
+    plan = loaderkit.plan(path, "auto", model=TinyNet)
+    chosen = decision(plan, "strategy")
+    assert chosen.choice == "fp32" and "never lowers precision" in chosen.reason
+    assert {m.compute_dtype for m in plan.modules.values()} == {"float32"}
+
+
+def test_auto_fp16_checkpoint_without_fast_fp16(cpu_with_fast_bf16, tmp_path):
+    path = save_st(tmp_path / "h.safetensors", seeded(TinyNet), torch.float16)
+    plan = loaderkit.plan(path, "auto", model=TinyNet)
+    assert decision(plan, "checkpoint dtype").choice == "float16"
+    assert decision(plan, "strategy").choice == "fp32"
+
+
+def test_auto_keeps_fp8_storage(cpu_without_fast_bf16, tmp_path):
+    if loaderkit.get_manager().get("strategies", "fp8") is None:
+        pytest.skip("no fp8 strategy registered")
+    ref = seeded(TinyNet)
+    sd = ref.state_dict()
+    sd = {k: (v.to(torch.float8_e4m3fn) if k.endswith(".weight") and v.ndim == 2 else v.to(torch.bfloat16))
+          for k, v in sd.items()}
+    path = save_st(tmp_path / "fp8.safetensors", sd)
+    plan = loaderkit.plan(path, "auto", model=TinyNet)
+    assert decision(plan, "checkpoint dtype").choice == "float8_e4m3fn"
+    assert decision(plan, "strategy").choice == "fp8 storage, float32 compute"
+    assert plan.modules["proj"].storage["weight"] == "float8_e4m3fn"
+    assert plan.modules["proj"].compute_dtype == "float32"
+
+
+# -------------------------------------------------------------------------------------------
+# uniform
+# -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_uniform_strategies_cast_every_float_tensor(bf16_ckpt, strategy, dtype):
+    path, ref = bf16_ckpt
+    plan = loaderkit.plan(path, strategy, model=TinyNet)
+    want = "none" if dtype == torch.bfloat16 else "cast"
+    assert set(plan.conversions()) == {want}
+    model = loaderkit.load(path, strategy, model=TinyNet)
+    for k, v in ref.state_dict().items():
+        got = model.state_dict()[k]
+        assert got.dtype == dtype and torch.equal(got, v.to(torch.bfloat16).to(dtype)), k
+
+
+# -------------------------------------------------------------------------------------------
+# the example plugin, registered at runtime (its installed form is tested in test_plugins)
+# -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def example(fresh_manager, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLE_PLUGIN))
+    monkeypatch.delenv("LOADERKIT_EXAMPLE_MAX_BYTES", raising=False)
+    module = importlib.import_module("loaderkit_example_plugin")
+    name = loaderkit.register(module, name="example-runtime")
+    try:
+        yield module
+    finally:
+        loaderkit.unregister(name)
+
+
+def test_example_strategy_keeps_norms_fp32(example, tiny_ckpt):
+    path, ref = tiny_ckpt
+    plan = loaderkit.plan(path, "example-fp32-norms", model=TinyNet)
+    assert {n: m.compute_dtype for n, m in plan.modules.items()} == {
+        "proj": "bfloat16", "norm": "float32", "head": "bfloat16"
+    }
+    assert decision(plan, "normalisation layers").choice == "float32"
+    model = loaderkit.load(path, "example-fp32-norms", model=TinyNet)
+    assert model.norm.weight.dtype == torch.float32 and model.proj.weight.dtype == torch.bfloat16
+    x = torch.randn(3, 8)
+    report = loaderkit.verify(model, x)
+    assert report.ok, str(report)
+    with torch.no_grad():
+        out = model(x)
+        b = {k: v.to(torch.bfloat16) for k, v in ref.state_dict().items()}
+        h = F.linear(x.to(torch.bfloat16), b["proj.weight"], b["proj.bias"])
+        n = F.layer_norm(h.float(), (16,), ref.norm.weight, ref.norm.bias).to(torch.bfloat16)
+        want = F.linear(torch.relu(n), b["head.weight"], b["head.bias"])
+    assert out.dtype == torch.bfloat16 and torch.equal(out, want)
+
+
+def test_example_strategy_float16_option(example, tiny_ckpt):
+    model = loaderkit.load(tiny_ckpt[0], loaderkit.strategy("example-fp32-norms", dtype="float16"), model=TinyNet)
+    assert model.head.weight.dtype == torch.float16 and model.norm.bias.dtype == torch.float32
+    assert model(torch.randn(1, 8)).dtype == torch.float16
+    with pytest.raises(loaderkit.StrategyError, match="dtype"):
+        loaderkit.strategy("example-fp32-norms", dtype="float8_e4m3fn")
+
+
+def test_example_hooks_leave_other_strategies_alone(example, tiny_ckpt):
+    model = loaderkit.load(tiny_ckpt[0], "bf16", model=TinyNet)
+    assert not model.norm._forward_pre_hooks and not model.norm._forward_hooks
+
+
+def test_example_memory_budget_refuses_big_plans(example, tiny_ckpt, monkeypatch):
+    monkeypatch.setenv(example.BUDGET_ENV, "600")  # fp32 TinyNet needs 976 bytes, bf16 488
+    with pytest.raises(PlanError, match="over the budget") as err:
+        loaderkit.load(tiny_ckpt[0], "fp32", model=TinyNet)
+    assert err.value.plugin == "example-runtime"
+    assert loaderkit.plan(tiny_ckpt[0], "bf16", model=TinyNet).bytes_per_device() == {"cpu": 488}
