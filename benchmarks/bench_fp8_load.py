@@ -156,7 +156,8 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5, help="load rounds after the warm-up")
-    ap.add_argument("--forwards", type=int, default=5, help="timed forwards per model")
+    ap.add_argument("--forwards", type=int, default=3, help="timed forwards per process")
+    ap.add_argument("--rounds", type=int, default=2, help="fresh processes per forward model")
     ap.add_argument("--skip-load", action="store_true")
     ap.add_argument("--skip-forward", action="store_true")
     args = ap.parse_args()
@@ -167,7 +168,7 @@ def main() -> None:
         runs = common.run_rounds(script, LOAD_CASES, path, args.repeats)
         print(load_report(runs), flush=True)
     if not args.skip_forward:
-        res = common.run_forwards(script, FORWARD_CASES, path, args.forwards)
+        res = common.run_forwards(script, FORWARD_CASES, path, args.forwards, args.rounds)
         print("\n" + forward_report(res))
 
 

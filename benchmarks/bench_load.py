@@ -46,6 +46,15 @@ def case_lk_bf16(path: Path):
     return loaderkit.load(path, strategy="bf16")
 
 
+def case_lk_bf16_noprobe(path: Path):
+    import os
+
+    import loaderkit
+
+    os.environ["LOADERKIT_DEVICE_PROBE"] = "0"
+    return loaderkit.load(path, strategy="bf16")
+
+
 def case_hf_bf16(path: Path):
     import torch
     from transformers import AutoModelForCausalLM
@@ -62,6 +71,7 @@ def case_lk_fp32(path: Path):
 CASES = {
     "floor": case_floor,
     "lk-bf16": case_lk_bf16,
+    "lk-bf16-noprobe": case_lk_bf16_noprobe,
     "hf-bf16": case_hf_bf16,
     "lk-fp32": case_lk_fp32,
 }
@@ -69,6 +79,7 @@ CASES = {
 LABELS = {
     "floor": "(a) floor: meta skeleton + load_state_dict(assign=True) of mmap views",
     "lk-bf16": '(b) loaderkit.load(strategy="bf16")',
+    "lk-bf16-noprobe": '(b\') same, LOADERKIT_DEVICE_PROBE=0 (no CPU dtype probe)',
     "hf-bf16": "(c) transformers from_pretrained(dtype=bfloat16)",
     "lk-fp32": '(d) loaderkit.load(strategy="fp32") (converts)',
 }

@@ -55,7 +55,8 @@ def lut256_route(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Single-byte table, int32 index, chunked (no pair table)."""
     table = convert._unscaled_tables(q.dtype, dtype)[0]
     out = torch.empty(q.shape, dtype=dtype)
-    convert._gather_chunks(q.view(torch.uint8).reshape(-1), table, out.view(table.dtype).reshape(-1))
+    codes = q.view(torch.uint8).reshape(-1)
+    convert._gather_range(codes, table, out.view(table.dtype).reshape(-1), 0, codes.numel())
     return out
 
 
@@ -86,7 +87,7 @@ def upcast_routes(n: int) -> dict[str, Callable[[], torch.Tensor]]:
 
 
 def bench_upcast(sizes: list[int], runs: int) -> None:
-    print(f"decode routes, float8_e4m3fn, {torch.get_num_threads()} threads (Gelem/s = GB/s of fp8 read)")
+    print("decode routes, float8_e4m3fn (Gelem/s = GB/s of fp8 read)")
     print(f"{'route':36s} {'size':>6s} {'median':>8s} {'best':>8s}")
     for n in sizes:
         for name, fn in upcast_routes(n).items():
@@ -164,6 +165,14 @@ def bench_forward(layers: int, width: int, tokens: int, runs: int) -> None:
         runtime.release_workspace()
 
 
+def _load() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192])
@@ -171,9 +180,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--width", type=int, default=4096)
     p.add_argument("--tokens", type=int, default=16)
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
     p.add_argument("--skip-upcast", action="store_true")
     p.add_argument("--skip-forward", action="store_true")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {_load()}")
     if not args.skip_upcast:
         bench_upcast(args.sizes, args.runs)
     if not args.skip_forward:

@@ -157,7 +157,7 @@ def forward_times(model, repeats: int, warmup: int = 2, tokens: int = 128) -> li
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, LLAMA_CONFIG["vocab_size"], (1, tokens), generator=gen)
     times = []
-    with torch.inference_mode():
+    with torch.no_grad():  # as transformers' generate() runs
         for i in range(warmup + repeats):
             t0 = time.perf_counter()
             out = model(input_ids=ids, use_cache=False).logits
@@ -281,15 +281,23 @@ def run_rounds(script: Path, cases: list[str], path: Path, repeats: int = 5) -> 
     return out
 
 
-def run_forwards(script: Path, cases: list[str], path: Path, forwards: int = 5) -> dict[str, dict]:
-    """Each case in its own fresh process: load (untimed here), then ``forwards`` timed forwards."""
-    out = {}
-    for case in cases:
-        res = run_child(script, case, path, forward=forwards)
-        out[case] = res
-        ts = res["forward_s"]
-        print(f"  forward {case}: median {statistics.median(ts):.2f} s ({min(ts):.2f}-{max(ts):.2f})",
-              file=sys.stderr, flush=True)
+def run_forwards(
+    script: Path, cases: list[str], path: Path, forwards: int = 5, rounds: int = 1
+) -> dict[str, dict]:
+    """Each case in its own fresh process per round (cases alternate): load (untimed here), then
+    ``forwards`` timed forwards. ``forward_s`` collects the times of every round; the memory
+    figures are those of the first round."""
+    out: dict[str, dict] = {}
+    for r in range(rounds):
+        for case in cases:
+            res = run_child(script, case, path, forward=forwards)
+            if case in out:
+                out[case]["forward_s"] += res["forward_s"]
+            else:
+                out[case] = res
+            ts = res["forward_s"]
+            print(f"  round {r + 1}/{rounds} forward {case}: median {statistics.median(ts):.2f} s "
+                  f"({min(ts):.2f}-{max(ts):.2f})", file=sys.stderr, flush=True)
     return out
 
 

@@ -37,7 +37,7 @@ from .errors import (
     VerifyError,
 )
 from .hookspecs import hookimpl, hookspec
-from .loader import inspect, load, plan, strategy
+from .loader import inspect, load, plan, plan_of, strategy
 from .manager import PluginManager, get_manager, register, unregister
 from .plan import Decision, ModulePlan, Plan, TensorPlan
 from .strategy import ModelContext, ModuleContext, ModuleDecision, Strategy, StrategyOptions
@@ -85,6 +85,7 @@ __all__ = [
     "load",
     "meta_init",
     "plan",
+    "plan_of",
     "register",
     "strategy",
     "unregister",

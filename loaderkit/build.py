@@ -117,17 +117,32 @@ def meta_init(dtype: torch.dtype | None = None):
     """Construct modules with parameters on the meta device and buffers on the CPU.
 
     Inside, ``torch.get_default_dtype()`` is ``dtype`` (when given), so buffers that a model
-    creates in the default dtype match what ``from_pretrained(dtype=...)`` would create.
+    creates in the default dtype match what ``from_pretrained(dtype=...)`` would create. A
+    parameter registered twice (``self.head.weight = self.embed.weight``) stays one meta
+    parameter, so ties made in ``__init__`` survive.
     """
-    from accelerate import init_empty_weights
-
     old = torch.get_default_dtype()
+    register = torch.nn.Module.register_parameter
+    moved: dict[int, torch.nn.Parameter] = {}
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is None or param.device.type == "meta":
+            return  # a parameter registered again (tied) stays the same object
+        if id(param) not in moved:
+            kwargs = dict(module._parameters[name].__dict__)
+            kwargs["requires_grad"] = param.requires_grad
+            moved[id(param)] = type(param)(param.to("meta"), **kwargs)
+        module._parameters[name] = moved[id(param)]
+
+    keep = []  # keep originals alive so their ids stay unique while constructing
     try:
         if dtype is not None and dtype.is_floating_point and dtype.itemsize >= 2:
             torch.set_default_dtype(dtype)
-        with init_empty_weights(include_buffers=False):
-            yield
+        torch.nn.Module.register_parameter = lambda m, n, p: (keep.append(p), register_on_meta(m, n, p))[1]
+        yield
     finally:
+        torch.nn.Module.register_parameter = register
         torch.set_default_dtype(old)
 
 

@@ -35,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
         "--option", "-o", action="append", default=[], metavar="KEY=VALUE",
         help="strategy option; VALUE is parsed as JSON when it can be (repeatable)",
     )
+    s.add_argument(
+        "--model", metavar="MODULE:ATTR",
+        help="the architecture for a checkpoint without a config: a module class or zero-argument "
+        "factory, imported from MODULE (e.g. loaderkit.demo:TinyVideoDiT)",
+    )
     s.add_argument("--device", default="cpu", help="execution device (default: cpu)")
     s.add_argument("--format", help="force a format plugin by name")
     s.add_argument("--all", action="store_true", help="one row per module instead of grouping alike ones")
@@ -60,6 +65,21 @@ def _options(pairs: list[str]) -> dict:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+def _import_model(spec: str):
+    import importlib
+
+    module, sep, attr = spec.partition(":")
+    if not sep or not module or not attr:
+        raise LoaderKitError(f"--model {spec!r} must look like MODULE:ATTR, e.g. loaderkit.demo:TinyVideoDiT")
+    try:
+        obj = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise LoaderKitError(f"--model {spec!r}: cannot import it: {exc}") from None
+    return obj
 
 
 def cmd_inspect(args) -> int:
@@ -100,7 +120,9 @@ def cmd_plan(args) -> int:
     from .loader import plan, strategy
 
     strat = strategy(args.strategy, **_options(args.option)) if args.option else args.strategy
-    p = plan(args.path, strat, device_map=args.device, format=args.format, strict=not args.non_strict)
+    model = _import_model(args.model) if args.model else None
+    p = plan(args.path, strat, model=model, device_map=args.device, format=args.format,
+             strict=not args.non_strict)
     if args.json:
         print(json.dumps(p.to_dict(), indent=2, default=str))
     else:

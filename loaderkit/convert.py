@@ -46,16 +46,23 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from .errors import LoaderKitError
 
-#: elements per chunk of the table routes (keeps the int32 index and the output chunk in L2).
-CHUNK = 1 << 18
+#: elements per op of the table routes: fits L2 and stays under ATen's parallel grain (32768).
+CHUNK = 32000
 #: below this many elements the 256-entry table is used directly (the pair table costs ~0.3 ms).
 PAIR_MIN = 1 << 16
+#: from this many elements a decode is split over ``torch.get_num_threads()`` threads.
+PARALLEL_MIN = 1 << 20
+#: most threads one decode uses.
+MAX_THREADS = 8
 
 GRANULARITIES = ("none", "tensor", "channel", "block")
 
@@ -213,87 +220,166 @@ def _uint16_copy_works() -> bool:
 
 
 def _gather_flat(codes: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor | None], out: torch.Tensor) -> None:
-    """``out[i] = table[codes[i]]`` through the pair table when it pays, in chunks."""
+    """``out[i] = table[codes[i]]`` (pair table when it pays), split over threads."""
+    index, table, dest, tail = _gather_operands(codes, tables, out)
+    _parallel(index.numel(), functools.partial(_gather_range, index, table, dest))
+    if tail:
+        out.view(tables[0].dtype)[-1] = tables[0][codes[-1].long()]
+
+
+def _gather_serial(codes: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor | None], out: torch.Tensor) -> None:
+    """:func:`_gather_flat` on the calling thread only (for use inside a parallel share)."""
+    index, table, dest, tail = _gather_operands(codes, tables, out)
+    _gather_range(index, table, dest, 0, index.numel())
+    if tail:
+        out.view(tables[0].dtype)[-1] = tables[0][codes[-1].long()]
+
+
+def _gather_operands(codes, tables, out):
+    """(index, table, destination, odd tail left): byte pairs against the pair table, or bytes."""
     table, pairs = tables
     out_bits = out.view(table.dtype)
     n = codes.numel()
-    half = n // 2
     if pairs is None or n < PAIR_MIN or codes.storage_offset() % 2 or not _uint16_copy_works():
-        _gather_chunks(codes, table, out_bits)
-        return
-    _gather_chunks(codes[: 2 * half].view(torch.uint16), pairs, out_bits[: 2 * half].view(pairs.dtype))
-    if n % 2:
-        out_bits[-1] = table[codes[-1].long()]
+        return codes, table, out_bits, False
+    even = n - n % 2
+    return codes[:even].view(torch.uint16), pairs, out_bits[:even].view(pairs.dtype), bool(n % 2)
 
 
-def _gather_chunks(index: torch.Tensor, table: torch.Tensor, out: torch.Tensor) -> None:
-    n = index.numel()
-    work = torch.empty(min(n, CHUNK), dtype=torch.int32)
-    for start in range(0, n, CHUNK):
-        stop = min(start + CHUNK, n)
+def _step() -> int:
+    """Elements per op: under the parallel grain, or 4x that when torch runs single-threaded."""
+    return CHUNK if torch.get_num_threads() > 1 else 4 * CHUNK
+
+
+def _gather_range(index: torch.Tensor, table: torch.Tensor, out: torch.Tensor, lo: int, hi: int) -> None:
+    step = _step()
+    work = torch.empty(min(hi - lo, step), dtype=torch.int32)
+    for start in range(lo, hi, step):
+        stop = min(start + step, hi)
         idx = work[: stop - start].copy_(index[start:stop])
         torch.index_select(table, 0, idx, out=out[start:stop])
 
 
-def _grouped_table(src: torch.dtype, dst: torch.dtype, scales: torch.Tensor) -> torch.Tensor:
-    """``[G*256]`` integer view: entry ``g*256 + b`` decodes byte ``b`` with scale ``g``."""
-    values = (_all_codes(src).float()[None, :] * scales.reshape(-1, 1).float()).to(dst)
+def _parallel(total: int, work, *, align: int = 1, cost: int = 1) -> None:
+    """Run ``work(lo, hi)`` over ``[0, total)`` in contiguous shares, one per torch thread.
+
+    The steps inside a share stay below ATen's parallel grain, so no op opens an OpenMP region:
+    on a busy machine a region waits for its slowest thread (a scheduler quantum) at every op.
+    """
+    threads = min(torch.get_num_threads(), MAX_THREADS) if total * cost >= PARALLEL_MIN else 1
+    share = -(-total // max(threads, 1))
+    share += -share % align
+    bounds = [(lo, min(lo + share, total)) for lo in range(0, total, max(share, 1))]
+    if len(bounds) <= 1:
+        work(0, total)
+        return
+    futures = [_thread_pool().submit(work, lo, hi) for lo, hi in bounds[1:]]
+    try:
+        work(*bounds[0])
+    finally:
+        for f in futures:
+            f.result()
+
+
+_POOL_LOCK = threading.Lock()
+_POOL: dict[str, object] = {}
+
+
+def _thread_pool() -> ThreadPoolExecutor:
+    """The decode worker threads, made on first use (and again in a forked child)."""
+    with _POOL_LOCK:
+        if _POOL.get("pid") != os.getpid():
+            _POOL["pid"] = os.getpid()
+            _POOL["pool"] = ThreadPoolExecutor(MAX_THREADS - 1, thread_name_prefix="loaderkit-decode")
+        return _POOL["pool"]
+
+
+def _scaled_rows(base: torch.Tensor, scales: torch.Tensor, dst: torch.dtype) -> torch.Tensor:
+    """Tables for some scale values: entry ``g*256 + b`` decodes byte ``b`` with ``scales[g]``."""
+    values = torch.empty(scales.numel(), 256, dtype=dst)
+    flat = scales.reshape(-1, 1)
+    rows = max(1, _step() // 256)
+    for g0 in range(0, flat.shape[0], rows):
+        values[g0 : g0 + rows] = base[None, :] * flat[g0 : g0 + rows]
     return values.view(_int_dtype(dst.itemsize)).reshape(-1)
 
 
 def _upcast_channel(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
+    """One table per row (256 entries); each thread builds the tables of its rows."""
     rows = q.shape[0]
     codes = q.view(torch.uint8).reshape(rows, -1)
-    dest = out.view(rows, -1)
-    if scale.numel() * 256 * 4 > q.numel():
-        _float_route(codes, q.dtype, scale.reshape(rows, 1).float(), dest)
+    width = codes.shape[1]
+    scales = scale.reshape(rows, 1).float()
+    if width < 1024:  # a 256-entry table per row would outweigh the row
+        _float_route(codes, q.dtype, scales, out.view(rows, -1))
         return
-    table = _grouped_table(q.dtype, out.dtype, scale)
-    offsets = torch.arange(rows, dtype=torch.int32).mul_(256)
-    _grouped_rows(codes, table, dest.view(table.dtype), lambda r0, r1: offsets[r0:r1, None], None, 1)
+    dest = out.view(_int_dtype(out.dtype.itemsize)).view(rows, -1)
+    base = _all_codes(q.dtype).float()
+
+    def work(lo: int, hi: int) -> None:
+        table = _scaled_rows(base, scales[lo:hi], out.dtype)
+        offsets = torch.arange(hi - lo, dtype=torch.int32).mul_(256)[:, None]
+        step = _row_step(width, 1)
+        buf = torch.empty(min(hi - lo, step) * width, dtype=torch.int32)
+        for r0 in range(lo, hi, step):
+            r1 = min(r0 + step, hi)
+            idx = buf[: (r1 - r0) * width].view(r1 - r0, width).copy_(codes[r0:r1])
+            idx.add_(offsets[r0 - lo : r1 - lo])
+            torch.index_select(table, 0, idx.view(-1), out=dest[r0:r1].reshape(-1))
+
+    _parallel(rows, work, cost=width)
 
 
 def _upcast_block(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], out: torch.Tensor) -> None:
+    """One table per block (256 entries), built once per row of blocks."""
     n, k = q.shape
+    b0, b1 = block
     codes = q.view(torch.uint8)
-    if scale.numel() * 256 * 4 > q.numel():
-        full = expand_block_scale(scale.float(), (n, k), block)
-        _float_route(codes, q.dtype, full, out)
+    if b0 * b1 < 1024:  # a table per block would outweigh the block
+        _float_route(codes, q.dtype, expand_block_scale(scale.float(), (n, k), block), out)
         return
-    table = _grouped_table(q.dtype, out.dtype, scale)
-    grid_cols = scale.shape[1]
-    cols = (torch.arange(k, dtype=torch.int32) // block[1]).mul_(256)
-    row_off = (torch.arange(n, dtype=torch.int32) // block[0]).mul_(256 * grid_cols)
-    _grouped_rows(codes, table, out.view(table.dtype), lambda r0, r1: row_off[r0:r1, None], cols, block[0])
+    dest = out.view(_int_dtype(out.dtype.itemsize))
+    base = _all_codes(q.dtype).float()
+    cols = (torch.arange(k, dtype=torch.int32) // b1).mul_(256)
+    grid = scale.float()
 
+    def work(lo: int, hi: int) -> None:
+        step = _row_step(k, 1)
+        buf = torch.empty(min(hi - lo, step) * k, dtype=torch.int32)
+        r0, current, table = lo, -1, None
+        while r0 < hi:
+            row_block = r0 // b0
+            r1 = min(r0 + step, hi, (row_block + 1) * b0)
+            if row_block != current:
+                table, current = _scaled_rows(base, grid[row_block], out.dtype), row_block
+            idx = buf[: (r1 - r0) * k].view(r1 - r0, k).copy_(codes[r0:r1]).add_(cols)
+            torch.index_select(table, 0, idx.view(-1), out=dest[r0:r1].reshape(-1))
+            r0 = r1
 
-def _grouped_rows(codes, table, dest, row_offsets, col_offsets, align: int) -> None:
-    """Gather ``table[byte + row_offset + col_offset]`` in chunks of whole rows."""
-    rows, width = codes.shape
-    step = max(1, CHUNK // max(width, 1))
-    step = max(align, step - step % align)
-    work = torch.empty(min(rows, step) * width, dtype=torch.int32)
-    for r0 in range(0, rows, step):
-        r1 = min(r0 + step, rows)
-        idx = work[: (r1 - r0) * width].view(r1 - r0, width).copy_(codes[r0:r1])
-        idx.add_(row_offsets(r0, r1))
-        if col_offsets is not None:
-            idx.add_(col_offsets)
-        torch.index_select(table, 0, idx.view(-1), out=dest[r0:r1].reshape(-1))
+    _parallel(n, work, cost=k)
 
 
 def _float_route(codes: torch.Tensor, src: torch.dtype, scale: torch.Tensor, dest: torch.Tensor) -> None:
     """Decode to float32 by table, multiply by the (broadcast) scale, cast: the reference, chunked."""
     rows, width = codes.shape
     tables = _unscaled_tables(src, torch.float32)
-    step = max(1, CHUNK // max(width, 1))
-    work = torch.empty(min(rows, step) * width, dtype=torch.float32)
-    for r0 in range(0, rows, step):
-        r1 = min(r0 + step, rows)
-        chunk = work[: (r1 - r0) * width]
-        _gather_flat(codes[r0:r1].reshape(-1), tables, chunk)
-        chunk = chunk.view(r1 - r0, width).mul_(scale[r0:r1] if scale.shape[0] == rows else scale)
-        dest[r0:r1].copy_(chunk)
+
+    def work(lo: int, hi: int) -> None:
+        step = _row_step(width, 1)
+        buf = torch.empty(min(hi - lo, step) * width, dtype=torch.float32)
+        for r0 in range(lo, hi, step):
+            r1 = min(r0 + step, hi)
+            chunk = buf[: (r1 - r0) * width]
+            _gather_serial(codes[r0:r1].reshape(-1), tables, chunk)
+            chunk = chunk.view(r1 - r0, width).mul_(scale[r0:r1] if scale.shape[0] == rows else scale)
+            dest[r0:r1].copy_(chunk)
+
+    _parallel(rows, work, cost=width)
+
+
+def _row_step(width: int, align: int) -> int:
+    step = max(1, _step() // max(width, 1))
+    return max(align, step - step % align)
 
 
 # -- quantize ----------------------------------------------------------------------------------

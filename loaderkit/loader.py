@@ -198,26 +198,61 @@ def load(
     mgr = manager or get_manager()
     placement = normalise(device_map, max_memory, offload_folder, offload_buffers, no_split_module_classes)
     prep = _prepare(path, strategy, model, placement, strict, format, mgr)
-    plan_ = prep.plan
-    writer = _stream_into(prep, mgr)
-    model_ = prep.model
-    for fn in prep.facts.finalize:
-        fn(model_)
-    _check_complete(model_, plan_)
-    dispatch(model_, plan_, placement, writer)
-    _attach_runtime(model_, plan_, cast_inputs)
-    model_.eval()
-    from .verify import verify
+    plan_, model_ = prep.plan, prep.model
+    snapshot = _Snapshot(model_)
+    try:
+        writer = _stream_into(prep, mgr)
+        for fn in prep.facts.finalize:
+            fn(model_)
+        _check_complete(model_, plan_)
+        dispatch(model_, plan_, placement, writer)
+        _attach_runtime(model_, plan_, cast_inputs)
+        model_.eval()
+        from .verify import verify
 
-    report = verify(model_, plan=plan_)
-    if not report.ok:
-        raise PlanError(
-            f"{plan_.checkpoint.path}: the loaded model failed its dtype check, which is a bug in a "
-            f"plugin or in loaderkit; please report it: {report}"
-        )
-    _plans[model_] = plan_
-    mgr.hook("loaderkit_model_loaded", model=model_, plan=plan_)
+        report = verify(model_, plan=plan_)
+        if not report.ok:
+            raise PlanError(
+                f"{plan_.checkpoint.path}: the loaded model failed its dtype check, which is a bug in a "
+                f"plugin or in loaderkit; please report it: {report}"
+            )
+        _plans[model_] = plan_
+        mgr.hook("loaderkit_model_loaded", model=model_, plan=plan_)
+    except BaseException:
+        snapshot.restore()
+        raise
     return model_
+
+
+class _Snapshot:
+    """The tensors, hooks and modes of a model before loading, to undo a failed load.
+
+    A model passed as ``model=`` belongs to the user: a load that fails after tensors were
+    assigned must give it back exactly as it was (same tensor objects, no hooks, same mode).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.state = [
+            (m, dict(m._parameters), dict(m._buffers), set(m._non_persistent_buffers_set), m.training)
+            for m in model.modules()
+        ]
+        self.attrs = {k: model.__dict__[k] for k in ("to", "cuda", "hf_device_map") if k in model.__dict__}
+
+    def restore(self) -> None:
+        from accelerate.hooks import remove_hook_from_module
+
+        remove_hook_from_module(self.model, recurse=True)
+        for m, params, buffers, non_persistent, training in self.state:
+            m._parameters.clear()
+            m._parameters.update(params)
+            m._buffers.clear()
+            m._buffers.update(buffers)
+            m._non_persistent_buffers_set = non_persistent
+            m.training = training
+        for k in ("to", "cuda", "hf_device_map"):
+            self.model.__dict__.pop(k, None)
+        self.model.__dict__.update(self.attrs)
 
 
 def _stream_into(prep: _Prepared, mgr: PluginManager) -> DiskWriter | None:
@@ -258,10 +293,9 @@ def _check_complete(model: torch.nn.Module, plan_: Plan) -> None:
 
 
 def _attach_runtime(model: torch.nn.Module, plan_: Plan, cast_inputs: bool) -> None:
-    cast_modules = [m for m in plan_.modules.values() if m.cast]
-    if not cast_modules and not cast_inputs:
-        return
     from . import runtime
+
+    cast_modules = [m for m in plan_.modules.values() if m.cast]
 
     named = dict(model.named_modules())
     q = plan_.checkpoint.quantization
@@ -282,8 +316,18 @@ def _attach_runtime(model: torch.nn.Module, plan_: Plan, cast_inputs: bool) -> N
             resident=m.resident,
             native=m.kernel == "native",
         )
+    entry = _entry_dtype(plan_)
+    for m in plan_.modules.values():
+        if m.compute_dtype != entry and m.name and _computes(named[m.name]):
+            # e.g. a module the library keeps in float32 inside a bf16 model: its kernel must
+            # receive float32 activations (its output is left as it is)
+            runtime.attach_input_cast(named[m.name], to_torch(m.compute_dtype))
     if cast_inputs:
-        runtime.attach_input_cast(model, to_torch(_entry_dtype(plan_)))
+        runtime.attach_input_cast(model, to_torch(entry))
+
+
+def _computes(module: torch.nn.Module) -> bool:
+    return any(p.is_floating_point() for p in module.parameters(recurse=False))
 
 
 def _entry_dtype(plan_: Plan) -> str:

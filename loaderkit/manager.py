@@ -107,7 +107,7 @@ class PluginManager:
 
         for name, modname in BUILTIN_PLUGINS.items():
             if self.pm.is_blocked(name):
-                continue
+                continue  # blocked by the user: skipped, not an error
             try:
                 module = importlib.import_module(modname)
             except Exception as exc:  # a broken install, reported with the plugin's name
@@ -147,8 +147,26 @@ class PluginManager:
                 raise PluginError(f"plugin {name!r} is invalid: {exc}", plugin=name) from exc
             except ValueError as exc:
                 raise PluginError(f"cannot register plugin {name!r}: {exc}", plugin=name) from exc
-            if registered is None:  # blocked
-                return name
+            if registered is None:
+                raise PluginError(
+                    f"plugin {name!r} is blocked ({BLOCK_ENV} or PluginManager(block=...)); "
+                    "unblock it to register it",
+                    plugin=name,
+                )
+            wrappers = [
+                h.name
+                for h in self.pm.get_hookcallers(plugin) or []
+                for impl in h.get_hookimpls()
+                if impl.plugin is plugin and (impl.wrapper or impl.hookwrapper)
+            ]
+            if wrappers:
+                self.pm.unregister(plugin)
+                raise PluginError(
+                    f"plugin {name!r} implements {', '.join(wrappers)} as a hook wrapper; loaderkit calls "
+                    "each implementation itself (to name the plugin that fails), so wrappers are not "
+                    "supported: use a plain @hookimpl",
+                    plugin=name,
+                )
             self.records[name] = PluginRecord(name, source, version, _describe(plugin))
             self._registries = None
             return name
@@ -259,6 +277,8 @@ class PluginManager:
         except LoaderKitError as exc:
             if exc.plugin is None:
                 exc.plugin = plugin
+                if exc.args and isinstance(exc.args[0], str) and plugin not in exc.args[0]:
+                    exc.args = (f"plugin {plugin!r}: {exc.args[0]}", *exc.args[1:])
             raise
         except Exception as exc:
             raise PluginError(

@@ -341,11 +341,19 @@ def _cast_supported(module: torch.nn.Module) -> bool:
 def _tensor_target(info, qw, slot, wanted, decision):
     """(target dtype, conversion, companions, granularity) for one tensor."""
     stored = info.dtype
-    if not is_float(stored) or not slot.tensor.is_floating_point():
-        model_dtype = dtype_name(slot.tensor.dtype)
-        if not is_float(stored) and not slot.tensor.is_floating_point() and model_dtype != stored:
-            return model_dtype, "cast", (), None
-        return stored, "none", (), None
+    model_dtype = dtype_name(slot.tensor.dtype)
+    if not slot.tensor.is_floating_point():
+        # integer / bool model tensors keep the model's dtype, as load_state_dict would
+        return model_dtype, "none" if model_dtype == stored else "cast", (), None
+    if not is_float(stored) and not (qw and qw.scale):
+        raise PlanError(
+            f"tensor {info.name!r} in {info.file} is stored as {stored}, but the model's {slot.key!r} is a "
+            f"floating-point {'parameter' if slot.is_param else 'buffer'} ({model_dtype}): no kernel can "
+            "compute with it; check that the checkpoint matches the model (or that a scheme plugin "
+            "for its quantization is installed)",
+            tensor=info.name,
+            module=slot.module,
+        )
     companions = tuple(k for k in ((qw.scale,) if qw and qw.scale else ()))
     if is_fp8(stored):
         if is_fp8(wanted):

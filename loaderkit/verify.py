@@ -81,6 +81,13 @@ def kernel_dtype(module: torch.nn.Module) -> tuple[torch.dtype | None, list[str]
     """The dtype a module's kernel sees its floating parameters in, and any static problems."""
     params = {n: p for n, p in module.named_parameters(recurse=False) if p is not None}
     floats = {n: p.dtype for n, p in params.items() if p.dtype.is_floating_point}
+    if isinstance(module, _KERNEL_TYPES):
+        ints = [f"{n} ({dtype_name(p.dtype)})" for n, p in params.items() if not p.dtype.is_floating_point]
+        if ints:
+            return (next(iter(floats.values())) if floats else None), [
+                f"holds non-float {', '.join(ints)}: its {type(module).__name__} kernel computes in "
+                "floating point; load it with a strategy or scheme that decodes it"
+            ]
     if not floats:
         return None, []
     rule = _cast_rule(module)
@@ -206,6 +213,13 @@ def verify(
     return report
 
 
+def _input_cast(module: torch.nn.Module) -> torch.dtype | None:
+    from .runtime import InputCastHook, _find
+
+    hook = _find(getattr(module, "_hf_hook", None), InputCastHook)
+    return hook.dtype if hook is not None else None
+
+
 def _check_forward(model, inputs, kwargs, computes, report) -> None:
     seen: set[str] = set()
     handles = []
@@ -213,8 +227,8 @@ def _check_forward(model, inputs, kwargs, computes, report) -> None:
     def make_hook(name: str):
         def hook(module, args, kw):
             want = computes.get(name)
-            if want is None or name in seen:
-                return
+            if want is None or name in seen or _input_cast(module) == want:
+                return  # an input cast hook hands the kernel `want` whatever arrives
             for a in (*args, *kw.values()):
                 if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != want:
                     seen.add(name)

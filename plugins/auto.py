@@ -31,6 +31,17 @@ class AutoOptions(StrategyOptions):
     prefer: Literal["speed", "memory"] = "speed"
 
 
+_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def _speed(device, dtype: str) -> str:
+    """What the device capabilities say about ``dtype``'s speed (measured where probed)."""
+    for note in device.notes:
+        if note.startswith(dtype):
+            return note
+    return f"{dtype} {'fast' if device.is_fast(dtype) else 'slow'}"
+
+
 def dominant_dtype(checkpoint) -> str:
     """The float dtype holding most of the checkpoint's model-tensor bytes (scales excluded)."""
     q = checkpoint.quantization
@@ -58,35 +69,30 @@ class Auto(Strategy):
                 from .fp8 import FP8
             except ImportError:
                 FP8 = None
-            why = (
-                f"{device.device} computes bfloat16 natively"
-                if wide == "bfloat16"
-                else f"{device.device} has no native bfloat16 (emulated bf16 measured ~4.9x slower than fp32)"
-            )
+            why = f"{device.device}: {_speed(device, 'bfloat16')}"
             if FP8 is not None:
-                notes.append(("strategy", f"fp8 storage, {wide} compute", f"fp8 checkpoint kept as stored; {why}"))
+                notes.append(("strategy", f"fp8 (compute {wide})", f"fp8 checkpoint kept as stored; {why}"))
                 return FP8(compute_dtype=wide), notes
-            notes.append(("strategy", wide, f"fp8 checkpoint dequantized; {why}"))
+            notes.append(("strategy", _NAMES[wide], f"fp8 checkpoint dequantized; {why}"))
             return (uniform.BF16() if wide == "bfloat16" else uniform.FP32()), notes
         if stored == "float32" or stored == "float64":
             notes.append(("strategy", "fp32", "the checkpoint is float32; auto never lowers precision"))
             return uniform.FP32(), notes
         by_dtype = {"bfloat16": uniform.BF16, "float16": uniform.FP16}
         if device.is_fast(stored):
-            notes.append(("strategy", stored, f"{device.device} computes {stored} natively"))
+            notes.append(("strategy", _NAMES[stored], f"{device.device}: {_speed(device, stored)}"))
             return by_dtype[stored](), notes
         if self.options.prefer == "memory":
             notes.append(
-                ("strategy", stored, f"prefer='memory': kept as stored although {device.device} emulates {stored}")
+                ("strategy", _NAMES[stored], f"prefer='memory': kept as stored although {device.device} computes {stored} slowly")
             )
             return by_dtype[stored](), notes
         notes.append(
             (
                 "strategy",
                 "fp32",
-                f"{device.device} has no native {stored} (an emulated bf16 forward measured ~4.9x slower "
-                "than fp32); float32 doubles the memory — pass prefer='memory' to keep "
-                f"{stored}",
+                f"{device.device}: {_speed(device, stored)}; float32 computes faster there but doubles "
+                f"the memory: pass prefer='memory' to keep {stored}",
             )
         )
         return uniform.FP32(), notes

@@ -9,12 +9,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loaderkit import LoaderKitError
+from loaderkit import LoaderKitError, convert
 from loaderkit.convert import dequantize_reference, expand_block_scale, fp8_max, quantize, upcast
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 FP8 = [E4M3, E5M2]
-COMPUTE = [torch.bfloat16, torch.float16, torch.float32]
+BF16 = torch.bfloat16
+COMPUTE = [BF16, torch.float16, torch.float32]
 _INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -76,6 +77,31 @@ def test_non_contiguous_and_offset_inputs():
     q = random_codes(E4M3, 300, 301)
     for view in (q.t(), q[:, 1:], q[1:, ::2], q.reshape(-1)[1:]):
         assert_bit_equal(upcast(view, torch.bfloat16), view.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_split_over_threads_gives_the_same_bits(monkeypatch, threads):
+    monkeypatch.setattr(convert, "PARALLEL_MIN", 1000)  # split even these small tensors
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        q = random_codes(E4M3, 301, 1500)
+        gen = torch.Generator().manual_seed(5)
+        cases = [
+            (None, None),
+            (torch.tensor(0.3), None),
+            (torch.rand(301, 1, generator=gen), None),
+            (torch.rand(3, 12, generator=gen), (128, 128)),
+            (torch.rand(301, 1500, generator=gen)[:76, :375], (4, 4)),  # float route
+        ]
+        for scale, block in cases:
+            for dst in COMPUTE:
+                assert_bit_equal(upcast(q, dst, scale, block), dequantize_reference(q, dst, scale, block))
+        narrow = random_codes(E4M3, 5000, 7)  # float route for channel scales
+        scale = torch.rand(5000, 1, generator=gen)
+        assert_bit_equal(upcast(narrow, BF16, scale), dequantize_reference(narrow, BF16, scale))
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_out_buffer_is_filled_and_returned():

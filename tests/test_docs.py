@@ -19,6 +19,7 @@ import os
 import re
 import shlex
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,6 +196,7 @@ def test_readme_and_guides_have_examples():
 def test_doc_examples_run(doc, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # examples' mkdtemp() land here
     before = set(sys.modules)
     try:
         _run_blocks(doc)

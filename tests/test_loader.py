@@ -84,11 +84,6 @@ def test_keep_fp32_facts_keep_a_module_in_float32(fresh_manager, tiny_ckpt):
     assert loaderkit.verify(model).ok
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a module kept in float32 by the model's facts under bf16 receives bfloat16 activations "
-    "from its bf16 neighbours: load attaches no cast for it (DESIGN section 5 invariant)",
-)
 def test_keep_fp32_module_receives_float32_activations(fresh_manager, tiny_ckpt):
     path, _ = tiny_ckpt
     name = loaderkit.register(facts_plugin(ModelFacts(keep_fp32=("head",))), name="keep-head")
@@ -175,11 +170,6 @@ def test_failure_midway_leaves_a_real_module_unchanged(flaky):
     assert target.training, "a failed load does not switch the module to eval mode"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="loader.load assigns tensors into the user's module before finalize, the meta check, "
-    "verify and loaderkit_model_loaded run, and does not restore it when one of them fails",
-)
 def test_failure_in_model_loaded_hook_leaves_no_half_loaded_module(fresh_manager, tiny_ckpt):
     path, _ = tiny_ckpt
 

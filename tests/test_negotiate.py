@@ -106,11 +106,6 @@ def test_tied_weights_come_out_tied_from_an_instance(tmp_path, stored):
     assert torch.equal(model.embed.weight, ref.embed.weight.to(torch.bfloat16))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="build.meta_init (accelerate init_empty_weights) re-wraps every registered Parameter, "
-    "so a tie made in __init__ by assignment is lost when model= is a class or factory",
-)
 def test_tied_weights_come_out_tied_from_a_class(tmp_path):
     ref = seeded(TiedNet)
     path = save_st(tmp_path / "t.safetensors", ref, drop=("head.weight",))
@@ -176,11 +171,6 @@ def test_non_float_tensors_are_never_cast(tmp_path, strategy, dtype):
     assert out.dtype == dtype
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="negotiate._tensor_target plans an int8 checkpoint tensor for a float parameter as "
-    "target int8 / conversion none; the Linear then holds int8 and forward crashes",
-)
 def test_integer_tensor_for_a_float_parameter_is_refused_at_plan_time(tmp_path):
     ref = seeded(TinyNet)
     path = save_st(tmp_path / "i8.safetensors", ref, extra={"proj.weight": (ref.proj.weight * 100).to(torch.int8)})
@@ -189,11 +179,6 @@ def test_integer_tensor_for_a_float_parameter_is_refused_at_plan_time(tmp_path):
     assert "int8" in str(err.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="negotiate._tensor_target keeps a float checkpoint tensor's dtype for a non-float model "
-    "buffer (int64 position_ids become float32); torch's load_state_dict keeps the model's dtype",
-)
 def test_float_tensor_for_an_integer_buffer_keeps_the_model_dtype_or_is_refused(tmp_path):
     ref = seeded(BufferNet)
     path = save_st(tmp_path / "b.safetensors", ref, extra={"position_ids": ref.position_ids.float()})

@@ -163,12 +163,6 @@ def test_t5_keeps_wo_fp32_under_fp16(transformers, t5_checkpoint):
     assert torch.equal(got, want)
 
 
-@pytest.mark.xfail(
-    "keep_fp32_fp16" not in loaderkit.ModelFacts.model_fields,
-    reason="transformers keeps _keep_in_fp32_modules in fp32 under fp16 only; ModelFacts has no "
-    "fp16-only field yet, so loaderkit also keeps them in fp32 under bf16",
-    strict=True,
-)
 def test_t5_under_bf16_matches_from_pretrained(transformers, t5_checkpoint):
     ref = transformers.T5ForConditionalGeneration.from_pretrained(t5_checkpoint, dtype=torch.bfloat16)
     model = loaderkit.load(t5_checkpoint, strategy="bf16")

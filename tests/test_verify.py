@@ -129,11 +129,6 @@ def test_loaded_model_casts_float32_inputs(tiny_ckpt):
     assert out.dtype == torch.bfloat16 and torch.equal(out, want)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="verify.kernel_dtype looks at floating-point parameters only, so an integer weight in a "
-    "Linear (e.g. int8 quantized values loaded without decoding) passes the static check",
-)
 def test_integer_weight_in_a_linear_is_flagged():
     model = TinyNet()
     model.proj.weight = nn.Parameter(torch.ones(16, 8, dtype=torch.int8), requires_grad=False)
