@@ -147,20 +147,23 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
-def bench_forward(layers: int, width: int, tokens: int, runs: int) -> None:
-    print(f"\nforward: {layers} x Linear({width}, {width}), input [{tokens}, {width}], torch.no_grad")
-    print(f"{'variant':38s} {'weights':>9s} {'median ms':>10s} {'best ms':>9s}")
-    x = torch.randn(tokens, width)
+def bench_forward(layers: int, width: int, tokens: list[int], runs: int) -> None:
+    print(f"\nforward: {layers} x Linear({width}, {width}), input [tokens, {width}], torch.no_grad; ms")
+    print(f"{'variant':38s} {'weights':>8s}" + "".join(f" {f'{t} tok med':>12s} {'best':>7s}" for t in tokens))
+    inputs = {t: torch.randn(t, width, generator=torch.Generator().manual_seed(t)) for t in tokens}
     for name, (factory, dtype) in forward_variants(layers, width).items():
         try:
             model = factory()
         except ImportError as exc:
             print(f"{name:38s} skipped ({exc})")
             continue
-        xin = x.to(dtype)
+        row = f"{name:38s} {weight_bytes(model) / 2**20:6.0f}Mi"
         with torch.no_grad():
-            med, best = timed(lambda: model(xin), runs)
-        print(f"{name:38s} {weight_bytes(model) / 2**20:7.0f}Mi {med * 1e3:10.1f} {best * 1e3:9.1f}", flush=True)
+            for t in tokens:
+                xin = inputs[t].to(dtype)
+                med, best = timed(lambda: model(xin), runs)
+                row += f" {med * 1e3:12.1f} {best * 1e3:7.1f}"
+        print(row, flush=True)
         del model
         runtime.release_workspace()
 
@@ -179,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs", type=int, default=9)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--width", type=int, default=4096)
-    p.add_argument("--tokens", type=int, default=16)
+    p.add_argument("--tokens", type=int, nargs="+", default=[16, 256])
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
     p.add_argument("--skip-upcast", action="store_true")
     p.add_argument("--skip-forward", action="store_true")

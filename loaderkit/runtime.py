@@ -31,6 +31,7 @@ run forward from several threads at once. Code that calls ``module.forward`` dir
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -88,10 +89,6 @@ class CastRule:
     def params(self) -> tuple[str, ...]:
         """Names of the covered tensors."""
         return tuple(self.tensors)
-
-    def scale_of(self, name: str) -> TensorCast | None:
-        """The scale description of a covered tensor (``None`` when not covered)."""
-        return self.tensors.get(name)
 
     def describe(self) -> dict[str, Any]:
         """JSON-friendly summary."""
@@ -305,6 +302,8 @@ class CastHook(ModelHook):
         dtype = self.rule.compute_dtype
         block = tc.block if tc.granularity == "block" else None
         data = stored.detach()
+        if tc.granularity == "channel" and scale is not None and scale.numel() > 1:
+            scale = scale.reshape((-1,) + (1,) * (data.dim() - 1))  # [N] -> [N, 1, ...]
         if self.rule.resident:
             key = (weakref.ref(stored), stored._version, data.data_ptr(), _version(scale))
             hit = self._cache.get(tc.name)
@@ -396,50 +395,50 @@ def _default_names(module: nn.Module) -> list[str]:
 
 
 def _tensor_cast(module: nn.Module, tname: str, spec, label: str, mname: str) -> TensorCast:
+    """Validate one covered tensor (and its scale) and describe it."""
     try:
         owner, key = _resolve(module, tname)
     except AttributeError:
-        owner, key = None, ""
-    tensor = None if owner is None else owner._parameters.get(key, owner._buffers.get(key))
-    if owner is None or (key not in owner._parameters and key not in owner._buffers):
+        owner, key = module, ""
+    if key not in owner._parameters and key not in owner._buffers:
         raise LoaderKitError(f"{label} has no parameter or buffer {tname!r} to cover", module=mname, tensor=tname)
     if spec is None:
         return TensorCast(tname)
     scale_name, granularity, block = spec
+    where = f"{label}.{tname}"
     if granularity not in GRANULARITIES:
         raise LoaderKitError(
-            f"{label}.{tname}: unknown scale granularity {granularity!r}; use one of {', '.join(GRANULARITIES)}",
+            f"{where}: unknown scale granularity {granularity!r}; use one of {', '.join(GRANULARITIES)}",
             module=mname,
             tensor=tname,
         )
     scale = module._buffers.get(scale_name)
     if scale is None:
         raise LoaderKitError(
-            f"{label}.{tname}: scale buffer {scale_name!r} is not a buffer of the module; register it "
+            f"{where}: scale buffer {scale_name!r} is not a buffer of the module; register it "
             "with module.register_buffer(name, scale) before attaching the rule",
             module=mname,
             tensor=tname,
         )
-    _check_scale_shape(tuple(tensor.shape) if tensor is not None else (), scale, granularity, block, f"{label}.{tname}")
+    tensor = owner._parameters.get(key, owner._buffers.get(key))
+    shape = tuple(tensor.shape) if tensor is not None else ()
     block = tuple(block) if block is not None else None
+    if not _scale_fits(shape, tuple(scale.shape), granularity, block):
+        raise LoaderKitError(
+            f"{where}: a {granularity} scale of shape {list(scale.shape)} does not fit a tensor of shape "
+            f"{list(shape)}" + (f" with block {list(block)}" if block else ""),
+            module=mname,
+            tensor=tname,
+        )
     return TensorCast(tname, scale_name, granularity, block)
 
 
-def _check_scale_shape(shape, scale: torch.Tensor, granularity: str, block, where: str) -> None:
-    import math  # noqa: PLC0415
-
-    if scale.numel() == 1 and granularity != "block":
-        return
-    if granularity == "channel" and shape and scale.numel() == shape[0]:
-        return
-    if granularity == "block" and block is not None and len(shape) == 2:
-        grid = (math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1]))
-        if tuple(scale.shape) == grid:
-            return
-    raise LoaderKitError(
-        f"{where}: a {granularity} scale of shape {list(scale.shape)} does not fit a tensor of shape "
-        f"{list(shape)}" + (f" with block {list(block)}" if block else ""),
-    )
+def _scale_fits(shape: tuple, scale_shape: tuple, granularity: str, block: tuple | None) -> bool:
+    numel = math.prod(scale_shape)
+    if granularity == "block":
+        grid = tuple(math.ceil(d / b) for d, b in zip(shape, block or ())) if len(shape) == 2 else None
+        return block is not None and scale_shape == grid
+    return numel == 1 or (granularity == "channel" and bool(shape) and numel == shape[0])
 
 
 def _resolve(module: nn.Module, tname: str) -> tuple[nn.Module, str]:

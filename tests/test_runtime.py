@@ -122,6 +122,17 @@ def test_inference_mode_then_no_grad_reuse_the_workspace():
         assert torch.equal(model(x), first)
 
 
+def test_one_dimensional_channel_scale_applies_per_output_row():
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8).requires_grad_(False)
+    q, scale = quantize(lin.weight.data, E4M3, "channel")
+    lin.weight = nn.Parameter(q, requires_grad=False)
+    lin.register_buffer("weight_scale", scale.reshape(8))  # [N], as some writers store it
+    runtime.attach_cast(lin, torch.float32, scales={"weight": ("weight_scale", "channel", None)})
+    x = torch.randn(3, 16)
+    assert torch.equal(lin(x), F.linear(x, upcast(q, torch.float32, scale), lin.bias))
+
+
 def test_grad_mode_forward_matches_too():
     model = fp8_model("channel")
     attach_all(model)
