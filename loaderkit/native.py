@@ -8,7 +8,8 @@ the decoded compute-dtype tensor, and ``weight.dtype`` reports the compute dtype
 cast their input to ``self.weight.dtype`` keep working.
 
 Supported: ``float8_e4m3fn`` weights with no scale or a per-tensor scale (any compute dtype), or
-a per-channel scale (rowwise kernel, ``bfloat16`` compute); N and K multiples of 16. Anything
+a per-channel scale (rowwise kernel: ``bfloat16`` compute, compute capability >= 9.0); N and K
+multiples of 16. Anything
 else is decoded as usual, and :attr:`loaderkit.runtime.CastRule.native_reason` says why.
 """
 
@@ -58,6 +59,8 @@ def native_blocker(module: nn.Module, rule: CastRule) -> str:
         return "block scales have no native kernel here; decoded instead"
     if granularity == "channel" and rule.compute_dtype != torch.bfloat16:
         return "per-channel (rowwise) fp8 matmul computes in bfloat16 only"
+    if granularity == "channel" and w.is_cuda and torch.cuda.get_device_capability(w.device) < (9, 0):
+        return "per-channel (rowwise) fp8 matmul needs CUDA compute capability >= 9.0"
     if rule.compute_dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return f"compute dtype {rule.compute_dtype} has no native fp8 output"
     return ""

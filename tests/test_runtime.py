@@ -422,6 +422,30 @@ def test_native_path_plumbing_with_cpu_scaled_mm(monkeypatch, granularity):
     assert lin.weight.dtype == E4M3 and type(lin.weight) is nn.Parameter
 
 
+def test_native_path_composes_with_cpu_offload(monkeypatch):
+    monkeypatch.setattr(runtime, "native_fp8_available", lambda device=None: True)
+
+    def make() -> nn.Sequential:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 16)).requires_grad_(False)
+        for lin in (model[0], model[2]):
+            q, scale = quantize(lin.weight.data, E4M3, "tensor")
+            lin.weight = nn.Parameter(q, requires_grad=False)
+            lin.register_buffer("weight_scale", scale)
+        return model
+
+    x = torch.randn(4, 32)
+    plain, offloaded = make(), make()
+    cpu_offload(offloaded, execution_device="cpu")
+    for model in (plain, offloaded):
+        for lin in (model[0], model[2]):
+            runtime.attach_cast(lin, torch.float32, scales={"weight": ("weight_scale", "tensor", None)}, native=True)
+    assert torch.equal(offloaded(x), plain(x))
+    assert runtime.cast_rule_of(offloaded[0]).native_reason.startswith("native")
+    assert offloaded[0].weight.device.type == "meta" and offloaded[0].weight.dtype == E4M3
+    assert type(offloaded[0].weight) is nn.Parameter
+
+
 def _cuda_fp8() -> bool:
     return torch.cuda.is_available() and runtime.native_fp8_available("cuda")
 
