@@ -1,28 +1,32 @@
 """fp8 benchmark: quantize a ~1.1 GB bf16 Llama-like checkpoint to fp8 on load, then time forwards.
 
-    python benchmarks/bench_fp8_load.py [--repeats 5] [--forwards 5]
+    python benchmarks/bench_fp8_load.py [--repeats 5] [--rounds 7] [--warmup 2] [--tokens 128]
 
-Load cases (fresh process each; wall time = load + one read of every parameter byte):
+Load cases (fresh process each; wall time = load + one read of every parameter byte; memory =
+growth over the pre-load level, see ``common.py``):
 
 * ``lk-fp8``   ``loaderkit.load(dir, strategy="fp8")``: each Linear weight quantized to
                ``float8_e4m3fn`` as it streams, one scale per output channel, bf16 compute;
 * ``peer``     ``from_pretrained(dir, dtype=bfloat16)`` then accelerate's
                ``attach_layerwise_casting_hooks(storage_dtype=float8_e4m3fn,
                compute_dtype=bfloat16, skip_modules_pattern=("lm_head",))`` — unscaled fp8, the
-               same modules as loaderkit's default (``lm_head`` is kept in bf16 by both).
+               same modules as loaderkit's default (``lm_head`` is kept in bf16 by both);
+* ``lk-fp8-unscaled``  loaderkit with ``granularity="none"`` (unscaled, the peer's encoding).
 
 Targets: ``lk-fp8`` anonymous growth <= 0.9x peer, peak RSS <= 0.95x peer, time <= 1.2x peer.
 
-Forward cases (one fresh process each; median of ``--forwards`` forwards of a fixed 1 x 128
-token batch after 2 warm-up forwards): loaderkit fp8 (bf16 compute), fp8 with
+Forwards: every model is loaded into one process — loaderkit fp8 (bf16 compute), fp8 with
 ``compute_dtype=torch.float32``, fp8 with ``resident=True``, plain bf16 and plain fp32
-(``from_pretrained``), and the peer. Targets: loaderkit fp8 no slower than the peer; fp8 with
-fp32 compute vs plain bf16 is reported as measured.
+(``from_pretrained``), and the peer — and after ``--warmup`` forwards each, ``--rounds`` rounds
+each run one forward of every model on a fixed 1 x ``--tokens`` batch, so that load from other
+processes hits every model alike. Ratios are medians of per-round ratios. Targets: loaderkit fp8
+no slower than the peer; fp8 with fp32 compute vs plain bf16 is reported as measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -71,10 +75,11 @@ CASES = {
     "peer": case_peer,
     "lk-fp8-fp32": case_lk_fp8_fp32,
     "lk-fp8-resident": lambda path: _lk(path, resident=True),
+    "lk-fp8-unscaled": lambda path: _lk(path, granularity="none"),
     "bf16": lambda path: _hf(path, "bfloat16"),
     "fp32": lambda path: _hf(path, "float32"),
 }
-LOAD_CASES = ["lk-fp8", "peer"]
+LOAD_CASES = ["lk-fp8", "peer", "lk-fp8-unscaled"]
 FORWARD_CASES = ["lk-fp8", "lk-fp8-fp32", "lk-fp8-resident", "bf16", "fp32", "peer"]
 
 LABELS = {
@@ -82,6 +87,7 @@ LABELS = {
     "peer": "(f) peer: from_pretrained(bf16) + accelerate layerwise casting (fp8 storage)",
     "lk-fp8-fp32": 'loaderkit fp8, compute_dtype=float32',
     "lk-fp8-resident": "loaderkit fp8, resident=True (bf16 copies kept)",
+    "lk-fp8-unscaled": '(e\') loaderkit fp8, granularity="none" (unscaled, like the peer)',
     "bf16": "plain bf16 (from_pretrained)",
     "fp32": "plain fp32 (from_pretrained)",
 }
@@ -123,29 +129,30 @@ def load_targets(runs: dict[str, list[dict]]) -> str:
     return table(["target", "measured", "result"], rows)
 
 
-def forward_report(res: dict[str, dict]) -> str:
-    med = {c: statistics.median(r["forward_s"]) for c, r in res.items()}
+def _ratio(times: dict[str, list[float]], case: str, ref: str) -> float:
+    """Median over rounds of ``case``'s time / ``ref``'s time in the same round."""
+    return statistics.median(a / b for a, b in zip(times[case], times[ref]))
+
+
+def forward_report(res: dict) -> str:
+    times, mem = res["times"], res["memory"]
     rows = []
-    for case, r in res.items():
-        ts = r["forward_s"]
+    for case, ts in times.items():
         rows.append([
             LABELS[case],
-            f"{med[case]:.2f}",
+            f"{statistics.median(ts):.2f}",
             f"{min(ts):.2f}-{max(ts):.2f}",
-            f"{med[case] / med['peer']:.2f}x",
-            f"{med[case] / med['bf16']:.2f}x",
-            mib(r["final_anon_growth"]),
-            mib(r["forward_anon_growth"]),
+            f"{_ratio(times, case, 'peer'):.2f}x",
+            f"{_ratio(times, case, 'bf16'):.2f}x",
+            mib(mem[case]["load_anon"]),
+            mib(mem[case]["warmup_anon"]),
         ])
-    header = ["model", "forward s (median)", "min-max", "vs peer", "vs plain bf16",
-              "anon after load +MiB", "anon after forwards +MiB"]
+    header = ["model", "forward s (median)", "min-max", "vs peer (per-round median)", "vs plain bf16",
+              "anon +MiB at load", "anon +MiB over warm-up"]
+    r_peer, r_bf16 = _ratio(times, "lk-fp8", "peer"), _ratio(times, "lk-fp8-fp32", "bf16")
     checks = [
-        ["loaderkit fp8 no slower than the peer",
-         f"{med['lk-fp8']:.2f} s vs {med['peer']:.2f} s = {med['lk-fp8'] / med['peer']:.2f}x",
-         verdict(med["lk-fp8"] <= med["peer"])],
-        ["fp8 + fp32 compute faster than plain bf16",
-         f"{med['lk-fp8-fp32']:.2f} s vs {med['bf16']:.2f} s = {med['lk-fp8-fp32'] / med['bf16']:.2f}x",
-         verdict(med["lk-fp8-fp32"] < med["bf16"])],
+        ["loaderkit fp8 no slower than the peer", f"{r_peer:.2f}x the peer", verdict(r_peer <= 1.0)],
+        ["fp8 + fp32 compute faster than plain bf16", f"{r_bf16:.2f}x plain bf16", verdict(r_bf16 < 1.0)],
     ]
     return table(header, rows) + "\n\n" + table(["target", "measured", "result"], checks)
 
@@ -154,10 +161,20 @@ def main() -> None:
     if "--child" in sys.argv:
         common.child_main(CASES, sys.argv[1:])
         return
+    if "--forward-child" in sys.argv:
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--forward-child", nargs=4, metavar=("PATH", "ROUNDS", "WARMUP", "TOKENS"))
+        p, rounds, warmup, tokens = ap.parse_args().forward_child
+        res = common.interleaved_forwards(
+            CASES, FORWARD_CASES, Path(p), int(rounds), int(warmup), int(tokens)
+        )
+        print("@@result " + json.dumps(res), flush=True)
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5, help="load rounds after the warm-up")
-    ap.add_argument("--forwards", type=int, default=3, help="timed forwards per process")
-    ap.add_argument("--rounds", type=int, default=2, help="fresh processes per forward model")
+    ap.add_argument("--rounds", type=int, default=7, help="timed forward rounds (every model once)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed forwards per model first")
+    ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--skip-load", action="store_true")
     ap.add_argument("--skip-forward", action="store_true")
     args = ap.parse_args()
@@ -168,8 +185,9 @@ def main() -> None:
         runs = common.run_rounds(script, LOAD_CASES, path, args.repeats)
         print(load_report(runs), flush=True)
     if not args.skip_forward:
-        res = common.run_forwards(script, FORWARD_CASES, path, args.forwards, args.rounds)
-        print("\n" + forward_report(res))
+        cmd = [sys.executable, str(script), "--forward-child", str(path), str(args.rounds),
+               str(args.warmup), str(args.tokens)]
+        print("\n" + forward_report(common.run_json(cmd)))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """fp8 decode routes and fp8-stored Linear forward, timed on this machine.
 
-    python benchmarks/bench_upcast.py [--sizes 4096 8192] [--runs 9] [--layers 8] [--width 4096]
-                                      [--tokens 16] [--skip-forward] [--skip-upcast]
+    python benchmarks/bench_upcast.py [--sizes 4096 8192] [--runs 9] [--threads N] [--layers 8]
+                                      [--width 4096] [--tokens 16 256] [--skip-forward] [--skip-upcast]
 
 Prints, for each fp8 tensor size, the throughput of every decode route in Gelem/s (= GB/s of
-fp8 read; median and best of ``--runs``), and, for a stack of Linear layers, the forward time of
-plain fp32, plain bf16, fp8 storage with loaderkit cast rules (bf16 / fp32 compute, resident,
-per-channel scaled) and diffusers' layerwise casting when diffusers is installed.
+fp8 read; median and best wall time of ``--runs``, and by median process CPU time), and, for a
+stack of Linear layers, the forward time of plain fp32, plain bf16, fp8 storage with loaderkit
+cast rules (bf16 / fp32 compute, resident, per-channel scaled) and diffusers' layerwise casting
+(when diffusers is installed).
 """
 
 from __future__ import annotations
@@ -24,15 +25,20 @@ from loaderkit import convert, runtime
 E4M3 = torch.float8_e4m3fn
 
 
-def timed(fn: Callable[[], object], runs: int) -> tuple[float, float]:
-    """(median, best) seconds of ``runs`` calls after one warm-up call."""
+def timed(fn: Callable[[], object], runs: int) -> tuple[float, float, float]:
+    """(median wall, best wall, median process CPU) seconds of ``runs`` calls after a warm-up.
+
+    On a shared machine the CPU time is the steadier figure; with several torch threads it also
+    counts OpenMP threads spinning at barriers.
+    """
     fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(runs):
-        start = time.perf_counter()
+        c0, w0 = time.process_time(), time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), min(times)
+        wall.append(time.perf_counter() - w0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), min(wall), statistics.median(cpu)
 
 
 def bits_route(q: torch.Tensor) -> torch.Tensor:
@@ -88,12 +94,13 @@ def upcast_routes(n: int) -> dict[str, Callable[[], torch.Tensor]]:
 
 def bench_upcast(sizes: list[int], runs: int) -> None:
     print("decode routes, float8_e4m3fn (Gelem/s = GB/s of fp8 read)")
-    print(f"{'route':36s} {'size':>6s} {'median':>8s} {'best':>8s}")
+    print(f"{'route':36s} {'size':>6s} {'median':>8s} {'best':>8s} {'by CPU':>8s}")
     for n in sizes:
         for name, fn in upcast_routes(n).items():
             slow = name.startswith(("torch", "reference", "bit"))
-            med, best = timed(fn, max(3, runs // 3) if slow else runs)
-            print(f"{name:36s} {n:6d} {n * n / med / 1e9:8.2f} {n * n / best / 1e9:8.2f}", flush=True)
+            med, best, cpu = timed(fn, max(3, runs // 3) if slow else runs)
+            rates = (n * n / t / 1e9 for t in (med, best, cpu))
+            print(f"{name:36s} {n:6d}" + "".join(f" {r:8.2f}" for r in rates), flush=True)
 
 
 def linear_stack(layers: int, width: int, seed: int = 0) -> nn.Sequential:
@@ -149,7 +156,8 @@ def weight_bytes(model: nn.Module) -> int:
 
 def bench_forward(layers: int, width: int, tokens: list[int], runs: int) -> None:
     print(f"\nforward: {layers} x Linear({width}, {width}), input [tokens, {width}], torch.no_grad; ms")
-    print(f"{'variant':38s} {'weights':>8s}" + "".join(f" {f'{t} tok med':>12s} {'best':>7s}" for t in tokens))
+    heads = "".join(f" {f'{t} tok med':>12s} {'best':>7s} {'CPU':>7s}" for t in tokens)
+    print(f"{'variant':38s} {'weights':>8s}" + heads)
     inputs = {t: torch.randn(t, width, generator=torch.Generator().manual_seed(t)) for t in tokens}
     for name, (factory, dtype) in forward_variants(layers, width).items():
         try:
@@ -161,8 +169,8 @@ def bench_forward(layers: int, width: int, tokens: list[int], runs: int) -> None
         with torch.no_grad():
             for t in tokens:
                 xin = inputs[t].to(dtype)
-                med, best = timed(lambda: model(xin), runs)
-                row += f" {med * 1e3:12.1f} {best * 1e3:7.1f}"
+                med, best, cpu = timed(lambda: model(xin), runs)
+                row += f" {med * 1e3:12.1f} {best * 1e3:7.1f} {cpu * 1e3:7.1f}"
         print(row, flush=True)
         del model
         runtime.release_workspace()

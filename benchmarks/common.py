@@ -12,7 +12,9 @@
   about every millisecond, from the child's start marker to its loaded marker. Both are reported
   as growth over the level just before the load (imports excluded).
 * :func:`run_rounds` runs every case once to warm the page cache, then ``repeats`` rounds with
-  the cases alternating, and returns per-case medians.
+  the cases alternating; :func:`median` and :func:`spread` summarise them.
+* :func:`interleaved_forwards` times forwards of several models loaded into one process,
+  round-robin, so that other load on the machine slows every model alike.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -150,23 +153,61 @@ def _emit(tag: str, payload: dict | None = None) -> None:
     print(f"@@{tag} {json.dumps(payload or {})}", flush=True)
 
 
-def forward_times(model, repeats: int, warmup: int = 2, tokens: int = 128) -> list[float]:
-    """Seconds per forward of ``model`` on a fixed ``1 x tokens`` batch, after ``warmup`` runs."""
+def _batch(tokens: int):
     import torch
 
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, LLAMA_CONFIG["vocab_size"], (1, tokens), generator=gen)
-    times = []
-    with torch.no_grad():  # as transformers' generate() runs
-        for i in range(warmup + repeats):
-            t0 = time.perf_counter()
-            out = model(input_ids=ids, use_cache=False).logits
-            float(out[0, -1, 0])
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
+    return torch.randint(0, LLAMA_CONFIG["vocab_size"], (1, tokens), generator=gen)
+
+
+def _forward(model, ids) -> float:
+    """Seconds of one forward (no_grad, as transformers' ``generate`` runs); checks the output."""
+    import torch
+
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, use_cache=False).logits
+        dt = time.perf_counter() - t0
     if not bool(torch.isfinite(out).all()):
         raise RuntimeError("the forward produced NaN or Inf")
-    return times
+    return dt
+
+
+def interleaved_forwards(
+    cases: dict[str, Callable], names: list[str], path: Path, rounds: int, warmup: int, tokens: int
+) -> dict:
+    """Load every model into this process, then time forwards round-robin.
+
+    Each round runs one forward of every model (the starting model rotates), so a busy machine
+    slows all models alike; per-round ratios between models are therefore much steadier than
+    the times themselves. Anonymous-memory deltas are measured around each load and around each
+    model's warm-up forwards (the models share one process, so they are indicative).
+    """
+    import gc
+
+    for mod in PRELOAD:
+        __import__(mod)
+    models, mem = {}, {}
+    for name in names:
+        gc.collect()
+        a0 = _status()["RssAnon"]
+        models[name] = cases[name](path)
+        touch(models[name])
+        mem[name] = {"load_anon": _status()["RssAnon"] - a0}
+    ids = _batch(tokens)
+    for name in names:
+        a0 = _status()["RssAnon"]
+        for _ in range(warmup):
+            _forward(models[name], ids)
+        mem[name]["warmup_anon"] = _status()["RssAnon"] - a0
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            times[name].append(_forward(models[name], ids))
+        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {times[n][-1]:.2f}" for n in names),
+              file=sys.stderr, flush=True)
+    return {"times": times, "memory": mem}
 
 
 def child_main(cases: dict[str, Callable], argv: list[str]) -> None:
@@ -176,7 +217,6 @@ def child_main(cases: dict[str, Callable], argv: list[str]) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--child", required=True)
     ap.add_argument("--path", required=True)
-    ap.add_argument("--forward", type=int, default=0, help="also time this many forwards")
     args = ap.parse_args(argv)
     for mod in PRELOAD:
         importlib.import_module(mod)
@@ -206,9 +246,6 @@ def child_main(cases: dict[str, Callable], argv: list[str]) -> None:
         "rss_growth": after["VmHWM"] - before["VmRSS"],
         "final_anon_growth": after["RssAnon"] - before["RssAnon"],
     }
-    if args.forward:
-        result["forward_s"] = forward_times(model, args.forward)
-        result["forward_anon_growth"] = _status()["RssAnon"] - before["RssAnon"]
     _emit("result", result)
 
 
@@ -224,11 +261,12 @@ def _statm_anon(pid: int) -> int | None:
     return (int(fields[1]) - int(fields[2])) * PAGE
 
 
-def run_child(script: Path, case: str, path: Path, forward: int = 0, interval: float = 0.001) -> dict:
+def run_child(script: Path, case: str, path: Path, interval: float = 0.001) -> dict:
     """Run ``case`` of ``script`` in a fresh process; returns its measurements plus the sampled
     anonymous peak (``peak_anon``, absolute, and ``anon_growth`` over the pre-load level)."""
-    cmd = [sys.executable, str(script), "--child", case, "--path", str(path), "--forward", str(forward)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = [sys.executable, str(script), "--child", case, "--path", str(path)]
+    errfile = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty child never blocks
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errfile, text=True)
     state = {"start": threading.Event(), "loaded": threading.Event(), "result": None}
     lines: list[str] = []
 
@@ -251,9 +289,11 @@ def run_child(script: Path, case: str, path: Path, forward: int = 0, interval: f
             if anon is not None:
                 peak = max(peak, anon)
         time.sleep(interval)
-    err = proc.stderr.read()
     proc.wait()
     th.join()
+    errfile.seek(0)
+    err = errfile.read()
+    errfile.close()
     if proc.returncode != 0 or state["result"] is None:
         raise RuntimeError(f"case {case!r} failed (exit {proc.returncode}):\n{''.join(lines)}\n{err[-4000:]}")
     res = state["result"]
@@ -273,32 +313,21 @@ def run_rounds(script: Path, cases: list[str], path: Path, repeats: int = 5) -> 
             res = run_child(script, case, path)
             out[case].append(res)
             print(
-                f"  round {r + 1}/{repeats} {case}: {res['total_s']:.2f} s, anon +{res['anon_growth'] / MiB:.0f} MiB, "
-                f"rss +{res['rss_growth'] / MiB:.0f} MiB",
+                f"  round {r + 1}/{repeats} {case}: {res['total_s']:.2f} s, "
+                f"anon +{res['anon_growth'] / MiB:.0f} MiB, rss +{res['rss_growth'] / MiB:.0f} MiB",
                 file=sys.stderr,
                 flush=True,
             )
     return out
 
 
-def run_forwards(
-    script: Path, cases: list[str], path: Path, forwards: int = 5, rounds: int = 1
-) -> dict[str, dict]:
-    """Each case in its own fresh process per round (cases alternate): load (untimed here), then
-    ``forwards`` timed forwards. ``forward_s`` collects the times of every round; the memory
-    figures are those of the first round."""
-    out: dict[str, dict] = {}
-    for r in range(rounds):
-        for case in cases:
-            res = run_child(script, case, path, forward=forwards)
-            if case in out:
-                out[case]["forward_s"] += res["forward_s"]
-            else:
-                out[case] = res
-            ts = res["forward_s"]
-            print(f"  round {r + 1}/{rounds} forward {case}: median {statistics.median(ts):.2f} s "
-                  f"({min(ts):.2f}-{max(ts):.2f})", file=sys.stderr, flush=True)
-    return out
+def run_json(cmd: list[str]) -> dict:
+    """Run ``cmd`` (a child printing an ``@@result`` line); its stderr streams through."""
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("@@result"):
+            return json.loads(line.split(" ", 1)[1])
+    raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}")
 
 
 def median(runs: list[dict], key: str) -> float:

@@ -228,6 +228,8 @@ def read_json(path: Path, what: str = "JSON file") -> Any:
             return json.loads(f.read().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CorruptCheckpointError(f"{what} {path} is not valid UTF-8 JSON: {exc}", path=path) from exc
+    except RecursionError:
+        raise CorruptCheckpointError(f"{what} {path} nests JSON too deeply to be a real file", path=path) from None
     except OSError as exc:
         raise CorruptCheckpointError(f"cannot read {what} {path}: {exc}", path=path) from exc
 

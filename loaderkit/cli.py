@@ -1,4 +1,4 @@
-"""The ``loaderkit`` command: inspect, plan, plugins, demo.
+"""The ``loaderkit`` command: inspect, plan, plugins, convert, demo.
 
 Errors print one line, ``loaderkit: error: ...``, and exit 1; ``--debug`` shows the traceback.
 """
@@ -48,6 +48,23 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("plugins", help="list plugins: version, source and what each provides")
     s.add_argument("--json", action="store_true", help="print JSON")
+
+    s = sub.add_parser("convert", help="write a converted copy of a checkpoint (fp8 layouts other tools read, dtypes)")
+    s.add_argument("src", metavar="SRC")
+    s.add_argument("dst", metavar="DST")
+    s.add_argument("--strategy", "-s", required=True, help="strategy name: fp8, bf16, fp16, fp32, ...")
+    s.add_argument(
+        "--option", "-o", action="append", default=[], metavar="KEY=VALUE",
+        help="strategy option; VALUE is parsed as JSON when it can be (repeatable)",
+    )
+    s.add_argument("--scheme", choices=("per-channel", "per-tensor", "block"),
+                   help="fp8 scales (default: per-channel for transformers models, per-tensor otherwise)")
+    s.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="largest shard of a directory output, e.g. 2GB = 2e9 bytes (default: 5GB)")
+    s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    s.add_argument("--model", metavar="MODULE:ATTR",
+                   help="the architecture, for a checkpoint without a config (default: inferred from its tensors)")
+    s.add_argument("--no-progress", action="store_true", help="never show a progress bar")
 
     s = sub.add_parser("demo", help="save a small sample model, load it under each strategy, report")
     s.add_argument("--json", action="store_true", help="print JSON")
@@ -148,13 +165,40 @@ def cmd_plugins(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .loader import inspect
+    from .plan import _fmt_bytes
+    from .write import convert
+
+    strat = args.strategy
+    if args.option:
+        from .loader import strategy
+
+        strat = strategy(args.strategy, **_options(args.option))
+    model = _import_model(args.model) if args.model else None
+    dst = convert(args.src, args.dst, strat, scheme=args.scheme, max_shard_size=args.max_shard_size,
+                  overwrite=args.overwrite, model=model, progress=False if args.no_progress else None)
+    info = inspect(dst)
+    q = info.quantization
+    layout = f"{q.family}, {q.granularity} scales" if q else ", ".join(info.dtype_bytes())
+    print(f"wrote {dst}  ({len(info.files)} file(s), {len(info.tensors)} tensors, "
+          f"{_fmt_bytes(info.total_bytes)}; {layout})")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
     return run_demo(json_output=args.json)
 
 
-COMMANDS = {"inspect": cmd_inspect, "plan": cmd_plan, "plugins": cmd_plugins, "demo": cmd_demo}
+COMMANDS = {
+    "inspect": cmd_inspect,
+    "plan": cmd_plan,
+    "plugins": cmd_plugins,
+    "convert": cmd_convert,
+    "demo": cmd_demo,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -174,7 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LoaderKitError as exc:
         if args.debug:
             raise
-        print(f"loaderkit: error: {exc}", file=sys.stderr)
+        message = str(exc).replace("\r", "\\r").replace("\n", "\\n")  # one line, always
+        print(f"loaderkit: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("loaderkit: interrupted", file=sys.stderr)

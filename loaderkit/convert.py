@@ -11,35 +11,43 @@ The definition of a decoded weight is :func:`dequantize_reference`::
 :func:`upcast` returns exactly those bits (NaN, signed zero and subnormals included) by a faster
 route. On CUDA and other accelerators it uses the reference expression, which the device fuses.
 On the CPU, torch's own fp8 conversion is a slow scalar loop, so every 1-byte float is decoded
-with a lookup table whose 256 entries are computed *by the reference expression itself*, which
-is what makes the result bit-exact by construction:
+with lookup tables whose entries are computed *by the reference expression itself*, which is
+what makes the result bit-exact by construction:
 
 * unscaled or per-tensor scale: a 65536-entry table maps each *pair* of fp8 bytes (read as one
-  ``uint16``) to a pair of outputs (one ``int32``/``int64``), gathered with ``index_select`` in
-  cache-sized chunks with an ``int32`` index;
-* per-channel and block scales: one 256-entry table per scale value (``G * 256`` entries), indexed
-  by ``byte + 256 * group`` (one integer add per element);
-* when the per-group tables would outweigh the tensor (few columns), a float route: pair-table
-  gather to float32, multiply by the broadcast scale, cast.
+  ``uint16``) to a pair of outputs (one ``int32``/``int64``), gathered with ``index_select``
+  through an ``int32`` index;
+* per-channel scales: pair-table decode to float32, multiply by the row scale, cast - the
+  reference expression, step by step in cache;
+* block scales: one 256-entry table per block, indexed by ``byte + 256 * column_block``.
 
-Measured on the 2-core AVX-512 CPU this was written on (torch 2.13, 4096x4096 ``float8_e4m3fn``
--> ``bfloat16``, median of 9; rates are elements per second = GB/s of fp8 read;
-``python benchmarks/bench_upcast.py`` reprints them):
+The work is done in steps of ~32k elements (L2-sized, and under ATen's parallel grain so no op
+opens an OpenMP region) and split over ``torch.get_num_threads()`` threads for tensors of 1M
+elements or more (``index_select`` itself is single-threaded).
 
-================================  ==========
-route                             Gelem/s
-================================  ==========
-``q.to(torch.bfloat16)``          0.17-0.33
-``q.float().to(bfloat16)``        0.22
-256-entry table, int32 index      0.9-1.2
-pair table (this module)          2.2-2.6
-scaled, per tensor (pair table)   2.2-2.6
-scaled, per channel (grouped)     ~1.0
-bit manipulation (shift, rebias)  0.14-0.27
-================================  ==========
+Measured on the 2-core AVX-512 VM this was written on (torch 2.13; fp8 ``float8_e4m3fn``
+4096x4096 and 8192x8192; Gelem/s = GB/s of fp8 read; median of 7-9 runs; the machine was shared,
+so single-thread figures are the steadier ones; ``python benchmarks/bench_upcast.py`` reprints
+them):
 
-The bit-manipulation route (shift the exponent, multiply by ``2**120`` for subnormals, patch NaN)
-needs five elementwise passes and lost to the tables on this CPU, so it is not used.
+==============================================  ===========  ==========
+route                                           1 thread     2 threads
+==============================================  ===========  ==========
+``q.to(torch.bfloat16)`` (torch)                0.15-0.16    0.31
+``q.float().to(torch.bfloat16)``                0.13         0.24
+bit manipulation (shift, 2**120, NaN patch)     0.11-0.12    0.12
+256-entry table, ``int32`` index                0.50-0.59    0.53
+pair table -> bf16, new output tensor           0.73-0.80    1.2
+pair table -> bf16 into a reused ``out=``       1.8-2.0      2.6-3.0
+pair table -> fp32, new output tensor           0.44         0.70-0.78
+per-tensor scale -> bf16 (reference 0.10)       0.76-0.78    0.9-1.1
+per-channel scale -> bf16 (reference 0.10)      0.48-0.51    0.60-0.65
+block scale 128x128 -> bf16 (reference 0.09)    0.47-0.50    0.57-0.61
+==============================================  ===========  ==========
+
+A fresh 32-64 MB output costs about as much as the decode (page faults on first touch), which is
+why the runtime decodes into reused buffers (``out=``). The bit-manipulation route needs five
+elementwise passes and lost to the tables, so it is not used.
 """
 
 from __future__ import annotations
@@ -138,7 +146,7 @@ def upcast(
         raise LoaderKitError("a block shape was given without a block scale grid")
     if block is not None:
         _check_block(scale, tuple(q.shape), tuple(block))
-    if not _table_route_applies(q, dtype, scale):
+    if not _table_route_applies(q, scale, block):
         result = dequantize_reference(q, dtype, scale, block)
         return result if out is None else out.copy_(result)
     q = q.contiguous()
@@ -155,14 +163,15 @@ def upcast(
     return out
 
 
-def _table_route_applies(q: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> bool:
+def _table_route_applies(q: torch.Tensor, scale: torch.Tensor | None, block) -> bool:
+    """Whether a table route covers this decode (CPU, 1-byte float, a scale layout it knows)."""
     if q.device.type != "cpu" or q.dtype.itemsize != 1 or not q.dtype.is_floating_point:
         return False
-    if scale is not None and (scale.device.type != "cpu" or not scale.dtype.is_floating_point):
+    if scale is None:
+        return True
+    if scale.device.type != "cpu" or not scale.dtype.is_floating_point:
         return False
-    if scale is not None and scale.numel() > 1 and not _is_channel_scale(q, scale):
-        return scale.dim() == 2 and q.dim() == 2  # block grid (checked by the caller)
-    return sys.byteorder == "little"
+    return scale.numel() == 1 or block is not None or _is_channel_scale(q, scale)
 
 
 def _is_channel_scale(q: torch.Tensor, scale: torch.Tensor) -> bool:
@@ -210,8 +219,11 @@ def _pair_table(table: torch.Tensor) -> torch.Tensor | None:
 
 
 @functools.lru_cache(maxsize=1)
-def _uint16_copy_works() -> bool:
-    """Whether this torch can copy ``uint16`` into ``int32`` (older releases lack the kernel)."""
+def _pairs_work() -> bool:
+    """Whether byte pairs can be read as ``uint16`` indexes: a little-endian machine and a torch
+    that copies ``uint16`` into ``int32`` (older releases lack the kernel)."""
+    if sys.byteorder != "little":
+        return False
     try:
         probe = torch.tensor([0, 65535], dtype=torch.int32).to(torch.uint16)
         return torch.empty(2, dtype=torch.int32).copy_(probe).tolist() == [0, 65535]
@@ -227,7 +239,7 @@ def _gather_flat(codes: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor |
         out.view(tables[0].dtype)[-1] = tables[0][codes[-1].long()]
 
 
-def _gather_serial(codes: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor | None], out: torch.Tensor) -> None:
+def _gather_serial(codes: torch.Tensor, tables: tuple, out: torch.Tensor) -> None:
     """:func:`_gather_flat` on the calling thread only (for use inside a parallel share)."""
     index, table, dest, tail = _gather_operands(codes, tables, out)
     _gather_range(index, table, dest, 0, index.numel())
@@ -240,7 +252,7 @@ def _gather_operands(codes, tables, out):
     table, pairs = tables
     out_bits = out.view(table.dtype)
     n = codes.numel()
-    if pairs is None or n < PAIR_MIN or codes.storage_offset() % 2 or not _uint16_copy_works():
+    if pairs is None or n < PAIR_MIN or codes.storage_offset() % 2 or not _pairs_work():
         return codes, table, out_bits, False
     even = n - n % 2
     return codes[:even].view(torch.uint16), pairs, out_bits[:even].view(pairs.dtype), bool(n % 2)
@@ -305,29 +317,10 @@ def _scaled_rows(base: torch.Tensor, scales: torch.Tensor, dst: torch.dtype) -> 
 
 
 def _upcast_channel(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
-    """One table per row (256 entries); each thread builds the tables of its rows."""
+    """Per-row scales: decode by pair table to float32, multiply, cast (step by step)."""
     rows = q.shape[0]
     codes = q.view(torch.uint8).reshape(rows, -1)
-    width = codes.shape[1]
-    scales = scale.reshape(rows, 1).float()
-    if width < 1024:  # a 256-entry table per row would outweigh the row
-        _float_route(codes, q.dtype, scales, out.view(rows, -1))
-        return
-    dest = out.view(_int_dtype(out.dtype.itemsize)).view(rows, -1)
-    base = _all_codes(q.dtype).float()
-
-    def work(lo: int, hi: int) -> None:
-        table = _scaled_rows(base, scales[lo:hi], out.dtype)
-        offsets = torch.arange(hi - lo, dtype=torch.int32).mul_(256)[:, None]
-        step = _row_step(width, 1)
-        buf = torch.empty(min(hi - lo, step) * width, dtype=torch.int32)
-        for r0 in range(lo, hi, step):
-            r1 = min(r0 + step, hi)
-            idx = buf[: (r1 - r0) * width].view(r1 - r0, width).copy_(codes[r0:r1])
-            idx.add_(offsets[r0 - lo : r1 - lo])
-            torch.index_select(table, 0, idx.view(-1), out=dest[r0:r1].reshape(-1))
-
-    _parallel(rows, work, cost=width)
+    _float_route(codes, q.dtype, scale.reshape(rows, 1).float(), out.view(rows, -1))
 
 
 def _upcast_block(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], out: torch.Tensor) -> None:

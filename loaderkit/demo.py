@@ -1,8 +1,10 @@
 """``loaderkit demo``: a small sample model shaped like a video diffusion transformer.
 
-The demo saves the sample model in bf16 as safetensors in a temporary directory, loads it under
-each registered built-in strategy, and prints for each the plan summary, bytes in memory, the
-verify result, agreement of the output with the fp32 load, and the load time.
+The demo saves the sample model in bf16 as safetensors in a temporary directory, converts it to
+fp8 in ComfyUI's layout with ``loaderkit convert``, loads the original under each built-in
+strategy and the converted copy under ``fp8`` and ``bf16``, and prints for each the plan
+summary, bytes in memory, the verify result, agreement of the output with the fp32 load, and the
+load time.
 """
 
 from __future__ import annotations
@@ -84,48 +86,85 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return F.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0).item()
 
 
-def run_demo(json_output: bool = False) -> int:
-    """Run the demo; returns 0 when every load verified and agreed with fp32 (cosine >= 0.99)."""
+def _load_case(path: Path, strategy: str, label: str) -> tuple[dict, torch.Tensor]:
+    """Plan and load ``path`` under ``strategy``; verify with example inputs and run them."""
     import loaderkit
 
-    from .plan import _fmt_bytes
+    plan = loaderkit.plan(path, strategy, model=TinyVideoDiT)
+    t0 = time.perf_counter()
+    model = loaderkit.load(path, strategy, model=TinyVideoDiT)
+    load_s = time.perf_counter() - t0
+    inputs = sample_inputs()
+    report = loaderkit.verify(model, inputs)
+    with torch.no_grad():
+        out = model(*inputs).float()
+    return {
+        "checkpoint": label,
+        "strategy": strategy,
+        "decisions": [f"{d.subject}: {d.choice}" for d in plan.decisions],
+        "conversions": plan.conversions(),
+        "bytes": sum(plan.bytes_per_device().values()),
+        "dtypes": plan.bytes_per_dtype(),
+        "verify": report.ok,
+        "load_ms": load_s * 1e3,
+    }, out
+
+
+def run_demo(json_output: bool = False) -> int:
+    """Run the demo; returns 0 when every load verified and agreed with fp32 (cosine >= 0.99).
+
+    The sample model is saved in bf16, converted to fp8 in ComfyUI's layout with
+    :func:`loaderkit.write.convert` (no config: the architecture is inferred from the file), and
+    the original is loaded under each built-in strategy, the converted copy under ``fp8`` (its
+    stored bytes kept) and ``bf16`` (dequantized).
+    """
+    import loaderkit
+
+    from .write import convert
 
     names = [e.name for e in loaderkit.get_manager().strategies()]
     order = [s for s in ("fp32", "bf16", "fp16", "fp8", "auto") if s in names]
-    results = []
+    results, outs = [], []
+    t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="loaderkit-demo-") as tmp:
         path = save_sample(tmp)
-        ref = None
-        for name in order:
-            plan = loaderkit.plan(path, name, model=TinyVideoDiT)
-            t0 = time.perf_counter()
-            model = loaderkit.load(path, name, model=TinyVideoDiT)
-            load_s = time.perf_counter() - t0
-            inputs = sample_inputs()
-            report = loaderkit.verify(model, inputs)
-            with torch.no_grad():
-                out = model(*inputs).float()
-            ref = out if ref is None else ref
-            results.append({
-                "strategy": name,
-                "decisions": [f"{d.subject}: {d.choice}" for d in plan.decisions],
-                "bytes": sum(plan.bytes_per_device().values()),
-                "dtypes": plan.bytes_per_dtype(),
-                "verify": report.ok,
-                "cosine_vs_fp32": _cosine(out, ref),
-                "load_ms": load_s * 1e3,
-            })
+        t0 = time.perf_counter()
+        converted = convert(path, Path(tmp) / "model-fp8.safetensors", "fp8", progress=False)
+        info = loaderkit.inspect(converted)
+        conversion = {"seconds": time.perf_counter() - t0, "bytes_before": path.stat().st_size,
+                      "bytes_after": converted.stat().st_size, "layout": info.quantization.family}
+        cases = [(path, s, "original (bf16)") for s in order]
+        cases += [(converted, s, "converted (fp8)") for s in ("fp8", "bf16") if s in names]
+        for case_path, strategy, label in cases:
+            result, out = _load_case(case_path, strategy, label)
+            results.append(result)
+            outs.append(out)
+    for result, out in zip(results, outs):
+        result["cosine_vs_fp32"] = _cosine(out, outs[0])
     ok = all(r["verify"] and r["cosine_vs_fp32"] >= 0.99 for r in results)
+    seconds = time.perf_counter() - t_start
     if json_output:
-        print(json.dumps({"ok": ok, "results": results}, indent=2))
-        return 0 if ok else 1
-    print(f"loaderkit demo: TinyVideoDiT saved in bf16, loaded under {', '.join(order)}\n")
-    print(f"{'strategy':<9} {'memory':>10} {'verify':>7} {'cos vs fp32':>12} {'load':>9}  dtypes")
+        print(json.dumps({"ok": ok, "seconds": seconds, "convert": conversion, "results": results}, indent=2))
+    else:
+        _print_table(order, conversion, results, ok, seconds)
+    return 0 if ok else 1
+
+
+def _print_table(order: list[str], conversion: dict, results: list[dict], ok: bool, seconds: float) -> None:
+    from .plan import _fmt_bytes
+
+    print(f"loaderkit demo: TinyVideoDiT saved in bf16, loaded under {', '.join(order)};")
+    print(f"converted to fp8 ({conversion['layout']}): {_fmt_bytes(conversion['bytes_before'])} -> "
+          f"{_fmt_bytes(conversion['bytes_after'])} in {conversion['seconds'] * 1e3:.0f}ms, "
+          "loaded under fp8 and bf16\n")
+    print(f"{'checkpoint':<16} {'strategy':<9} {'memory':>10} {'verify':>7} {'cos vs fp32':>12} {'load':>9}  dtypes")
     for r in results:
         dtypes = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in r["dtypes"].items())
-        print(f"{r['strategy']:<9} {_fmt_bytes(r['bytes']):>10} {'ok' if r['verify'] else 'FAIL':>7} "
-              f"{r['cosine_vs_fp32']:>12.5f} {r['load_ms']:>7.1f}ms  {dtypes}")
+        print(f"{r['checkpoint']:<16} {r['strategy']:<9} {_fmt_bytes(r['bytes']):>10} "
+              f"{'ok' if r['verify'] else 'FAIL':>7} {r['cosine_vs_fp32']:>12.5f} {r['load_ms']:>7.1f}ms  {dtypes}")
+        conv = ", ".join(f"{k} {v}" for k, v in sorted(r["conversions"].items()))
+        print(f"{'':<16} - conversions: {conv}")
         for d in r["decisions"]:
-            print(f"{'':<9} - {d}")
-    print("\nall strategies verified and agree with fp32" if ok else "\nFAILED")
-    return 0 if ok else 1
+            print(f"{'':<16} - {d}")
+    verdict = "every load verified and agrees with fp32" if ok else "FAILED"
+    print(f"\n{verdict} ({seconds:.1f}s)")

@@ -33,6 +33,17 @@ class LoaderKitError(Exception):
         self.plugin = plugin
 
 
+def name_checkpoint(exc: LoaderKitError, path: object, plugin: str | None = None) -> LoaderKitError:
+    """Fill in the checkpoint (and plugin) an error raised deeper down did not know about."""
+    if exc.path is None:
+        exc.path = str(path)
+        if exc.args and isinstance(exc.args[0], str) and str(path) not in exc.args[0]:
+            exc.args = (f"{path}: {exc.args[0]}", *exc.args[1:])
+    if exc.plugin is None and plugin is not None:
+        exc.plugin = plugin
+    return exc
+
+
 class CheckpointError(LoaderKitError):
     """A checkpoint is missing, unreadable, corrupt, or of a kind no format plugin claims."""
 

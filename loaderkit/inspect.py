@@ -6,7 +6,13 @@ import os
 from pathlib import Path
 
 from .checkpoint import CheckpointInfo, QuantizationInfo, read_json
-from .errors import CheckpointNotFoundError, PluginError, UnsupportedCheckpointError
+from .errors import (
+    CheckpointNotFoundError,
+    LoaderKitError,
+    PluginError,
+    UnsupportedCheckpointError,
+    name_checkpoint,
+)
 from .manager import PluginManager
 
 
@@ -38,7 +44,10 @@ def describe(path: str | os.PathLike, manager: PluginManager, format: str | None
             if isinstance(config, dict):
                 info = info.model_copy(update={"config": config})
     for scheme in manager.schemes():
-        q = manager.call(scheme, scheme.obj.detect, info)
+        try:
+            q = manager.call(scheme, scheme.obj.detect, info)
+        except LoaderKitError as exc:
+            raise name_checkpoint(exc, info.path, scheme.plugin)
         if q is None:
             continue
         if not isinstance(q, QuantizationInfo):

@@ -256,17 +256,19 @@ class _Snapshot:
 
 
 def _stream_into(prep: _Prepared, mgr: PluginManager) -> DiskWriter | None:
-    from .stream import assign, read_all
+    from .progress import progress_bar
+    from .stream import Source, assign, read_all
 
     plan_ = prep.plan
     entry = mgr.get("formats", plan_.checkpoint.format)
     if entry is None:
         raise LoaderKitError(f"format {plan_.checkpoint.format!r} is no longer registered")
     writer = DiskWriter(plan_.offload_folder) if plan_.offload_folder else None
-    reader = mgr.call(entry, entry.obj.open, plan_.checkpoint)
+    reader = Source(mgr.call(entry, entry.obj.open, plan_.checkpoint), plan_.checkpoint, entry.plugin)
     try:
-        with torch.no_grad():
-            loaded = read_all(plan_, reader, mgr, writer, prep.placement.offload_buffers)
+        total = sum(t.nbytes for t in plan_.tensors.values())
+        with torch.no_grad(), progress_bar(total, "loading", delay=2.0) as update:
+            loaded = read_all(plan_, reader, mgr, writer, prep.placement.offload_buffers, progress=update)
         if writer is not None:
             writer.finish()
     finally:

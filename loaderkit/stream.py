@@ -16,7 +16,7 @@ import torch
 
 from .checkpoint import CheckpointInfo, QuantizedWeight, TensorReader
 from .dtypes import is_fp8, to_torch
-from .errors import CorruptCheckpointError, LoaderKitError
+from .errors import CorruptCheckpointError, LoaderKitError, PluginError, name_checkpoint
 from .manager import PluginManager
 from .plan import Plan, TensorPlan
 
@@ -73,18 +73,62 @@ def read_all(
 
 
 def _read_one(tp: TensorPlan, plan: Plan, reader: TensorReader, manager: PluginManager):
-    try:
-        raw = reader.get(tp.source)
-    except LoaderKitError:
-        raise
-    except Exception as exc:
-        raise CorruptCheckpointError(
-            f"{plan.checkpoint.path}: cannot read tensor {tp.source!r}: {type(exc).__name__}: {exc}",
-            path=plan.checkpoint.path,
-            tensor=tp.source,
-        ) from exc
-    _check_raw(raw, tp, plan.checkpoint)
-    return convert(tp, raw, plan.checkpoint, reader, manager)
+    return convert(tp, reader.get(tp.source), plan.checkpoint, reader, manager)
+
+
+class Source:
+    """A format's reader whose every read is checked and whose every error names the culprit.
+
+    :param reader: what the format plugin's ``open`` returned.
+    :param checkpoint: the checkpoint being read.
+    :param plugin: the name of the format's plugin.
+    """
+
+    def __init__(self, reader: TensorReader, checkpoint: CheckpointInfo, plugin: str) -> None:
+        if not callable(getattr(reader, "get", None)) or not callable(getattr(reader, "close", None)):
+            raise PluginError(
+                f"format plugin {plugin!r} opened {checkpoint.path} as {type(reader).__name__}, which has "
+                "no get(name) and close() methods",
+                plugin=plugin,
+                path=checkpoint.path,
+            )
+        self.reader, self.checkpoint, self.plugin = reader, checkpoint, plugin
+
+    def get(self, key: str) -> torch.Tensor:
+        ckpt = self.checkpoint
+        info = ckpt.tensors[key]
+        try:
+            raw = self.reader.get(key)
+        except LoaderKitError as exc:
+            raise name_checkpoint(exc, ckpt.path, self.plugin)
+        except Exception as exc:
+            raise CorruptCheckpointError(
+                f"{ckpt.path}: cannot read tensor {key!r} from {info.file} (format plugin "
+                f"{self.plugin!r}): {type(exc).__name__}: {exc}",
+                path=ckpt.path,
+                tensor=key,
+                plugin=self.plugin,
+            ) from exc
+        if not isinstance(raw, torch.Tensor):
+            raise PluginError(
+                f"format plugin {self.plugin!r} returned {type(raw).__name__} for tensor {key!r} of "
+                f"{ckpt.path}, not a torch.Tensor",
+                plugin=self.plugin,
+                path=ckpt.path,
+                tensor=key,
+            )
+        if tuple(raw.shape) != info.shape or raw.dtype != info.torch_dtype:
+            raise CorruptCheckpointError(
+                f"{ckpt.path}: tensor {key!r} in {info.file} reads as {str(raw.dtype)} "
+                f"{list(raw.shape)} but its header says {info.dtype} {list(info.shape)}",
+                path=ckpt.path,
+                tensor=key,
+                plugin=self.plugin,
+            )
+        return raw
+
+    def close(self) -> None:
+        self.reader.close()
 
 
 def _point_at_source(tp: TensorPlan, plan: Plan, writer: "DiskWriter") -> bool:
@@ -100,17 +144,6 @@ def _point_at_source(tp: TensorPlan, plan: Plan, writer: "DiskWriter") -> bool:
 
 def _meta_like(tp: TensorPlan) -> torch.Tensor:
     return torch.empty(tp.shape, dtype=to_torch(tp.target_dtype), device="meta")
-
-
-def _check_raw(raw: torch.Tensor, tp: TensorPlan, ckpt: CheckpointInfo) -> None:
-    info = ckpt.tensors[tp.source]
-    if tuple(raw.shape) != info.shape or str(raw.dtype).removeprefix("torch.") != info.dtype:
-        raise CorruptCheckpointError(
-            f"{ckpt.path}: tensor {tp.source!r} in {info.file} reads as {str(raw.dtype)} "
-            f"{list(raw.shape)} but its header says {info.dtype} {list(info.shape)}",
-            path=ckpt.path,
-            tensor=tp.source,
-        )
 
 
 def convert(
@@ -138,7 +171,18 @@ def convert(
             )
         qw: QuantizedWeight = q.weights[tp.source]
         companions = {k: reader.get(k) for k in tp.companions}
-        out = manager.call(entry, entry.obj.dequantize, qw, raw, companions, target)
+        try:
+            out = manager.call(entry, entry.obj.dequantize, qw, raw, companions, target)
+        except LoaderKitError as exc:
+            raise name_checkpoint(exc, ckpt.path, entry.plugin)
+        if not isinstance(out, torch.Tensor):
+            raise PluginError(
+                f"scheme {q.scheme!r} of plugin {entry.plugin!r} dequantized {tp.source!r} of "
+                f"{ckpt.path} to {type(out).__name__}, not a torch.Tensor",
+                plugin=entry.plugin,
+                path=ckpt.path,
+                tensor=tp.source,
+            )
         if out.dtype != target or tuple(out.shape) != tp.shape:
             raise LoaderKitError(
                 f"scheme {q.scheme!r} dequantized {tp.source!r} to {out.dtype} {list(out.shape)}, "

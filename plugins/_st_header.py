@@ -9,8 +9,9 @@ some of it, e.g. it accepts duplicate tensor names):
 * ``N`` bytes of UTF-8 JSON that start with ``{`` (trailing space padding is allowed), with no
   duplicate keys and no ``NaN``/``Infinity`` constants;
 * ``__metadata__`` (optional) mapping strings to strings;
-* per tensor: a known ``dtype``, a ``shape`` of non-negative integers and ``data_offsets``
-  ``[begin, end]`` whose length is exactly ``numel * itemsize``;
+* per tensor: a known ``dtype``, a ``shape`` of non-negative integers (each at most
+  ``2**63 - 1``, torch's limit) and ``data_offsets`` ``[begin, end]`` whose length is exactly
+  ``numel * itemsize``;
 * offsets that tile the data buffer exactly: no gap, no overlap, no trailing bytes, so that the
   file size is ``8 + N + buffer``.
 
@@ -38,6 +39,8 @@ from loaderkit.errors import CorruptCheckpointError, UnsupportedCheckpointError
 
 #: the largest header the safetensors format allows.
 MAX_HEADER_BYTES = 100_000_000
+#: the largest dimension torch can hold (sizes are int64).
+MAX_DIM = 2**63 - 1
 _FIX = "the file is corrupt or truncated; download or save it again"
 
 
@@ -264,6 +267,8 @@ def _entry(name: str, spec: Any, buffer_len: int, path: object) -> StEntry:
     dtype, itemsize = _dtype(st, name, path)
     if not _int_list(shape):
         raise _bad(path, name, f"shape {shape!r} is not a list of non-negative integers")
+    if any(d > MAX_DIM for d in shape):
+        raise _bad(path, name, f"shape {shape!r} has a dimension over {MAX_DIM}, the largest torch can hold")
     if not _int_list(offsets, 2):
         raise _bad(path, name, f"data_offsets {offsets!r} is not a pair of non-negative integers")
     begin, end = offsets
@@ -295,7 +300,7 @@ def _dtype(st: Any, name: str, path: object) -> tuple[str, int]:
         return found
     if isinstance(st, str) and st.startswith("F6"):
         raise _bad(path, name, f"dtype {st} (6-bit float) has no torch dtype and cannot be loaded")
-    if st in SAFETENSORS_DTYPES:
+    if isinstance(st, str) and st in SAFETENSORS_DTYPES:  # (a list or an object is unhashable)
         raise UnsupportedCheckpointError(
             f"tensor {name!r} in safetensors file {path} has dtype {st}, which this torch build "
             "lacks; upgrade torch",

@@ -44,11 +44,14 @@ class SafetensorsReader(ClosingReader):
     dtype, so a file replaced after it was described cannot slip through.
 
     :param checkpoint: the described checkpoint; ``TensorInfo.file`` is resolved against its root.
+    :param locate: turns a ``TensorInfo.file`` into the path to open, raising if it may not be
+        opened (the sharded format re-checks untrusted shard names here); default: under the root.
     """
 
-    def __init__(self, checkpoint: CheckpointInfo) -> None:
+    def __init__(self, checkpoint: CheckpointInfo, locate: Callable[[str], Path] | None = None) -> None:
         self.checkpoint = checkpoint
         self._root = Path(checkpoint.root)
+        self._locate = locate or (lambda file: self._root / file)
         self._handles: dict[str, object] = {}
 
     def _handle(self, file: str):
@@ -56,7 +59,7 @@ class SafetensorsReader(ClosingReader):
         if h is None:
             from safetensors import safe_open
 
-            path = self._root / file
+            path = self._locate(file)
             try:
                 h = safe_open(str(path), framework="pt", device="cpu")
             except Exception as exc:

@@ -7,10 +7,11 @@ the legacy ``pytorch_model.bin.index.json``) or a directory whose preferred chec
 The index is authoritative: every tensor it lists must be in the shard it names; tensors a shard
 holds but the index does not list are skipped. A tensor name present in two shards is an error.
 Shard names come from a file and are untrusted: absolute paths, ``..`` components and symlinks
-that resolve outside the checkpoint directory are refused before anything is opened (the one
-exception is the Hugging Face cache layout, where ``snapshots/<rev>/`` files link into the same
-repository's ``blobs/``). Every shard's header is validated strictly; ``.bin`` shards are read by
-the ``torchzip`` logic (weights only, memory-mapped).
+that resolve outside the checkpoint directory are refused before anything is opened, and checked
+again when each shard is opened for streaming (the one exception is the Hugging Face cache layout,
+where ``snapshots/<rev>/`` files link into the same repository's ``blobs/``). Every shard's header
+is validated strictly; ``.bin`` shards are read by the ``torchzip`` logic (weights only,
+memory-mapped).
 """
 
 from __future__ import annotations
@@ -172,8 +173,13 @@ class ShardedReader(ClosingReader):
 
     def __init__(self, checkpoint: CheckpointInfo) -> None:
         self.checkpoint = checkpoint
-        self._st = SafetensorsReader(checkpoint)
-        self._torch = torchzip.TorchReader(checkpoint)
+        root, index = Path(checkpoint.root), Path(checkpoint.path)
+
+        def locate(name: str) -> Path:  # checked again on opening: a shard may have changed since
+            return shard_path(root, name, index)
+
+        self._st = SafetensorsReader(checkpoint, locate)
+        self._torch = torchzip.TorchReader(checkpoint, locate)
 
     def get(self, name: str) -> torch.Tensor:
         """Return tensor ``name`` on the CPU as stored (lazy, memory-mapped)."""

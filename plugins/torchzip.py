@@ -202,9 +202,10 @@ def tensor_infos(tensors: Mapping[str, torch.Tensor], file: str) -> dict[str, Te
 class TorchReader(ClosingReader):
     """Serves tensors of one or more torch zip files (memory-mapped; each file loaded on first use)."""
 
-    def __init__(self, checkpoint: CheckpointInfo) -> None:
+    def __init__(self, checkpoint: CheckpointInfo, locate: Callable[[str], Path] | None = None) -> None:
         self.checkpoint = checkpoint
         self._root = Path(checkpoint.root)
+        self._locate = locate or (lambda file: self._root / file)
         self._files: dict[str, Loaded] = {}
 
     def get(self, name: str) -> torch.Tensor:
@@ -220,7 +221,7 @@ class TorchReader(ClosingReader):
         path = self._root / info.file
         loaded = self._files.get(info.file)
         if loaded is None:
-            loaded = self._files[info.file] = load_file(path, keep=False)
+            loaded = self._files[info.file] = load_file(self._locate(info.file), keep=False)
         t = loaded.tensors.get(name)
         if t is None:
             raise CorruptCheckpointError(

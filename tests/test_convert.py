@@ -143,12 +143,22 @@ def test_conv_channel_scale_exact(dst):
 
 @pytest.mark.parametrize("src", FP8)
 @pytest.mark.parametrize("dst", COMPUTE)
-@pytest.mark.parametrize(("shape", "block"), [((300, 200), (128, 128)), ((130, 1000), (128, 128)), ((9, 10), (4, 3))])
+@pytest.mark.parametrize(
+    ("shape", "block"), [((300, 200), (128, 128)), ((130, 1000), (128, 128)), ((9, 10), (4, 3))]
+)
 def test_block_scale_exact(src, dst, shape, block):
     q = random_codes(src, *shape)
     grid = (math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1]))
     scale = torch.rand(grid, generator=torch.Generator().manual_seed(2)) * 3 + 1e-3
     assert_bit_equal(upcast(q, dst, scale, block), dequantize_reference(q, dst, scale, block))
+
+
+def test_other_broadcast_scales_follow_the_reference():
+    q = random_codes(E4M3, 30, 40)
+    per_column = torch.rand(1, 40) + 0.5
+    assert_bit_equal(upcast(q, BF16, per_column), dequantize_reference(q, BF16, per_column))
+    per_row_1d = torch.rand(40) + 0.5  # a 1-D scale broadcasts along the last dim, as in torch
+    assert_bit_equal(upcast(q, BF16, per_row_1d), dequantize_reference(q, BF16, per_row_1d))
 
 
 def test_block_scale_expansion_uses_ceil_division():
@@ -225,7 +235,8 @@ def test_quantize_zero_rows_and_zero_tensor_decode_to_exact_zeros():
     for granularity in ("tensor", "channel", "block"):
         q, scale = quantize(torch.zeros(10, 20), E4M3, granularity, block=(4, 8))
         assert (scale == 1).all()
-        assert (dequantize_reference(q, torch.bfloat16, scale, (4, 8) if granularity == "block" else None) == 0).all()
+        block = (4, 8) if granularity == "block" else None
+        assert (dequantize_reference(q, torch.bfloat16, scale, block) == 0).all()
 
 
 def test_per_channel_keeps_small_rows_that_plain_fp8_flushes():

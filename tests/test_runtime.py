@@ -23,7 +23,9 @@ class VideoNet(nn.Module):
     def __init__(self, dim: int = 32) -> None:
         super().__init__()
         self.patch_embed = nn.Conv3d(3, dim, kernel_size=(1, 2, 2), stride=(1, 2, 2))
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)) for _ in range(2))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)) for _ in range(2)
+        )
         self.norm = nn.LayerNorm(dim)
         self.proj_out = nn.Linear(dim, 12)
 
@@ -53,12 +55,18 @@ def fp8_model(scaled: str = "none", seed: int = 0) -> VideoNet:
     return model
 
 
+def granularity_of(m: nn.Module) -> str:
+    """How ``fp8_model`` scaled this module's weight (from the scale's shape)."""
+    scale, weight = m.weight_scale, m.weight
+    if scale.numel() == 1:
+        return "tensor"
+    return "channel" if tuple(scale.shape) == (weight.shape[0],) + (1,) * (weight.dim() - 1) else "block"
+
+
 def scales_of(m: nn.Module) -> dict | None:
     if "weight_scale" not in m._buffers:
         return None
-    granularity = "block" if m.weight_scale.dim() == 2 and m.weight.dim() == 2 and m.weight_scale.shape[1] > 1 else (
-        "channel" if m.weight_scale.numel() > 1 else "tensor"
-    )
+    granularity = granularity_of(m)
     return {"weight": ("weight_scale", granularity, (16, 16) if granularity == "block" else None)}
 
 
@@ -73,7 +81,7 @@ def dequantized_reference(model: VideoNet, dtype=BF16) -> VideoNet:
     for name, m in model.named_modules():
         for pname, p in m.named_parameters(recurse=False):
             scale = m._buffers.get("weight_scale") if pname == "weight" else None
-            block = (16, 16) if scale is not None and scale.dim() == 2 and scale.shape[1] > 1 and p.dim() == 2 else None
+            block = (16, 16) if scale is not None and granularity_of(m) == "block" else None
             state[f"{name}.{pname}"] = upcast(p.data, dtype, scale, block)
     ref.load_state_dict(state)
     return ref
@@ -131,6 +139,29 @@ def test_one_dimensional_channel_scale_applies_per_output_row():
     runtime.attach_cast(lin, torch.float32, scales={"weight": ("weight_scale", "channel", None)})
     x = torch.randn(3, 16)
     assert torch.equal(lin(x), F.linear(x, upcast(q, torch.float32, scale), lin.bias))
+
+
+def test_workspace_is_reused_but_never_while_an_output_aliases_it():
+    class FirstRow(nn.Linear):  # a kernel layer whose output is a view of its weight
+        def forward(self, x):
+            return self.weight[0]
+
+    runtime.release_workspace()
+    layers = [FirstRow(64, 32), FirstRow(64, 32), nn.Linear(64, 32)]
+    for lin in layers:
+        lin.requires_grad_(False)
+        lin.weight.data = lin.weight.data.to(E4M3)
+        runtime.attach_cast(lin, BF16)
+    x = torch.randn(1, 64, dtype=BF16)
+    with torch.no_grad():
+        first = layers[0](x)
+        expected = layers[0].weight[0].to(BF16)
+        layers[1](x)  # same shape: must not overwrite the buffer ``first`` lives in
+        assert torch.equal(first, expected)
+        layers[2](x)
+        layers[2](x)
+    assert len(runtime._POOL.free[((32, 64), BF16)]) == 1  # the Linear's buffer went back and was reused
+    runtime.release_workspace()
 
 
 def test_grad_mode_forward_matches_too():
@@ -266,7 +297,8 @@ def test_attach_errors_name_the_module():
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_supports():
-    assert all(runtime.supports(m) for m in (nn.Linear(2, 2), nn.Conv2d(1, 1, 1), nn.Embedding(2, 2), nn.LayerNorm(2)))
+    kernels = (nn.Linear(2, 2), nn.Conv2d(1, 1, 1), nn.Embedding(2, 2), nn.LayerNorm(2))
+    assert all(runtime.supports(m) for m in kernels)
     assert runtime.supports(nn.GELU())
     assert not runtime.supports(torch.jit.script(nn.Linear(2, 2)))
     param = nn.Linear(2, 2)
@@ -319,7 +351,9 @@ def test_composes_with_align_devices_hook_and_weights_map():
     source = fp8_model("channel")
     weights_map = {k: v.clone() for k, v in source.state_dict().items()}
     model = fp8_model("channel")
-    attach_align_device_hook(model, execution_device="cpu", offload=True, weights_map=weights_map, offload_buffers=True)
+    attach_align_device_hook(
+        model, execution_device="cpu", offload=True, weights_map=weights_map, offload_buffers=True
+    )
     add_hook_to_module(model, AlignDevicesHook(io_same_device=True), append=True)
     attach_all(model)
     assert model.blocks[1][2].weight_scale.device.type == "meta"  # scales offloaded too
@@ -376,7 +410,8 @@ def test_input_cast_casts_floats_only():
     root = Root()
     runtime.attach_input_cast(root, BF16)
     ids = torch.tensor([[1, 2]])
-    root(ids, extra={"t": torch.ones(2), "mask": torch.ones(2, dtype=torch.bool)}, pair=(torch.ones(1, dtype=torch.float64), 3))
+    extra = {"t": torch.ones(2), "mask": torch.ones(2, dtype=torch.bool)}
+    root(ids, extra=extra, pair=(torch.ones(1, dtype=torch.float64), 3))
     assert received["ids"] is ids
     assert received["extra"]["t"].dtype == BF16 and received["extra"]["mask"].dtype == torch.bool
     assert received["pair"][0].dtype == BF16 and received["pair"][1] == 3
@@ -439,7 +474,8 @@ def test_native_path_composes_with_cpu_offload(monkeypatch):
     cpu_offload(offloaded, execution_device="cpu")
     for model in (plain, offloaded):
         for lin in (model[0], model[2]):
-            runtime.attach_cast(lin, torch.float32, scales={"weight": ("weight_scale", "tensor", None)}, native=True)
+            scales = {"weight": ("weight_scale", "tensor", None)}
+            runtime.attach_cast(lin, torch.float32, scales=scales, native=True)
     assert torch.equal(offloaded(x), plain(x))
     assert runtime.cast_rule_of(offloaded[0]).native_reason.startswith("native")
     assert offloaded[0].weight.device.type == "meta" and offloaded[0].weight.dtype == E4M3
