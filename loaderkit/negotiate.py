@@ -64,6 +64,13 @@ def module_kind(module: torch.nn.Module) -> str:
     return "other"
 
 
+def _read_by_parent(name: str, named: dict[str, torch.nn.Module]) -> bool:
+    """True for a module whose parent reads its tensors without calling it (so a cast rule on
+    the module itself would never run): ``nn.MultiheadAttention.out_proj``."""
+    parent, _, _ = name.rpartition(".")
+    return bool(name) and isinstance(named.get(parent), torch.nn.MultiheadAttention)
+
+
 def _tie_groups(slots: dict[str, Slot], facts: ModelFacts) -> dict[str, list[str]]:
     """Canonical-less groups of keys that must share one tensor (by identity, then by facts)."""
     by_id: dict[int, list[str]] = {}
@@ -220,7 +227,7 @@ def negotiate(
             tensors=infos,
             keep_fp32=facts.keeps_fp32(mname),
             keep_fp32_fp16=facts.keeps_fp32(mname, fp16=True),
-            skip_low_precision=facts.skips_low_precision(mname),
+            skip_low_precision=facts.skips_low_precision(mname) or _read_by_parent(mname, named),
         )
         decision = manager.call(strategy_entry, strategy.decide, ctx)
         _check_decision(decision, ctx, strategy_entry)

@@ -77,10 +77,17 @@ def _cast_rule(module: torch.nn.Module):
     return cast_rule_of(module)
 
 
-def kernel_dtype(module: torch.nn.Module) -> tuple[torch.dtype | None, list[str]]:
-    """The dtype a module's kernel sees its floating parameters in, and any static problems."""
+def kernel_dtype(
+    module: torch.nn.Module, covered: dict[str, torch.dtype] | None = None
+) -> tuple[torch.dtype | None, list[str]]:
+    """The dtype a module's kernel sees its floating parameters in, and any static problems.
+
+    :param covered: parameters a parent module's cast rule hands over in a compute dtype
+        (``nn.MultiheadAttention`` reads ``out_proj.weight`` itself), by local name.
+    """
+    covered = covered or {}
     params = {n: p for n, p in module.named_parameters(recurse=False) if p is not None}
-    floats = {n: p.dtype for n, p in params.items() if p.dtype.is_floating_point}
+    floats = {n: covered.get(n, p.dtype) for n, p in params.items() if p.dtype.is_floating_point}
     if isinstance(module, _KERNEL_TYPES):
         ints = [f"{n} ({dtype_name(p.dtype)})" for n, p in params.items() if not p.dtype.is_floating_point]
         if ints:
@@ -118,6 +125,19 @@ def kernel_dtype(module: torch.nn.Module) -> tuple[torch.dtype | None, list[str]
         )
     compute = next(d for d in floats.values() if not is_fp8(dtype_name(d))) if len(fp8) < len(floats) else None
     return compute, problems
+
+
+def _covered_by_parents(model: torch.nn.Module) -> dict[str, dict[str, torch.dtype]]:
+    """module name -> {local tensor: compute dtype} for tensors a parent's cast rule covers."""
+    out: dict[str, dict[str, torch.dtype]] = {}
+    for name, module in model.named_modules():
+        rule = _cast_rule(module)
+        for tname in rule.params if rule is not None else ():
+            child, _, local = tname.rpartition(".")
+            if child:
+                full = f"{name}.{child}" if name else child
+                out.setdefault(full, {})[local] = rule.compute_dtype
+    return out
 
 
 def _offload_hook(module: torch.nn.Module):
@@ -187,8 +207,9 @@ def verify(
         plan = plan_of(model)
     report = VerifyReport()
     computes: dict[str, torch.dtype | None] = {}
+    covered = _covered_by_parents(model)
     for name, module in model.named_modules():
-        compute, problems = kernel_dtype(module)
+        compute, problems = kernel_dtype(module, covered.get(name))
         if compute is None and not problems:
             continue
         report.modules_checked += 1

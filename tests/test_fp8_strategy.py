@@ -228,3 +228,36 @@ def test_quality_diffusers_transformer(tmp_path):
         got = model(**inputs).sample.float().flatten()
     assert any(p.dtype == torch.float8_e4m3fn for p in model.parameters())
     assert F.cosine_similarity(got, want, dim=0) >= 0.99
+
+
+def test_multihead_attention_out_proj_is_not_stored_fp8(tmp_path):
+    """MultiheadAttention reads out_proj's tensors itself: a cast rule on out_proj would never run."""
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.fc(self.attn(x, x, x)[0])
+
+    torch.manual_seed(0)
+    path = tmp_path / "attn.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in Attn().state_dict().items()}, str(path))
+    model = loaderkit.load(path, "fp8", model=Attn)
+    assert model.attn.out_proj.weight.dtype == torch.bfloat16
+    assert model.fc.weight.dtype == torch.float8_e4m3fn
+    x = torch.randn(1, 3, 16)
+    assert loaderkit.verify(model, x).ok
+
+
+def test_verify_accepts_tensors_covered_by_a_parents_cast_rule():
+    from loaderkit import runtime
+
+    mha = nn.MultiheadAttention(16, 2)
+    mha.out_proj.weight.data = mha.out_proj.weight.data.to(torch.float8_e4m3fn)
+    assert not loaderkit.verify(mha).ok
+    runtime.attach_cast(mha, torch.float32)
+    x = torch.randn(3, 1, 16)
+    assert loaderkit.verify(mha, (x, x, x)).ok
