@@ -28,7 +28,7 @@ import re
 import shutil
 import struct
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,7 +37,7 @@ from torch import nn
 
 from .checkpoint import CheckpointInfo, TensorInfo
 from .dtypes import SAFETENSORS_DTYPES, is_fp8, to_torch
-from .errors import CorruptCheckpointError, LoaderKitError
+from .errors import LoaderKitError
 from .manager import PluginManager, get_manager
 from .plan import Plan, TensorPlan
 from .strategy import Strategy
@@ -123,8 +123,7 @@ class Job:
     side_files: list[Path]
     config: dict[str, Any] | None
     manager: PluginManager
-    reader: "Source | None" = None
-    created: list[Path] = field(default_factory=list)
+    reader: "RecyclingSource | None" = None
 
     @property
     def total_bytes(self) -> int:
@@ -257,7 +256,7 @@ def make_job(
         _check_ct(units)
     shards = [units] if single else _assign_shards(units, max_bytes)
     names, index = _file_names(info, dst, len(shards))
-    config = _edit_config(info.config, prep.plan, layout, _ct_config(units, ignore) if layout == CT else None)
+    config = _edit_config(info.config, prep.plan, _ct_config(units, ignore) if layout == CT else None)
     side = [] if info.config is None else _side_files(info)
     return Job(src, dst, prep.plan, layout, units, shards, names, index, side, config, mgr)
 
@@ -398,7 +397,7 @@ def _ct_config(units: list[Unit], ignore: list[str]) -> dict[str, Any]:
             "quant_method": "compressed-tensors", "quantization_status": "compressed"}
 
 
-def _edit_config(config: dict | None, plan: Plan, layout: str, qc: dict | None) -> dict | None:
+def _edit_config(config: dict | None, plan: Plan, qc: dict | None) -> dict | None:
     """config.json for the output: quantization_config set (compressed-tensors) or removed, and
     the model dtype set to the dtype most modules compute in."""
     if config is None:
@@ -560,7 +559,7 @@ class ShardWriter:
             raise ConvertError(f"tensor {name} came out as {tensor.dtype} {list(tensor.shape)}, but "
                                f"{it.dtype} {list(it.shape)} was planned; this is a bug in loaderkit",
                                tensor=name)
-        begin, n = self.offsets[name]
+        begin, _ = self.offsets[name]
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
         self.file.seek(len(self.prefix) + begin)
         self.file.write(memoryview(data))
@@ -579,8 +578,9 @@ class ShardWriter:
         self.file.close()
 
 
-class Source:
-    """The checkpoint's tensor reader, closed and reopened every :data:`RECYCLE_BYTES` read.
+class RecyclingSource:
+    """The checkpoint's checked tensor reader (:class:`loaderkit.stream.Source`), closed and
+    reopened every :data:`RECYCLE_BYTES` read.
 
     Readers serve zero-copy views of memory maps; pages of tensors already written would stay
     mapped (and counted in the process's memory) until the reader is closed. Recycling it keeps
@@ -592,13 +592,17 @@ class Source:
         self.entry = manager.get("formats", checkpoint.format)
         if self.entry is None:
             raise LoaderKitError(f"format {checkpoint.format!r} is no longer registered")
-        self.reader = None
+        self.source = None
         self.since = 0
 
     def get(self, key: str) -> torch.Tensor:
-        if self.reader is None:
-            self.reader = self.manager.call(self.entry, self.entry.obj.open, self.checkpoint)
-        return self.reader.get(key)
+        """Tensor ``key`` as stored, checked against its description."""
+        if self.source is None:
+            from .stream import Source
+
+            reader = self.manager.call(self.entry, self.entry.obj.open, self.checkpoint)
+            self.source = Source(reader, self.checkpoint, self.entry.plugin)
+        return self.source.get(key)
 
     def done(self, nbytes: int) -> None:
         """Count bytes read; release the reader's maps once a window is full."""
@@ -607,9 +611,9 @@ class Source:
             self.close()
 
     def close(self) -> None:
-        reader, self.reader, self.since = self.reader, None, 0
-        if reader is not None:
-            self.manager.call(self.entry, reader.close)
+        source, self.source, self.since = self.source, None, 0
+        if source is not None:
+            self.manager.call(self.entry, source.close)
 
 
 def _produce(unit: Unit, job: Job) -> dict[str, torch.Tensor]:
@@ -617,7 +621,7 @@ def _produce(unit: Unit, job: Job) -> dict[str, torch.Tensor]:
     from .stream import convert as convert_tensor
 
     ckpt = job.plan.checkpoint
-    raw = _read(job, unit.source)
+    raw = job.reader.get(unit.source)
     tp = unit.tp
     first = unit.items[0]
     if tp is None:
@@ -634,23 +638,6 @@ def _produce(unit: Unit, job: Job) -> dict[str, torch.Tensor]:
         return {first.name: raw.to(to_torch(first.dtype))}
     tensor, _ = convert_tensor(tp, raw, ckpt, job.reader, job.manager)
     return {first.name: tensor}
-
-
-def _read(job: Job, key: str) -> torch.Tensor:
-    ckpt = job.plan.checkpoint
-    info = ckpt.tensors[key]
-    try:
-        raw = job.reader.get(key)
-    except LoaderKitError:
-        raise
-    except Exception as exc:
-        raise CorruptCheckpointError(f"{ckpt.path}: cannot read tensor {key!r}: {type(exc).__name__}: {exc}",
-                                     path=ckpt.path, tensor=key) from exc
-    if tuple(raw.shape) != info.shape or raw.dtype != info.torch_dtype:
-        raise CorruptCheckpointError(f"{ckpt.path}: tensor {key!r} in {info.file} reads as {raw.dtype} "
-                                     f"{list(raw.shape)} but its header says {info.dtype} {list(info.shape)}",
-                                     path=ckpt.path, tensor=key)
-    return raw
 
 
 def _write_all(job: Job, out_dir: Path, update) -> None:
@@ -707,7 +694,7 @@ def _run(job: Job, progress: bool | None) -> Path:
     created = _make_parents(dst.parent)
     tmp = _temp_dir(dst, "partial")
     try:
-        job.reader = Source(job.plan.checkpoint, job.manager)
+        job.reader = RecyclingSource(job.plan.checkpoint, job.manager)
         try:
             total = sum(job.plan.checkpoint.tensors[u.source].nbytes for u in job.units)
             with torch.no_grad(), progress_bar(total, f"converting {job.src.name}", progress=progress) as update:

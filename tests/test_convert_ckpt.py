@@ -394,6 +394,34 @@ def test_unsupported_combinations(llama, sample, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name not in ("src", "d.safetensors")]
 
 
+def test_name_clash_with_an_existing_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x.weight": torch.randn(8, 8), "x.weight_scale": torch.ones(3)}, str(tmp_path / "c.safetensors"))
+    with pytest.raises(ConvertError, match="two output tensors would be named x.weight_scale"):
+        convert(tmp_path / "c.safetensors", tmp_path / "d.safetensors", "fp8", progress=False)
+    assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_diffusers_directory_keeps_its_names_and_config(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from test_real_writers import SD3
+
+    torch.manual_seed(0)
+    diffusers.SD3Transformer2DModel(**SD3).save_pretrained(tmp_path / "sd3")
+    dst = convert(tmp_path / "sd3", tmp_path / "sd3-fp8", "fp8", progress=False)
+    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert json.loads((dst / "config.json").read_text()) == json.loads((tmp_path / "sd3" / "config.json").read_text())
+    assert loaderkit.inspect(dst).quantization.scheme == "comfy-mixed"
+    ref = diffusers.SD3Transformer2DModel.from_pretrained(tmp_path / "sd3")
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(hidden_states=torch.randn(1, 4, 16, 16, generator=g),
+                  encoder_hidden_states=torch.randn(1, 5, 16, generator=g),
+                  pooled_projections=torch.randn(1, 16, generator=g), timestep=torch.tensor([10]))
+    with torch.no_grad():
+        assert cosine(loaderkit.load(dst, "fp8")(**inputs).sample, ref(**inputs).sample) >= 0.99
+
+
 def test_parse_size():
     assert parse_size("2GB") == 2_000_000_000 and parse_size("500MB") == 500_000_000
     assert parse_size("2GiB") == 2 << 30 and parse_size("1.5kb") == 1500 and parse_size(100) == 100
