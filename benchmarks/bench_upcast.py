@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from loaderkit import convert, runtime
+from loaderkit import quant, runtime
 
 E4M3 = torch.float8_e4m3fn
 
@@ -46,9 +46,9 @@ def bits_route(q: torch.Tensor) -> torch.Tensor:
     out = torch.empty(q.shape, dtype=torch.bfloat16)
     flat_q, flat_o = q.view(torch.uint8).reshape(-1), out.view(torch.int16).reshape(-1)
     two120 = torch.tensor(2.0**120, dtype=torch.bfloat16)
-    for i in range(0, flat_q.numel(), convert.CHUNK):
-        x = flat_o[i : i + convert.CHUNK]
-        x.copy_(flat_q[i : i + convert.CHUNK])
+    for i in range(0, flat_q.numel(), quant.CHUNK):
+        x = flat_o[i : i + quant.CHUNK]
+        x.copy_(flat_q[i : i + quant.CHUNK])
         sign = (x & 0x80).bitwise_left_shift_(8)
         x.bitwise_and_(0x7F)
         nan = x == 0x7F
@@ -59,10 +59,10 @@ def bits_route(q: torch.Tensor) -> torch.Tensor:
 
 def lut256_route(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Single-byte table, int32 index, chunked (no pair table)."""
-    table = convert._unscaled_tables(q.dtype, dtype)[0]
+    table = quant._unscaled_tables(q.dtype, dtype)[0]
     out = torch.empty(q.shape, dtype=dtype)
     codes = q.view(torch.uint8).reshape(-1)
-    convert._gather_range(codes, table, out.view(table.dtype).reshape(-1), 0, codes.numel())
+    quant._gather_range(codes, table, out.view(table.dtype).reshape(-1), 0, codes.numel())
     return out
 
 
@@ -78,17 +78,17 @@ def upcast_routes(n: int) -> dict[str, Callable[[], torch.Tensor]]:
         "torch q.float().to(bf16)": lambda: q.float().to(bf16),
         "bit manipulation -> bf16": lambda: bits_route(q),
         "256-entry table -> bf16": lambda: lut256_route(q, bf16),
-        "upcast -> bf16 (pair table)": lambda: convert.upcast(q, bf16),
-        "upcast -> bf16, out= buffer": lambda: convert.upcast(q, bf16, out=out_bf16),
-        "upcast -> fp32": lambda: convert.upcast(q, f32),
+        "upcast -> bf16 (pair table)": lambda: quant.upcast(q, bf16),
+        "upcast -> bf16, out= buffer": lambda: quant.upcast(q, bf16, out=out_bf16),
+        "upcast -> fp32": lambda: quant.upcast(q, f32),
         "torch q.to(fp32)": lambda: q.to(f32),
-        "reference tensor-scaled -> bf16": lambda: convert.dequantize_reference(q, bf16, torch.tensor(0.7)),
-        "upcast tensor-scaled -> bf16": lambda: convert.upcast(q, bf16, torch.tensor(0.7)),
-        "reference channel-scaled -> bf16": lambda: convert.dequantize_reference(q, bf16, ch),
-        "upcast channel-scaled -> bf16": lambda: convert.upcast(q, bf16, ch),
-        "reference block-scaled -> bf16": lambda: convert.dequantize_reference(q, bf16, blk, (128, 128)),
-        "upcast block-scaled -> bf16": lambda: convert.upcast(q, bf16, blk, (128, 128)),
-        "upcast channel-scaled -> fp32": lambda: convert.upcast(q, f32, ch),
+        "reference tensor-scaled -> bf16": lambda: quant.dequantize_reference(q, bf16, torch.tensor(0.7)),
+        "upcast tensor-scaled -> bf16": lambda: quant.upcast(q, bf16, torch.tensor(0.7)),
+        "reference channel-scaled -> bf16": lambda: quant.dequantize_reference(q, bf16, ch),
+        "upcast channel-scaled -> bf16": lambda: quant.upcast(q, bf16, ch),
+        "reference block-scaled -> bf16": lambda: quant.dequantize_reference(q, bf16, blk, (128, 128)),
+        "upcast block-scaled -> bf16": lambda: quant.upcast(q, bf16, blk, (128, 128)),
+        "upcast channel-scaled -> fp32": lambda: quant.upcast(q, f32, ch),
     }
 
 
@@ -113,7 +113,7 @@ def to_fp8(model: nn.Sequential, scaled: bool = False) -> nn.Sequential:
     """Store every Linear's weight in fp8 (per-channel scale when ``scaled``); bias stays bf16."""
     for lin in model:
         granularity = "channel" if scaled else "none"
-        q, scale = convert.quantize(lin.weight.data, E4M3, granularity)
+        q, scale = quant.quantize(lin.weight.data, E4M3, granularity)
         lin.weight = nn.Parameter(q, requires_grad=False)
         lin.bias = nn.Parameter(lin.bias.data.to(torch.bfloat16), requires_grad=False)
         if scaled:

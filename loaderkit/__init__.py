@@ -26,6 +26,7 @@ from .errors import (
     BuildError,
     CheckpointError,
     CheckpointNotFoundError,
+    ConvertError,
     CorruptCheckpointError,
     LoaderKitError,
     PlanError,
@@ -42,6 +43,7 @@ from .manager import PluginManager, get_manager, register, unregister
 from .plan import Decision, ModulePlan, Plan, TensorPlan
 from .strategy import ModelContext, ModuleContext, ModuleDecision, Strategy, StrategyOptions
 from .verify import VerifyReport, verify
+from .write import convert
 
 __all__ = [
     "BuildError",
@@ -50,6 +52,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointInfo",
     "CheckpointNotFoundError",
+    "ConvertError",
     "CorruptCheckpointError",
     "Decision",
     "DeviceCaps",
@@ -78,6 +81,7 @@ __all__ = [
     "VerifyError",
     "VerifyReport",
     "__version__",
+    "convert",
     "get_manager",
     "hookimpl",
     "hookspec",

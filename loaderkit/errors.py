@@ -103,6 +103,10 @@ class StateDictMismatchError(LoaderKitError):
         self.mismatched = list(mismatched)
 
 
+class ConvertError(LoaderKitError):
+    """A conversion cannot be done (bad destination, unsupported combination) or failed to write."""
+
+
 class VerifyError(LoaderKitError):
     """A model fails the dtype-consistency check; raised by ``verify(..., strict=True)``."""
 
@@ -111,6 +115,7 @@ __all__ = [
     "BuildError",
     "CheckpointError",
     "CheckpointNotFoundError",
+    "ConvertError",
     "CorruptCheckpointError",
     "LoaderKitError",
     "PlanError",

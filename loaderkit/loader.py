@@ -167,6 +167,7 @@ def load(
     strict: bool = True,
     format: str | None = None,
     cast_inputs: bool = True,
+    progress: bool | None = None,
     manager: PluginManager | None = None,
 ) -> torch.nn.Module:
     """Load a checkpoint into a model whose dtypes follow the negotiated plan.
@@ -193,6 +194,8 @@ def load(
     :param cast_inputs: cast floating-point tensors passed to the model's ``forward`` to the
         dtype its modules mostly compute in (as pipelines do with latents and timesteps); integer
         inputs are never touched. Default on; pass ``False`` to feed activations as they are.
+    :param progress: show a progress bar for loads that take more than two seconds (default:
+        when standard error is a terminal and ``LOADERKIT_PROGRESS`` is not ``0``).
     :returns: the model in eval mode. A failed load raises and returns nothing.
     """
     mgr = manager or get_manager()
@@ -201,7 +204,7 @@ def load(
     plan_, model_ = prep.plan, prep.model
     snapshot = _Snapshot(model_)
     try:
-        writer = _stream_into(prep, mgr)
+        writer = _stream_into(prep, mgr, progress)
         for fn in prep.facts.finalize:
             fn(model_)
         _check_complete(model_, plan_)
@@ -255,7 +258,7 @@ class _Snapshot:
         self.model.__dict__.update(self.attrs)
 
 
-def _stream_into(prep: _Prepared, mgr: PluginManager) -> DiskWriter | None:
+def _stream_into(prep: _Prepared, mgr: PluginManager, progress: bool | None = None) -> DiskWriter | None:
     from .progress import progress_bar
     from .stream import Source, assign, read_all
 
@@ -267,7 +270,7 @@ def _stream_into(prep: _Prepared, mgr: PluginManager) -> DiskWriter | None:
     reader = Source(mgr.call(entry, entry.obj.open, plan_.checkpoint), plan_.checkpoint, entry.plugin)
     try:
         total = sum(t.nbytes for t in plan_.tensors.values())
-        with torch.no_grad(), progress_bar(total, "loading", delay=2.0) as update:
+        with torch.no_grad(), progress_bar(total, "loading", progress=progress, delay=2.0) as update:
             loaded = read_all(plan_, reader, mgr, writer, prep.placement.offload_buffers, progress=update)
         if writer is not None:
             writer.finish()

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .convert import upcast
+from .quant import upcast
 
 if TYPE_CHECKING:
     from .runtime import CastRule

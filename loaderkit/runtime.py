@@ -3,7 +3,7 @@
 A *cast rule* is an accelerate :class:`~accelerate.hooks.ModelHook` attached with
 ``add_hook_to_module(module, hook, append=True)``. Just before the module's forward it swaps each
 covered tensor whose stored dtype differs from the compute dtype (or that has a scale) for its
-decoded compute-dtype copy (:func:`loaderkit.convert.upcast`), and just after it puts the stored
+decoded compute-dtype copy (:func:`loaderkit.quant.upcast`), and just after it puts the stored
 tensor back. Tensors already in the compute dtype are not touched, the module is never cast as a
 whole (diffusers' layerwise casting does ``module.to(compute)`` and ``module.to(storage)`` around
 every call), and ``module.forward`` is left to accelerate's hook machinery.
@@ -41,7 +41,7 @@ import torch
 from accelerate.hooks import ModelHook, SequentialHook, add_hook_to_module, remove_hook_from_module
 from torch import nn
 
-from .convert import GRANULARITIES, upcast
+from .quant import GRANULARITIES, upcast
 from .errors import LoaderKitError
 
 #: layers whose forward only hands its tensors to a functional kernel (safe for reused buffers).

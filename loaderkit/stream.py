@@ -157,7 +157,7 @@ def convert(
         return raw, None
     if tp.conversion == "cast":
         if is_fp8(tp.stored_dtype):
-            from .convert import upcast
+            from .quant import upcast
 
             return upcast(raw, target), None
         return raw.to(target), None
@@ -192,7 +192,7 @@ def convert(
             )
         return out, None
     if tp.conversion == "quantize":
-        from .convert import quantize
+        from .quant import quantize
 
         q, scale = quantize(raw, target, granularity=tp.granularity or "channel")
         return q, None if (tp.granularity or "channel") == "none" else scale

@@ -37,7 +37,7 @@ from torch import nn
 
 from .checkpoint import CheckpointInfo, TensorInfo
 from .dtypes import SAFETENSORS_DTYPES, is_fp8, to_torch
-from .errors import LoaderKitError
+from .errors import ConvertError, LoaderKitError
 from .manager import PluginManager, get_manager
 from .plan import Plan, TensorPlan
 from .strategy import Strategy
@@ -58,13 +58,9 @@ CT, COMFY, PLAIN = "compressed-tensors", "comfy-mixed", "plain"
 _EXPECTED_SCHEME = {CT: "compressed-tensors-fp8", COMFY: "comfy-mixed", PLAIN: None}
 
 
-class ConvertError(LoaderKitError):
-    """A conversion cannot be done (bad destination, unsupported combination) or failed to write."""
-
-
 def _kernels():
     """The conversion kernels (``quantize``) the loader itself uses."""
-    from . import convert as kernels
+    from . import quant as kernels
 
     return kernels
 

@@ -69,7 +69,7 @@ def _decode(
     """``(q.float() * scale).to(dtype)``: through loaderkit's bit-exact fast upcast (lookup tables
     on the CPU) for compute dtypes, by the expression itself otherwise."""
     if dtype.is_floating_point and dtype.itemsize > 1:
-        from loaderkit.convert import upcast
+        from loaderkit.quant import upcast
 
         return upcast(q, dtype, scale, block)
     w = q.to(torch.float32)

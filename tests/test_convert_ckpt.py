@@ -30,7 +30,7 @@ from safetensors import safe_open
 import loaderkit
 from loaderkit import progress as lk_progress
 from loaderkit.cli import main
-from loaderkit.convert import quantize
+from loaderkit.quant import quantize
 from loaderkit.demo import TinyVideoDiT, save_sample
 from loaderkit.plugins._st_header import read_header
 from loaderkit.write import ConvertError, ShardWriter, convert, infer_model, parse_size

@@ -115,7 +115,7 @@ def test_hook_has_a_test(hook):
     assert users, f"no test in tests/ mentions hook {hook}"
 
 
-API_FUNCTIONS = ("load", "plan", "inspect", "verify", "strategy", "register", "unregister")
+API_FUNCTIONS = ("load", "plan", "inspect", "verify", "strategy", "register", "unregister", "convert", "plan_of")
 
 
 def _plain_signature(fn) -> str:

@@ -10,7 +10,7 @@ from accelerate.hooks import AlignDevicesHook, add_hook_to_module, attach_align_
 from torch import nn
 
 from loaderkit import LoaderKitError, runtime
-from loaderkit.convert import quantize, upcast
+from loaderkit.quant import quantize, upcast
 
 E4M3 = torch.float8_e4m3fn
 BF16 = torch.bfloat16

@@ -1,4 +1,4 @@
-"""Exactness of fp8 decoding and accuracy of fp8 encoding (loaderkit.convert)."""
+"""Exactness of fp8 decoding and accuracy of fp8 encoding (loaderkit.quant)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loaderkit import LoaderKitError, convert
-from loaderkit.convert import dequantize_reference, expand_block_scale, fp8_max, quantize, upcast
+from loaderkit import LoaderKitError, quant
+from loaderkit.quant import dequantize_reference, expand_block_scale, fp8_max, quantize, upcast
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 FP8 = [E4M3, E5M2]
@@ -81,7 +81,7 @@ def test_non_contiguous_and_offset_inputs():
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_split_over_threads_gives_the_same_bits(monkeypatch, threads):
-    monkeypatch.setattr(convert, "PARALLEL_MIN", 1000)  # split even these small tensors
+    monkeypatch.setattr(quant, "PARALLEL_MIN", 1000)  # split even these small tensors
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
