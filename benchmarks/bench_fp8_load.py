@@ -11,7 +11,9 @@ growth over the pre-load level, see ``common.py``):
                ``attach_layerwise_casting_hooks(storage_dtype=float8_e4m3fn,
                compute_dtype=bfloat16, skip_modules_pattern=("lm_head",))`` — unscaled fp8, the
                same modules as loaderkit's default (``lm_head`` is kept in bf16 by both);
-* ``lk-fp8-unscaled``  loaderkit with ``granularity="none"`` (unscaled, the peer's encoding).
+* ``lk-fp8-1thread``  ``lk-fp8`` after ``torch.set_num_threads(1)`` (diagnostic: quantizing runs
+               many small ops, and on a busy 2-core machine every 2-thread op waits for the
+               thread the scheduler has preempted).
 
 Targets: ``lk-fp8`` anonymous growth <= 0.9x peer, peak RSS <= 0.95x peer, time <= 1.2x peer.
 
@@ -70,16 +72,23 @@ def case_lk_fp8_fp32(path: Path):
     return _lk(path, compute_dtype=torch.float32)
 
 
+def case_lk_fp8_one_thread(path: Path):
+    import torch
+
+    torch.set_num_threads(1)
+    return _lk(path)
+
+
 CASES = {
     "lk-fp8": _lk,
     "peer": case_peer,
     "lk-fp8-fp32": case_lk_fp8_fp32,
     "lk-fp8-resident": lambda path: _lk(path, resident=True),
-    "lk-fp8-unscaled": lambda path: _lk(path, granularity="none"),
+    "lk-fp8-1thread": case_lk_fp8_one_thread,
     "bf16": lambda path: _hf(path, "bfloat16"),
     "fp32": lambda path: _hf(path, "float32"),
 }
-LOAD_CASES = ["lk-fp8", "peer", "lk-fp8-unscaled"]
+LOAD_CASES = ["lk-fp8", "peer", "lk-fp8-1thread"]
 FORWARD_CASES = ["lk-fp8", "lk-fp8-fp32", "lk-fp8-resident", "bf16", "fp32", "peer"]
 
 LABELS = {
@@ -87,7 +96,7 @@ LABELS = {
     "peer": "(f) peer: from_pretrained(bf16) + accelerate layerwise casting (fp8 storage)",
     "lk-fp8-fp32": 'loaderkit fp8, compute_dtype=float32',
     "lk-fp8-resident": "loaderkit fp8, resident=True (bf16 copies kept)",
-    "lk-fp8-unscaled": '(e\') loaderkit fp8, granularity="none" (unscaled, like the peer)',
+    "lk-fp8-1thread": "(e') same as (e) after torch.set_num_threads(1)",
     "bf16": "plain bf16 (from_pretrained)",
     "fp32": "plain fp32 (from_pretrained)",
 }

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 from pydantic import Field
+from torch import nn
 
-from .checkpoint import CheckpointInfo, Frozen
+from .checkpoint import CheckpointInfo, Frozen, TensorInfo
 from .errors import BuildError
 
 if TYPE_CHECKING:
@@ -201,3 +202,65 @@ def build_skeleton(
         "zero-argument factory (install transformers or diffusers to build their models from config).",
         path=checkpoint.path,
     )
+
+
+_EMBED = re.compile(r"(^|[._])(embed|embedding|embeddings|embed_tokens|wte|wpe|shared)$")
+
+
+def infer_model(checkpoint: CheckpointInfo) -> nn.Module:
+    """A meta-device model whose state dict is the checkpoint's, module kinds guessed from keys:
+    a 2-D ``<m>.weight`` is a Linear (an Embedding when ``<m>`` is named like one), a 3/4/5-D one a
+    Conv1d/2d/3d, anything else a plain tensor of a plain module (kept in high precision)."""
+    q = checkpoint.quantization
+    skip = q.companion_keys() if q else set()
+    direct: dict[str, dict[str, TensorInfo]] = {}
+    for key, info in checkpoint.tensors.items():
+        if key not in skip:
+            mod, _, local = key.rpartition(".")
+            direct.setdefault(mod, {})[local] = info
+    names = {""}
+    for mod in direct:
+        parts = mod.split(".") if mod else []
+        names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    modules: dict[str, nn.Module] = {}
+    for name in sorted(names, key=lambda n: (n.count(".") + bool(n), n)):
+        module = _module_for(name, direct.get(name, {}))
+        try:
+            if name:
+                parent, _, leaf = name.rpartition(".")
+                modules[parent].add_module(leaf, module)
+        except (KeyError, TypeError) as exc:
+            raise BuildError(f"cannot infer an architecture for module {name!r} of {checkpoint.path}: "
+                               f"{exc}; pass model=", path=checkpoint.path, module=name) from None
+        modules[name] = module
+    return modules[""]
+
+
+def _module_for(name: str, tensors: dict[str, TensorInfo]) -> nn.Module:
+    w, b = tensors.get("weight"), tensors.get("bias")
+    meta = torch.device("meta")
+    module: nn.Module = nn.Module()
+    if w is not None and w.torch_dtype.is_floating_point:
+        out = w.shape[0] if w.shape else 0
+        bias = b is not None and b.shape == (out,)
+        if len(w.shape) == 2 and _EMBED.search(name.rpartition(".")[2]):
+            module = nn.Embedding(w.shape[0], w.shape[1], device=meta)
+        elif len(w.shape) == 2:
+            module = nn.Linear(w.shape[1], w.shape[0], bias=bias, device=meta)
+        elif len(w.shape) in (3, 4, 5):
+            conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(w.shape) - 3]
+            module = conv(w.shape[1], out, kernel_size=tuple(w.shape[2:]), bias=bias, device=meta)
+    for local, info in tensors.items():
+        if module._parameters.get(local) is not None:
+            continue
+        t = torch.empty(info.shape, dtype=info.torch_dtype if not info.torch_dtype.is_floating_point
+                        else torch.float32, device=meta)
+        try:
+            if t.is_floating_point():
+                module.register_parameter(local, nn.Parameter(t, requires_grad=False))
+            else:
+                module.register_buffer(local, t)
+        except (KeyError, TypeError) as exc:
+            raise BuildError(f"cannot infer an architecture for tensor {info.name!r}: {exc}; pass model=",
+                               tensor=info.name) from None
+    return module

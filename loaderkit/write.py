@@ -26,7 +26,6 @@ import math
 import os
 import re
 import shutil
-import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +34,21 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointInfo, TensorInfo
-from .dtypes import SAFETENSORS_DTYPES, is_fp8, to_torch
+from .build import infer_model
+from .checkpoint import CheckpointInfo
+from .dtypes import is_fp8, to_torch
 from .errors import ConvertError, LoaderKitError
 from .manager import PluginManager, get_manager
 from .plan import Plan, TensorPlan
+from .shards import (
+    Item,
+    RecyclingSource,
+    ShardWriter,
+    _cleanup,
+    _make_parents,
+    _move_into_place,
+    _temp_dir,
+)
 from .strategy import Strategy
 
 #: ``scheme=`` values -> scale granularity.
@@ -47,13 +56,9 @@ SCHEMES = {"per-channel": "channel", "per-tensor": "tensor", "block": "block",
            "channel": "channel", "tensor": "tensor"}
 #: block shape of ``scheme="block"`` (DeepSeek-V3 / FP8_BLOCK).
 BLOCK = (128, 128)
-#: the source's reader is reopened after this many bytes, releasing its memory maps.
-RECYCLE_BYTES = 32 << 20
 #: files beside the weights copied with them (configs, tokenizers, chat templates, model code).
 SIDE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".py")
-_ST_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*$", re.IGNORECASE)
-_EMBED = re.compile(r"(^|[._])(embed|embedding|embeddings|embed_tokens|wte|wpe|shared)$")
 CT, COMFY, PLAIN = "compressed-tensors", "comfy-mixed", "plain"
 _EXPECTED_SCHEME = {CT: "compressed-tensors-fp8", COMFY: "comfy-mixed", PLAIN: None}
 
@@ -78,19 +83,6 @@ def parse_size(size: int | str) -> int:
 
 
 # -- the job: what will be written ---------------------------------------------------------------
-
-
-@dataclass
-class Item:
-    """One output tensor."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * to_torch(self.dtype).itemsize
 
 
 @dataclass
@@ -454,162 +446,7 @@ def _side_files(info: CheckpointInfo) -> list[Path]:
     return out
 
 
-# -- a model for a checkpoint without a config ------------------------------------------------------
-
-
-def infer_model(checkpoint: CheckpointInfo) -> nn.Module:
-    """A meta-device model whose state dict is the checkpoint's, module kinds guessed from keys:
-    a 2-D ``<m>.weight`` is a Linear (an Embedding when ``<m>`` is named like one), a 3/4/5-D one a
-    Conv1d/2d/3d, anything else a plain tensor of a plain module (kept in high precision)."""
-    q = checkpoint.quantization
-    skip = q.companion_keys() if q else set()
-    direct: dict[str, dict[str, TensorInfo]] = {}
-    for key, info in checkpoint.tensors.items():
-        if key not in skip:
-            mod, _, local = key.rpartition(".")
-            direct.setdefault(mod, {})[local] = info
-    names = {""}
-    for mod in direct:
-        parts = mod.split(".") if mod else []
-        names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-    modules: dict[str, nn.Module] = {}
-    for name in sorted(names, key=lambda n: (n.count(".") + bool(n), n)):
-        module = _module_for(name, direct.get(name, {}))
-        try:
-            if name:
-                parent, _, leaf = name.rpartition(".")
-                modules[parent].add_module(leaf, module)
-        except (KeyError, TypeError) as exc:
-            raise ConvertError(f"cannot infer an architecture for module {name!r} of {checkpoint.path}: "
-                               f"{exc}; pass model=", path=checkpoint.path, module=name) from None
-        modules[name] = module
-    return modules[""]
-
-
-def _module_for(name: str, tensors: dict[str, TensorInfo]) -> nn.Module:
-    w, b = tensors.get("weight"), tensors.get("bias")
-    meta = torch.device("meta")
-    module: nn.Module = nn.Module()
-    if w is not None and w.torch_dtype.is_floating_point:
-        out = w.shape[0] if w.shape else 0
-        bias = b is not None and b.shape == (out,)
-        if len(w.shape) == 2 and _EMBED.search(name.rpartition(".")[2]):
-            module = nn.Embedding(w.shape[0], w.shape[1], device=meta)
-        elif len(w.shape) == 2:
-            module = nn.Linear(w.shape[1], w.shape[0], bias=bias, device=meta)
-        elif len(w.shape) in (3, 4, 5):
-            conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(w.shape) - 3]
-            module = conv(w.shape[1], out, kernel_size=tuple(w.shape[2:]), bias=bias, device=meta)
-    for local, info in tensors.items():
-        if module._parameters.get(local) is not None:
-            continue
-        t = torch.empty(info.shape, dtype=info.torch_dtype if not info.torch_dtype.is_floating_point
-                        else torch.float32, device=meta)
-        try:
-            if t.is_floating_point():
-                module.register_parameter(local, nn.Parameter(t, requires_grad=False))
-            else:
-                module.register_buffer(local, t)
-        except (KeyError, TypeError) as exc:
-            raise ConvertError(f"cannot infer an architecture for tensor {info.name!r}: {exc}; pass model=",
-                               tensor=info.name) from None
-    return module
-
-
 # -- writing ---------------------------------------------------------------------------------------
-
-
-class ShardWriter:
-    """Writes one safetensors file whose header is known up front.
-
-    The header (data offsets included) is written first; :meth:`write` then puts each tensor's
-    bytes at its offset, in any order. Tensors are laid out by descending item size so that
-    every tensor is aligned to its dtype, as safetensors' own writer does.
-    """
-
-    def __init__(self, path: Path, items: list[Item]) -> None:
-        self.path = path
-        order = sorted(items, key=lambda it: -to_torch(it.dtype).itemsize)
-        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        self.offsets: dict[str, tuple[int, int]] = {}
-        pos = 0
-        for it in order:
-            header[it.name] = {"dtype": _ST_NAMES[it.dtype], "shape": list(it.shape),
-                               "data_offsets": [pos, pos + it.nbytes]}
-            self.offsets[it.name] = (pos, it.nbytes)
-            pos += it.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        raw += b" " * (-len(raw) % 8)
-        self.prefix = struct.pack("<Q", len(raw)) + raw
-        self.size = len(self.prefix) + pos
-        self.pending = set(self.offsets)
-        self.items = {it.name: it for it in items}
-        self.file = open(path, "wb")
-        self.file.write(self.prefix)
-        self.file.truncate(self.size)
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write ``tensor`` as the entry ``name`` (its dtype and shape must match the header)."""
-        it = self.items[name]
-        if to_torch(it.dtype) != tensor.dtype or tuple(tensor.shape) != it.shape:
-            raise ConvertError(f"tensor {name} came out as {tensor.dtype} {list(tensor.shape)}, but "
-                               f"{it.dtype} {list(it.shape)} was planned; this is a bug in loaderkit",
-                               tensor=name)
-        begin, _ = self.offsets[name]
-        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self.file.seek(len(self.prefix) + begin)
-        self.file.write(memoryview(data))
-        self.pending.discard(name)
-
-    def close(self) -> None:
-        """Flush to disk and close; every planned tensor must have been written."""
-        if self.pending:
-            raise ConvertError(f"{self.path}: tensors {sorted(self.pending)[:5]} were never written; "
-                               "this is a bug in loaderkit", path=self.path)
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-
-    def abandon(self) -> None:
-        self.file.close()
-
-
-class RecyclingSource:
-    """The checkpoint's checked tensor reader (:class:`loaderkit.stream.Source`), closed and
-    reopened every :data:`RECYCLE_BYTES` read.
-
-    Readers serve zero-copy views of memory maps; pages of tensors already written would stay
-    mapped (and counted in the process's memory) until the reader is closed. Recycling it keeps
-    the memory in use to about one window plus the tensor in flight, whatever the checkpoint size.
-    """
-
-    def __init__(self, checkpoint: CheckpointInfo, manager: PluginManager) -> None:
-        self.checkpoint, self.manager = checkpoint, manager
-        self.entry = manager.get("formats", checkpoint.format)
-        if self.entry is None:
-            raise LoaderKitError(f"format {checkpoint.format!r} is no longer registered")
-        self.source = None
-        self.since = 0
-
-    def get(self, key: str) -> torch.Tensor:
-        """Tensor ``key`` as stored, checked against its description."""
-        if self.source is None:
-            from .stream import Source
-
-            reader = self.manager.call(self.entry, self.entry.obj.open, self.checkpoint)
-            self.source = Source(reader, self.checkpoint, self.entry.plugin)
-        return self.source.get(key)
-
-    def done(self, nbytes: int) -> None:
-        """Count bytes read; release the reader's maps once a window is full."""
-        self.since += nbytes
-        if self.since >= RECYCLE_BYTES:
-            self.close()
-
-    def close(self) -> None:
-        source, self.source, self.since = self.source, None, 0
-        if source is not None:
-            self.manager.call(self.entry, source.close)
 
 
 def _produce(unit: Unit, job: Job) -> dict[str, torch.Tensor]:
@@ -713,50 +550,3 @@ def _run(job: Job, progress: bool | None) -> Path:
     return dst
 
 
-def _temp_dir(dst: Path, what: str) -> Path:
-    """A new directory beside ``dst`` (same filesystem, so renames are atomic), mode as mkdir's."""
-    for _ in range(100):
-        path = dst.parent / f".{dst.name}.{os.urandom(4).hex()}.{what}"
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise ConvertError(f"cannot make a temporary directory beside {dst}", path=dst)
-
-
-def _make_parents(parent: Path) -> list[Path]:
-    missing = []
-    p = parent
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    return missing
-
-
-def _cleanup(tmp: Path, created: list[Path]) -> None:
-    shutil.rmtree(tmp, ignore_errors=True)
-    for p in created:  # innermost first
-        try:
-            p.rmdir()
-        except OSError:
-            break
-
-
-def _move_into_place(output: Path, dst: Path) -> None:
-    """Rename ``output`` to ``dst``; an existing ``dst`` is renamed aside first, restored if the
-    rename fails, and deleted once the new copy is in place."""
-    if not (dst.exists() or dst.is_symlink()):
-        os.rename(output, dst)
-        return
-    aside = _temp_dir(dst, "old")
-    old = aside / dst.name
-    os.rename(dst, old)
-    try:
-        os.rename(output, dst)
-    except BaseException:
-        os.rename(old, dst)
-        shutil.rmtree(aside, ignore_errors=True)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)

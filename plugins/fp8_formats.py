@@ -430,7 +430,6 @@ def _ct_layouts(ckpt: CheckpointInfo, groups: dict[str, dict]) -> dict[str, list
 
 
 def _ct_group_summary(group: dict[str, Any]) -> dict[str, Any]:
-    w = group.get("weights") or {}
     a = group.get("input_activations") or None
     return {
         "targets": group.get("targets"),
