@@ -1,4 +1,4 @@
-"""Loading benchmark: a ~1.1 GB bf16 Llama-like checkpoint, four ways, each in a fresh process.
+"""Loading benchmark: a ~1.1 GB bf16 Llama-like checkpoint, five ways, each in a fresh process.
 
     python benchmarks/bench_load.py [--repeats 5]
 
@@ -8,6 +8,8 @@ level, see ``common.py``):
 * ``floor``        accelerate ``init_empty_weights`` skeleton + ``load_state_dict(assign=True)`` of
                    ``safe_open(...).get_tensor`` views (zero-copy mmap): the least work possible;
 * ``lk-bf16``      ``loaderkit.load(dir, strategy="bf16")`` (no conversion);
+* ``lk-bf16-noprobe``  the same with ``LOADERKIT_DEVICE_PROBE=0`` (no timing of CPU dtypes), to
+                   show what the device probe costs;
 * ``hf-bf16``      ``AutoModelForCausalLM.from_pretrained(dir, dtype=torch.bfloat16)``;
 * ``lk-fp32``      ``loaderkit.load(dir, strategy="fp32")`` (every tensor converted).
 
