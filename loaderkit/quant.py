@@ -285,7 +285,13 @@ def _parallel(total: int, work, *, align: int = 1, cost: int = 1) -> None:
     if len(bounds) <= 1:
         work(0, total)
         return
-    futures = [_thread_pool().submit(work, lo, hi) for lo, hi in bounds[1:]]
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+    def in_caller_mode(lo: int, hi: int) -> None:  # worker threads start with default modes
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            work(lo, hi)
+
+    futures = [_thread_pool().submit(in_caller_mode, lo, hi) for lo, hi in bounds[1:]]
     try:
         work(*bounds[0])
     finally:
@@ -426,6 +432,8 @@ def quantize(
 
 
 def _row_steps(rows: torch.Tensor, align: int = 1):
+    """Row ranges of about a million elements (whole blocks of ``align`` rows): large enough that
+    per-op overhead is small, small enough that the float32 temporaries stay a few MB."""
     width = max(rows.shape[1], 1)
     step = max(1, (1 << 20) // width)
     step = max(align, step - step % align)
@@ -472,6 +480,7 @@ def _finish_scale(amax: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
 def _encode(rows: torch.Tensor, fp8_dtype: torch.dtype, row_scale, align: int = 1) -> torch.Tensor:
     top = fp8_max(fp8_dtype)
     q = torch.empty(rows.shape, dtype=fp8_dtype, device=rows.device)
+
     for r0, r1 in _row_steps(rows, align):
         part = rows[r0:r1].to(torch.float32, copy=True)
         if row_scale is not None:

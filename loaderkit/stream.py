@@ -73,7 +73,9 @@ def read_all(
 
 
 def _read_one(tp: TensorPlan, plan: Plan, reader: TensorReader, manager: PluginManager):
-    return convert(tp, reader.get(tp.source), plan.checkpoint, reader, manager)
+    converting = tp.conversion != "none" and isinstance(reader, Source)
+    raw = reader.read(tp.source) if converting else reader.get(tp.source)
+    return convert(tp, raw, plan.checkpoint, reader, manager)
 
 
 class Source:
@@ -95,10 +97,19 @@ class Source:
         self.reader, self.checkpoint, self.plugin = reader, checkpoint, plugin
 
     def get(self, key: str) -> torch.Tensor:
+        """Tensor ``key`` as stored (a zero-copy view where the format gives one), checked."""
+        return self._fetch(key, self.reader.get)
+
+    def read(self, key: str) -> torch.Tensor:
+        """Tensor ``key`` as a private copy, for tensors about to be converted: formats with an
+        optional ``read(name)`` serve it without mapping it; others fall back to ``get``."""
+        return self._fetch(key, getattr(self.reader, "read", None) or self.reader.get)
+
+    def _fetch(self, key: str, fn) -> torch.Tensor:
         ckpt = self.checkpoint
         info = ckpt.tensors[key]
         try:
-            raw = self.reader.get(key)
+            raw = fn(key)
         except LoaderKitError as exc:
             raise name_checkpoint(exc, ckpt.path, self.plugin)
         except Exception as exc:

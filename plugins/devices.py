@@ -4,9 +4,10 @@ CPU: bfloat16 and float16 are *representable* everywhere but only fast with nati
 instructions (``avx512_bf16`` / ``amx_bf16`` for bf16, ``avx512_fp16`` / ``amx_fp16`` for fp16);
 without them torch emulates them, which on an AVX2 machine measured a bf16 forward 4.9x slower
 than fp32. Flags alone are not enough (torch may not use them for every op), so the plugin also
-times a small linear + GELU + layer-norm block in each dtype once per process (about 50 ms) and
-calls a dtype fast only if it runs within :data:`FAST_RATIO` of float32. Set
-``LOADERKIT_DEVICE_PROBE=0`` to decide from the flags alone. CUDA: bf16 is native from sm 8.0, fp16 from sm 7.0, scaled fp8 matmul from sm 8.9.
+times a small linear + GELU + layer-norm block in each dtype (about 0.1 s, once per machine: the
+result is cached in ``~/.cache/loaderkit/cpu-probe.json``) and calls a dtype fast only if it runs
+within :data:`FAST_RATIO` of float32. Set ``LOADERKIT_DEVICE_PROBE=0`` to decide from the flags
+alone. CUDA: bf16 is native from sm 8.0, fp16 from sm 7.0, scaled fp8 matmul from sm 8.9.
 """
 
 from __future__ import annotations
@@ -51,8 +52,46 @@ def _cpu_name() -> str:
 FAST_RATIO = 1.15
 
 
+def _cache_file() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "loaderkit", "cpu-probe.json")
+
+
+def _probe_key() -> str:
+    import hashlib
+
+    parts = (_cpu_name(), " ".join(sorted(cpu_flags())), torch.__version__, str(torch.get_num_threads()))
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
 @functools.lru_cache(maxsize=1)
 def probe_ratios() -> dict[str, float]:
+    """:func:`measure_ratios`, remembered per machine (CPU model and flags, torch version,
+    thread count) in ``~/.cache/loaderkit/cpu-probe.json`` so that a process does not pay the
+    probe on every first load. A cache that cannot be read or written is ignored."""
+    import json
+
+    path, key = _cache_file(), _probe_key()
+    try:
+        with open(path, encoding="utf-8") as f:
+            cached = json.load(f).get(key)
+        if isinstance(cached, dict) and all(isinstance(cached.get(n), float) for n in ("bfloat16", "float16")):
+            return cached
+    except (OSError, ValueError, AttributeError):
+        pass
+    ratios = measure_ratios()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({key: ratios}, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return ratios
+
+
+def measure_ratios() -> dict[str, float]:
     """Time of a linear+GELU+layer-norm block in bf16/fp16 relative to float32.
 
     The dtypes are timed in interleaved rounds and the median of the per-round ratios is kept,

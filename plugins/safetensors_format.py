@@ -11,6 +11,8 @@ The header is validated strictly by loaderkit itself (``_st_header``); tensors a
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import Callable
 
@@ -53,6 +55,7 @@ class SafetensorsReader(ClosingReader):
         self._root = Path(checkpoint.root)
         self._locate = locate or (lambda file: self._root / file)
         self._handles: dict[str, object] = {}
+        self._raws: dict[str, tuple[int, dict[str, tuple[int, int]]]] = {}
 
     def _handle(self, file: str):
         h = self._handles.get(file)
@@ -89,11 +92,53 @@ class SafetensorsReader(ClosingReader):
         check_tensor(t, info, path)
         return t
 
+    def read(self, name: str) -> torch.Tensor:
+        """Return a private copy of tensor ``name``, read with ``pread`` rather than mapped.
+
+        For tensors that are converted anyway: their bytes pass through one transient buffer
+        instead of staying mapped (and counted in the process's resident memory) after use.
+        """
+        info = self.checkpoint.tensors.get(name)
+        if info is None:
+            return self.get(name)  # raises the error naming the tensor
+        fd, spans = self._raw(info.file)
+        begin, end = spans[name]
+        buf = bytearray(end - begin)
+        got = os.preadv(fd, [buf], begin) if buf else 0
+        path = self._root / info.file
+        if got != len(buf):
+            raise CorruptCheckpointError(
+                f"safetensors file {path} ended inside tensor {name!r} (it changed since it was described)",
+                path=path,
+                tensor=name,
+            )
+        t = torch.frombuffer(buf, dtype=info.torch_dtype) if buf else torch.empty(0, dtype=info.torch_dtype)
+        t = t.reshape(info.shape)
+        check_tensor(t, info, path)
+        return t
+
+    def _raw(self, file: str) -> tuple[int, dict[str, tuple[int, int]]]:
+        """An open descriptor and the absolute byte spans of ``file``'s tensors (header re-read)."""
+        raw = self._raws.get(file)
+        if raw is None:
+            path = self._locate(file)
+            header = read_header(path)
+            spans = {e.name: (header.data_start + e.begin, header.data_start + e.end) for e in header.entries}
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as exc:
+                raise CorruptCheckpointError(f"cannot open safetensors file {path}: {exc}", path=path) from exc
+            raw = self._raws[file] = (fd, spans)
+        return raw
+
     def close(self) -> None:
         """Close every file handle (tensors already returned stay valid)."""
         handles, self._handles = self._handles, {}
         for h in handles.values():
             h.__exit__(None, None, None)
+        raws, self._raws = self._raws, {}
+        for fd, _ in raws.values():
+            os.close(fd)
 
 
 def check_tensor(t: torch.Tensor, info: TensorInfo, path: object) -> None:

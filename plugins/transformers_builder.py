@@ -153,6 +153,13 @@ def _init_contexts(dtype: torch.dtype):
         except (ImportError, AttributeError):  # older transformers tie in post_init; harmless
             pass
         try:
+            from transformers import initialization
+
+            # parameters are on the meta device: their initialisers would only cost time
+            stack.enter_context(initialization.no_init_weights())
+        except (ImportError, AttributeError):
+            pass
+        try:
             from transformers.monkey_patching import apply_patches
 
             stack.enter_context(apply_patches())
