@@ -163,7 +163,13 @@ def _config_summary(config: dict | None) -> dict | None:
 
 
 class TensorReader(Protocol):
-    """Streams tensors of one opened checkpoint. Returned by :meth:`Format.open`."""
+    """Streams tensors of one opened checkpoint. Returned by :meth:`Format.open`.
+
+    A reader may also offer ``read(name) -> torch.Tensor``: the tensor's bytes read into a
+    buffer rather than mapped, valid until the next ``read``. loaderkit uses it for tensors it
+    converts, so that their source pages do not stay resident after use; without it, ``get``
+    serves every tensor.
+    """
 
     def get(self, name: str) -> torch.Tensor:
         """Return tensor ``name`` on the CPU, as stored (zero-copy from a mmap where possible)."""

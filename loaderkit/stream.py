@@ -73,9 +73,13 @@ def read_all(
 
 
 def _read_one(tp: TensorPlan, plan: Plan, reader: TensorReader, manager: PluginManager):
-    converting = tp.conversion != "none" and isinstance(reader, Source)
-    raw = reader.read(tp.source) if converting else reader.get(tp.source)
-    return convert(tp, raw, plan.checkpoint, reader, manager)
+    if tp.conversion == "none" or not isinstance(reader, Source):
+        return convert(tp, reader.get(tp.source), plan.checkpoint, reader, manager)
+    raw = reader.read(tp.source)  # may live in a buffer the next read reuses
+    tensor, scale = convert(tp, raw, plan.checkpoint, reader, manager)
+    if raw.numel() and tensor.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr():
+        tensor = tensor.clone()  # a conversion that returned its input: keep a private copy
+    return tensor, scale
 
 
 class Source:
@@ -101,8 +105,8 @@ class Source:
         return self._fetch(key, self.reader.get)
 
     def read(self, key: str) -> torch.Tensor:
-        """Tensor ``key`` as a private copy, for tensors about to be converted: formats with an
-        optional ``read(name)`` serve it without mapping it; others fall back to ``get``."""
+        """Tensor ``key`` for a conversion: formats with an optional ``read(name)`` serve it
+        without mapping it (possibly in a buffer the next ``read`` reuses); others use ``get``."""
         return self._fetch(key, getattr(self.reader, "read", None) or self.reader.get)
 
     def _fetch(self, key: str, fn) -> torch.Tensor:

@@ -56,6 +56,7 @@ class SafetensorsReader(ClosingReader):
         self._locate = locate or (lambda file: self._root / file)
         self._handles: dict[str, object] = {}
         self._raws: dict[str, tuple[int, dict[str, tuple[int, int]]]] = {}
+        self._scratch = bytearray()
 
     def _handle(self, file: str):
         h = self._handles.get(file)
@@ -93,18 +94,21 @@ class SafetensorsReader(ClosingReader):
         return t
 
     def read(self, name: str) -> torch.Tensor:
-        """Return a private copy of tensor ``name``, read with ``pread`` rather than mapped.
+        """Return tensor ``name`` read with ``pread`` into a scratch buffer rather than mapped.
 
-        For tensors that are converted anyway: their bytes pass through one transient buffer
-        instead of staying mapped (and counted in the process's resident memory) after use.
+        For tensors that are converted anyway: their bytes pass through one reused buffer instead
+        of staying mapped (and counted in the process's resident memory) after use. The result is
+        only valid until the next ``read``: convert it before reading another tensor.
         """
         info = self.checkpoint.tensors.get(name)
         if info is None:
             return self.get(name)  # raises the error naming the tensor
         fd, spans = self._raw(info.file)
         begin, end = spans[name]
-        buf = bytearray(end - begin)
-        got = os.preadv(fd, [buf], begin) if buf else 0
+        if len(self._scratch) < end - begin:  # one buffer, grown to the largest tensor read
+            self._scratch = bytearray(end - begin)
+        buf = memoryview(self._scratch)[: end - begin]
+        got = os.preadv(fd, [buf], begin) if len(buf) else 0
         path = self._root / info.file
         if got != len(buf):
             raise CorruptCheckpointError(
@@ -112,7 +116,7 @@ class SafetensorsReader(ClosingReader):
                 path=path,
                 tensor=name,
             )
-        t = torch.frombuffer(buf, dtype=info.torch_dtype) if buf else torch.empty(0, dtype=info.torch_dtype)
+        t = torch.frombuffer(buf, dtype=info.torch_dtype) if len(buf) else torch.empty(0, dtype=info.torch_dtype)
         t = t.reshape(info.shape)
         check_tensor(t, info, path)
         return t
@@ -139,6 +143,7 @@ class SafetensorsReader(ClosingReader):
         raws, self._raws = self._raws, {}
         for fd, _ in raws.values():
             os.close(fd)
+        self._scratch = bytearray()
 
 
 def check_tensor(t: torch.Tensor, info: TensorInfo, path: object) -> None:
