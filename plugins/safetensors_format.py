@@ -27,7 +27,21 @@ from ._st_header import gc_paused, looks_like_safetensors, pick_in_directory, re
 
 
 class ClosingReader:
-    """Mixin that makes a tensor reader a context manager that calls :meth:`close` on exit."""
+    """Base of the built-in readers: a context manager that calls :meth:`close` on exit, and
+    the lookup of a tensor's description (``self.checkpoint`` is set by subclasses)."""
+
+    checkpoint: CheckpointInfo
+
+    def _info(self, name: str) -> TensorInfo:
+        info = self.checkpoint.tensors.get(name)
+        if info is None:
+            raise CheckpointError(
+                f"tensor {name!r} is not in checkpoint {self.checkpoint.path}; its tensors are listed "
+                "by loaderkit.inspect()",
+                path=self.checkpoint.path,
+                tensor=name,
+            )
+        return info
 
     def close(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -73,14 +87,7 @@ class SafetensorsReader(ClosingReader):
 
     def get(self, name: str) -> torch.Tensor:
         """Return tensor ``name`` on the CPU as stored (nothing is read until it is touched)."""
-        info = self.checkpoint.tensors.get(name)
-        if info is None:
-            raise CheckpointError(
-                f"tensor {name!r} is not in checkpoint {self.checkpoint.path}; its tensors are listed "
-                "by loaderkit.inspect()",
-                path=self.checkpoint.path,
-                tensor=name,
-            )
+        info = self._info(name)
         path = self._root / info.file
         try:
             t = self._handle(info.file).get_tensor(name)
@@ -100,9 +107,7 @@ class SafetensorsReader(ClosingReader):
         of staying mapped (and counted in the process's resident memory) after use. The result is
         only valid until the next ``read``: convert it before reading another tensor.
         """
-        info = self.checkpoint.tensors.get(name)
-        if info is None:
-            return self.get(name)  # raises the error naming the tensor
+        info = self._info(name)
         fd, spans = self._raw(info.file)
         begin, end = spans[name]
         if len(self._scratch) < end - begin:  # one buffer, grown to the largest tensor read

@@ -210,14 +210,7 @@ class TorchReader(ClosingReader):
 
     def get(self, name: str) -> torch.Tensor:
         """Return tensor ``name`` on the CPU as stored (a view of the memory-mapped file)."""
-        info = self.checkpoint.tensors.get(name)
-        if info is None:
-            raise CheckpointError(
-                f"tensor {name!r} is not in checkpoint {self.checkpoint.path}; its tensors are listed "
-                "by loaderkit.inspect()",
-                path=self.checkpoint.path,
-                tensor=name,
-            )
+        info = self._info(name)
         path = self._root / info.file
         loaded = self._files.get(info.file)
         if loaded is None:
