@@ -446,7 +446,12 @@ _MEMORY_SCRIPT = textwrap.dedent("""
                 return int(line.split()[1])
 
     src, dst = sys.argv[1], sys.argv[2]
-    loaderkit.plan(src, "fp8", model=infer_model(loaderkit.inspect(src)))  # warm imports and probes
+    # warm up: imports, the device probe, and torch's first-use allocations (thread pools,
+    # kernels) on a one-tensor checkpoint of the same kind, so the peak below is convert's own
+    from safetensors.torch import save_file
+    save_file({"l0.weight": torch.randn(1024, 4096).to(torch.bfloat16)}, dst + ".warm.safetensors")
+    convert(dst + ".warm.safetensors", dst + ".warm-out.safetensors", "fp8", progress=False)
+    loaderkit.plan(src, "fp8", model=infer_model(loaderkit.inspect(src)))
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak
     base = kib("VmRSS")
     convert(src, dst, "fp8", progress=False)
@@ -472,7 +477,9 @@ def test_memory_stays_bounded(tmp_path):
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout.strip().splitlines()[-1])
     grown_mib = (data["peak"] - data["base"]) / 1024
-    assert grown_mib < 64, f"peak RSS grew by {grown_mib:.0f} MiB converting a 96 MiB checkpoint"
+    # one 8 MiB tensor in flight, its fp8 output and float32 temporaries, the reader's 32 MiB
+    # window (measured 32-54 MiB); holding the checkpoint would be 96 MiB plus the output
+    assert grown_mib < 80, f"peak RSS grew by {grown_mib:.0f} MiB converting a 96 MiB checkpoint"
 
 
 def test_progress_enabled_rules(monkeypatch):
