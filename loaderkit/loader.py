@@ -44,15 +44,15 @@ def strategy(name: str, **options: Any) -> Strategy:
 
     ``loaderkit.strategy("fp8", compute_dtype=torch.float32)``
     """
-    return _strategy_entry(name, get_manager())[0].obj(**options)
+    return _strategy_entry(name, get_manager()).obj(**options)
 
 
-def _strategy_entry(name: str, mgr: PluginManager) -> tuple[Entry, None]:
+def _strategy_entry(name: str, mgr: PluginManager) -> Entry:
     entry = mgr.get("strategies", name)
     if entry is None:
         names = ", ".join(e.name for e in mgr.strategies()) or "none"
         raise StrategyError(f"unknown strategy {name!r}; registered strategies: {names}")
-    return entry, None
+    return entry
 
 
 def _resolve_strategy(arg: StrategyArg, mgr: PluginManager) -> tuple[Strategy, Entry]:
@@ -61,7 +61,7 @@ def _resolve_strategy(arg: StrategyArg, mgr: PluginManager) -> tuple[Strategy, E
         plugin = entry.plugin if entry is not None and isinstance(arg, entry.obj) else "user"
         return arg, Entry(type(arg), plugin)
     if isinstance(arg, str):
-        entry, _ = _strategy_entry(arg, mgr)
+        entry = _strategy_entry(arg, mgr)
         return mgr.call(entry, entry.obj), entry
     raise StrategyError(
         f"strategy must be a name or a loaderkit.strategy(...) object, not {type(arg).__name__}"
