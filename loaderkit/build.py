@@ -7,6 +7,7 @@ those never come from a checkpoint.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import re
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
@@ -94,23 +95,23 @@ class BuildRequest(Frozen):
     dtype: str
 
 
-class Builder:
+class Builder(abc.ABC):
     """Base class of builder plugins: make an empty model skeleton from a checkpoint's config."""
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     priority: ClassVar[int] = 0
 
+    @abc.abstractmethod
     def can_build(self, request: BuildRequest) -> bool:
         """True if this builder recognises the checkpoint's config (cheap; no imports if possible)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def build(self, request: BuildRequest) -> torch.nn.Module:
         """Return the model with parameters on the meta device and real non-persistent buffers.
 
         Use :func:`meta_init` around the model's constructor.
         """
-        raise NotImplementedError
 
 
 @contextlib.contextmanager

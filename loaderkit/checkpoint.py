@@ -8,6 +8,7 @@ such as block-scaled fp8) then recognises how the tensors encode weights and rec
 
 from __future__ import annotations
 
+import abc
 import json
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Protocol
@@ -178,7 +179,7 @@ class TensorReader(Protocol):
         """Release files and maps."""
 
 
-class Format:
+class Format(abc.ABC):
     """Base class of format plugins (containers of tensors).
 
     Subclass it, set :attr:`name`, implement :meth:`claim`, :meth:`describe` and :meth:`open`,
@@ -192,20 +193,20 @@ class Format:
     #: formats are asked in descending priority; the first whose :meth:`claim` is true wins.
     priority: ClassVar[int] = 0
 
+    @abc.abstractmethod
     def claim(self, path: Path) -> bool:
         """Cheaply decide (from names, or a few leading bytes) whether this format reads ``path``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def describe(self, path: Path) -> CheckpointInfo:
         """Describe the checkpoint from headers alone; never read tensor data."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def open(self, checkpoint: CheckpointInfo) -> TensorReader:
         """Open the checkpoint for streaming; the caller closes the returned reader."""
-        raise NotImplementedError
 
 
-class Scheme:
+class Scheme(abc.ABC):
     """Base class of quantization-scheme plugins (how quantized weights are encoded).
 
     Register an instance from ``loaderkit_register_schemes``. Schemes are asked in descending
@@ -216,15 +217,15 @@ class Scheme:
     description: ClassVar[str] = ""
     priority: ClassVar[int] = 0
 
+    @abc.abstractmethod
     def detect(self, checkpoint: CheckpointInfo) -> QuantizationInfo | None:
         """Recognise the scheme from the config, metadata, keys, shapes and dtypes; ``None`` if not."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def dequantize(
         self, q: QuantizedWeight, weight: torch.Tensor, tensors: dict[str, torch.Tensor], dtype: torch.dtype
     ) -> torch.Tensor:
         """Decode ``weight`` to ``dtype``; ``tensors`` holds its companion tensors (scales) by key."""
-        raise NotImplementedError
 
 
 def read_json(path: Path, what: str = "JSON file") -> Any:

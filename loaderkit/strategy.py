@@ -7,6 +7,7 @@ differs from compute is only allowed where a runtime cast rule covers the module
 
 from __future__ import annotations
 
+import abc
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -82,7 +83,7 @@ class ModuleDecision(Frozen):
     reason: str = ""
 
 
-class Strategy:
+class Strategy(abc.ABC):
     """Base class of precision-strategy plugins.
 
     Set :attr:`name` and, if the strategy takes options, :attr:`Options` (a
@@ -114,9 +115,9 @@ class Strategy:
     def prepare(self, ctx: ModelContext) -> None:
         """Called once per load before :meth:`decide`; record model-wide choices with :meth:`note`."""
 
+    @abc.abstractmethod
     def decide(self, module: ModuleContext) -> ModuleDecision:
         """Return storage and compute dtypes for ``module``."""
-        raise NotImplementedError
 
     def note(self, subject: str, choice: str, reason: str) -> None:
         """Record a decision (shown in the plan with its reason)."""

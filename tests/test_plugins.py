@@ -214,12 +214,29 @@ def test_scheme_detect_returning_a_dict(fresh_manager, tiny_ckpt):
         def detect(self, checkpoint):
             return {"scheme": "x"}
 
+        def dequantize(self, q, weight, tensors, dtype):  # pragma: no cover - detect fails first
+            raise AssertionError("never decoded")
+
     name = loaderkit.register(make_plugin("dictscheme", loaderkit_register_schemes=lambda register: register(DictScheme())))
     try:
         with pytest.raises(PluginError, match=r"dict-scheme.*'dictscheme'.*QuantizationInfo"):
             loaderkit.inspect(tiny_ckpt[0])
     finally:
         loaderkit.unregister(name)
+
+
+def test_incomplete_plugin_class_is_reported_with_the_plugin(fresh_manager):
+    class NoOpen(Format):  # claim and describe, but no open(): abstract, cannot be instantiated
+        name = "no-open"
+
+        def claim(self, path):
+            return False
+
+        def describe(self, path):
+            raise AssertionError("never described")
+
+    with pytest.raises(PluginError, match=r"'halfformat'.*abstract.*open"):
+        loaderkit.register(make_plugin("halfformat", loaderkit_register_formats=lambda register: register(NoOpen())))
 
 
 def test_unregister_unknown_plugin_is_an_error(fresh_manager):
@@ -431,6 +448,9 @@ class BrokenDescribe(Format):
 
     def describe(self, path):
         raise KeyError("header field 'tensors' absent")
+
+    def open(self, checkpoint):  # pragma: no cover - describe fails first
+        raise AssertionError("never opened")
 
 
 def test_format_that_claims_then_fails_is_named(fresh_manager, tiny_ckpt):
