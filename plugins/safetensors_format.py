@@ -11,6 +11,7 @@ The header is validated strictly by loaderkit itself (``_st_header``); tensors a
 
 from __future__ import annotations
 
+import abc
 import os
 
 from pathlib import Path
@@ -26,7 +27,7 @@ from loaderkit.hookspecs import hookimpl
 from ._st_header import gc_paused, looks_like_safetensors, pick_in_directory, read_header
 
 
-class ClosingReader:
+class ClosingReader(abc.ABC):
     """Base of the built-in readers: a context manager that calls :meth:`close` on exit, and
     the lookup of a tensor's description (``self.checkpoint`` is set by subclasses)."""
 
@@ -43,8 +44,9 @@ class ClosingReader:
             )
         return info
 
-    def close(self) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the files this reader opened."""
 
     def __enter__(self):
         return self
