@@ -445,8 +445,12 @@ def _row_amax(rows: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(rows.shape[0], dtype=torch.float32, device=rows.device)
     if rows.shape[1] == 0:
         return out
+    work = None
     for r0, r1 in _row_steps(rows):
-        out[r0:r1] = rows[r0:r1].abs().amax(dim=1).float()
+        if work is None:  # one temporary, reused: a fresh one per chunk costs page faults
+            work = torch.empty((r1 - r0, rows.shape[1]), dtype=rows.dtype, device=rows.device)
+        part = torch.abs(rows[r0:r1], out=work[: r1 - r0])
+        out[r0:r1] = part.amax(dim=1).float()
     return out
 
 
@@ -481,8 +485,12 @@ def _encode(rows: torch.Tensor, fp8_dtype: torch.dtype, row_scale, align: int = 
     top = fp8_max(fp8_dtype)
     q = torch.empty(rows.shape, dtype=fp8_dtype, device=rows.device)
 
+    work = None
     for r0, r1 in _row_steps(rows, align):
-        part = rows[r0:r1].to(torch.float32, copy=True)
+        if work is None:  # one float32 temporary, reused: a fresh one per chunk costs page faults
+            work = torch.empty((r1 - r0, rows.shape[1]), dtype=torch.float32, device=rows.device)
+        part = work[: r1 - r0]
+        part.copy_(rows[r0:r1])
         if row_scale is not None:
             part.div_(row_scale(r0, r1))
         q[r0:r1] = part.clamp_(-top, top)
