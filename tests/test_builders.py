@@ -16,18 +16,9 @@ from loaderkit.manager import PluginManager
 from loaderkit.plugins import diffusers_builder as db
 from loaderkit.plugins import transformers_builder as tb
 
-LLAMA = dict(
-    architectures=["LlamaForCausalLM"],
-    model_type="llama",
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=64,
-    max_position_embeddings=64,
-    tie_word_embeddings=True,
-)
+from tiny_configs import TINY_LLAMA
+
+LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", **TINY_LLAMA, tie_word_embeddings=True)
 BERT = dict(
     architectures=["BertModel"],
     model_type="bert",

@@ -32,15 +32,7 @@ from loaderkit.plugins.safetensors_format import SafetensorsFormat
 from loaderkit.plugins.sharded import ShardedFormat
 from loaderkit.plugins.torchzip import TorchZipFormat
 
-TINY_LLAMA = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=64,
-    max_position_embeddings=64,
-)
+from tiny_configs import TINY_LLAMA
 
 
 # --- helpers ------------------------------------------------------------------------------------

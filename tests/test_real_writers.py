@@ -17,15 +17,7 @@ from safetensors.torch import save_file
 import loaderkit
 from loaderkit import StateDictMismatchError
 
-LLAMA = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=64,
-    max_position_embeddings=64,
-)
+from tiny_configs import TINY_LLAMA as LLAMA
 TOKENS = torch.tensor([[1, 5, 9, 3, 7, 11, 2, 60]])
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
