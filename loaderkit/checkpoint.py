@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import json
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -239,8 +239,3 @@ def read_json(path: Path, what: str = "JSON file") -> Any:
         raise CorruptCheckpointError(f"{what} {path} nests JSON too deeply to be a real file", path=path) from None
     except OSError as exc:
         raise CorruptCheckpointError(f"cannot read {what} {path}: {exc}", path=path) from exc
-
-
-def iter_tensor_names(checkpoint: CheckpointInfo) -> Iterator[str]:
-    """Tensor keys grouped by file, in the order they were described (good for sequential reads)."""
-    yield from checkpoint.tensors

@@ -37,8 +37,6 @@ SAFETENSORS_DTYPES: dict[str, str] = {
 FP8_NAMES = frozenset(
     {"float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu"}
 )
-#: float dtypes that hold weights a kernel can compute with (fp8 excluded).
-COMPUTE_NAMES = frozenset({"float16", "bfloat16", "float32", "float64"})
 
 _ALIASES = {
     "fp32": "float32",
@@ -74,11 +72,6 @@ def to_torch(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
     return getattr(torch, dtype_name(name))
-
-
-def itemsize(name: str) -> float:
-    """Bytes per element of a dtype name (0.5 for the packed fp4 pair counted per element)."""
-    return to_torch(name).itemsize
 
 
 def is_float(name: str) -> bool:

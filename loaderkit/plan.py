@@ -14,9 +14,6 @@ from pydantic import Field
 from .capabilities import DeviceCaps
 from .checkpoint import CheckpointInfo, Frozen
 
-CONVERSIONS = ("none", "cast", "dequantize", "quantize")
-
-
 class TensorPlan(Frozen):
     """How one model tensor is filled.
 
