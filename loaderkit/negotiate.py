@@ -361,7 +361,7 @@ def _tensor_target(info, qw, slot, wanted, decision):
             tensor=info.name,
             module=slot.module,
         )
-    companions = tuple(k for k in ((qw.scale,) if qw and qw.scale else ()))
+    companions = (qw.scale,) if qw and qw.scale else ()
     if is_fp8(stored):
         if is_fp8(wanted):
             # stored fp8 bytes are kept as they are: no requantization
