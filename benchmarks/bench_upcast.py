@@ -20,7 +20,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from loaderkit import quant, runtime
+from loaderkit.kernels import quant
+from loaderkit import runtime
 
 E4M3 = torch.float8_e4m3fn
 

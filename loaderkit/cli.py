@@ -10,7 +10,7 @@ import json
 import sys
 from typing import Sequence
 
-from .errors import LoaderKitError
+from .errors import LoaderKitError, UsageError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,7 +76,7 @@ def _options(pairs: list[str]) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise LoaderKitError(f"strategy option {pair!r} must look like KEY=VALUE")
+            raise UsageError(f"strategy option {pair!r} must look like KEY=VALUE")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -89,13 +89,13 @@ def _import_model(spec: str):
 
     module, sep, attr = spec.partition(":")
     if not sep or not module or not attr:
-        raise LoaderKitError(f"--model {spec!r} must look like MODULE:ATTR, e.g. loaderkit.demo:TinyVideoDiT")
+        raise UsageError(f"--model {spec!r} must look like MODULE:ATTR, e.g. loaderkit.demo:TinyVideoDiT")
     try:
         obj = importlib.import_module(module)
         for part in attr.split("."):
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as exc:
-        raise LoaderKitError(f"--model {spec!r}: cannot import it: {exc}") from None
+        raise UsageError(f"--model {spec!r}: cannot import it: {exc}") from None
     return obj
 
 
@@ -109,12 +109,12 @@ def cmd_inspect(args) -> int:
             data["tensor_list"] = {k: t.model_dump(mode="json") for k, t in info.tensors.items()}
         print(json.dumps(data, indent=2, default=str))
         return 0
-    from .plan import _fmt_bytes
+    from .contract.plan import fmt_bytes
 
     print(f"path         {data['path']}")
     print(f"format       {data['format']}  ({len(data['files'])} file(s))")
-    print(f"tensors      {data['tensors']}, {_fmt_bytes(data['total_bytes'])}")
-    print("dtypes       " + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in data["dtypes"].items()))
+    print(f"tensors      {data['tensors']}, {fmt_bytes(data['total_bytes'])}")
+    print("dtypes       " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in data["dtypes"].items()))
     if data["config"]:
         print("config       " + ", ".join(f"{k}={v}" for k, v in data["config"].items()))
     if data["metadata"]:
@@ -148,7 +148,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_plugins(args) -> int:
-    from .manager import get_manager
+    from .pipeline.discover import get_manager
 
     mgr = get_manager()
     mgr.registries()
@@ -167,8 +167,8 @@ def cmd_plugins(args) -> int:
 
 def cmd_convert(args) -> int:
     from .loader import inspect
-    from .plan import _fmt_bytes
-    from .write import convert
+    from .contract.plan import fmt_bytes
+    from .pipeline.convert import convert
 
     strat = args.strategy
     if args.option:
@@ -182,7 +182,7 @@ def cmd_convert(args) -> int:
     q = info.quantization
     layout = f"{q.family}, {q.granularity} scales" if q else ", ".join(info.dtype_bytes())
     print(f"wrote {dst}  ({len(info.files)} file(s), {len(info.tensors)} tensors, "
-          f"{_fmt_bytes(info.total_bytes)}; {layout})")
+          f"{fmt_bytes(info.total_bytes)}; {layout})")
     return 0
 
 

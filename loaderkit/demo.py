@@ -114,15 +114,16 @@ def run_demo(json_output: bool = False) -> int:
     """Run the demo; returns 0 when every load verified and agreed with fp32 (cosine >= 0.99).
 
     The sample model is saved in bf16, converted to fp8 in ComfyUI's layout with
-    :func:`loaderkit.write.convert` (no config: the architecture is inferred from the file), and
+    :func:`loaderkit.convert` (no config: the architecture is inferred from the file), and
     the original is loaded under each built-in strategy, the converted copy under ``fp8`` (its
     stored bytes kept) and ``bf16`` (dequantized).
     """
     import loaderkit
 
-    from .write import convert
+    from .pipeline.convert import convert
+    from .pipeline.discover import get_manager
 
-    names = [e.name for e in loaderkit.get_manager().strategies()]
+    names = [e.name for e in get_manager().strategies()]
     order = [s for s in ("fp32", "bf16", "fp16", "fp8", "auto") if s in names]
     results, outs = [], []
     t_start = time.perf_counter()
@@ -151,16 +152,16 @@ def run_demo(json_output: bool = False) -> int:
 
 
 def _print_table(order: list[str], conversion: dict, results: list[dict], ok: bool, seconds: float) -> None:
-    from .plan import _fmt_bytes
+    from .contract.plan import fmt_bytes
 
     print(f"loaderkit demo: TinyVideoDiT saved in bf16, loaded under {', '.join(order)};")
-    print(f"converted to fp8 ({conversion['layout']}): {_fmt_bytes(conversion['bytes_before'])} -> "
-          f"{_fmt_bytes(conversion['bytes_after'])} in {conversion['seconds'] * 1e3:.0f}ms, "
+    print(f"converted to fp8 ({conversion['layout']}): {fmt_bytes(conversion['bytes_before'])} -> "
+          f"{fmt_bytes(conversion['bytes_after'])} in {conversion['seconds'] * 1e3:.0f}ms, "
           "loaded under fp8 and bf16\n")
     print(f"{'checkpoint':<16} {'strategy':<9} {'memory':>10} {'verify':>7} {'cos vs fp32':>12} {'load':>9}  dtypes")
     for r in results:
-        dtypes = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in r["dtypes"].items())
-        print(f"{r['checkpoint']:<16} {r['strategy']:<9} {_fmt_bytes(r['bytes']):>10} "
+        dtypes = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in r["dtypes"].items())
+        print(f"{r['checkpoint']:<16} {r['strategy']:<9} {fmt_bytes(r['bytes']):>10} "
               f"{'ok' if r['verify'] else 'FAIL':>7} {r['cosine_vs_fp32']:>12.5f} {r['load_ms']:>7.1f}ms  {dtypes}")
         conv = ", ".join(f"{k} {v}" for k, v in sorted(r["conversions"].items()))
         print(f"{'':<16} - conversions: {conv}")

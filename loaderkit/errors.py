@@ -1,10 +1,14 @@
 """The exceptions loaderkit raises. Every one derives from :class:`LoaderKitError`.
 
 Each error carries the objects it is about (``path``, ``tensor``, ``module``, ``plugin``) as
-attributes, and its message names them and says what to do.
+attributes. Code deeper down raises with what it knows; callers fill in the rest with
+:meth:`LoaderKitError.with_context`, and ``str(error)`` composes the message from both — the
+one place where context is written into a message.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class LoaderKitError(Exception):
@@ -15,6 +19,9 @@ class LoaderKitError(Exception):
     :param tensor: the tensor name concerned, if any.
     :param module: the module name concerned, if any.
     :param plugin: the name of the plugin that caused it, if any.
+
+    ``str(error)`` is the message prefixed with whichever of plugin, path and module it does not
+    already name: ``plugin 'fp8': /ckpt: module 'blocks.0': ...``.
     """
 
     def __init__(
@@ -27,20 +34,49 @@ class LoaderKitError(Exception):
         plugin: str | None = None,
     ) -> None:
         super().__init__(message)
+        self.message = str(message)
         self.path = None if path is None else str(path)
         self.tensor = tensor
         self.module = module
         self.plugin = plugin
 
+    def with_context(
+        self,
+        *,
+        path: object | None = None,
+        tensor: str | None = None,
+        module: str | None = None,
+        plugin: str | None = None,
+    ) -> "LoaderKitError":
+        """Fill in the context this error did not know (what is already set is kept); returns it."""
+        if self.path is None and path is not None:
+            self.path = str(path)
+        if self.tensor is None and tensor is not None:
+            self.tensor = tensor
+        if self.module is None and module is not None:
+            self.module = module
+        if self.plugin is None and plugin is not None:
+            self.plugin = plugin
+        return self
 
-def name_checkpoint(exc: LoaderKitError, path: object, plugin: str | None = None) -> LoaderKitError:
-    """Fill in the checkpoint (and plugin) an error raised deeper down did not know about."""
-    if exc.path is None:
-        exc.path = str(path)
-        if exc.args and isinstance(exc.args[0], str) and str(path) not in exc.args[0]:
-            exc.args = (f"{path}: {exc.args[0]}", *exc.args[1:])
-    if exc.plugin is None and plugin is not None:
-        exc.plugin = plugin
+    def __str__(self) -> str:
+        msg = self.message
+        if self.module and self.module not in msg:
+            msg = f"module {self.module!r}: {msg}"
+        if self.path is not None and self.path not in msg:
+            msg = f"{self.path}: {msg}"
+        if self.plugin is not None and f"{self.plugin!r}" not in msg:
+            msg = f"plugin {self.plugin!r}: {msg}"
+        return msg
+
+    def __reduce__(self) -> Any:
+        return (_rebuild, (type(self), self.message, self.__dict__.copy()))
+
+
+def _rebuild(cls: type, message: str, state: dict) -> LoaderKitError:
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, message)
+    exc.__dict__.update(state)
     return exc
 
 
@@ -53,7 +89,7 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 
 class UnsupportedCheckpointError(CheckpointError):
-    """No registered format plugin claims the checkpoint."""
+    """No registered format plugin claims the checkpoint, or its layout is one loaderkit refuses."""
 
 
 class CorruptCheckpointError(CheckpointError):
@@ -103,6 +139,23 @@ class StateDictMismatchError(LoaderKitError):
         self.mismatched = list(mismatched)
 
 
+class ConversionError(LoaderKitError):
+    """A tensor cannot be converted as asked (quantized, decoded, cast): wrong dtype, shape,
+    granularity, or values (inf/NaN) the conversion cannot represent."""
+
+
+class CastRuleError(LoaderKitError):
+    """A runtime cast rule cannot be attached to a module, or cannot run."""
+
+
+class DtypeError(LoaderKitError, ValueError):
+    """A name that is not a torch dtype, or a dtype used where it cannot be."""
+
+
+class UsageError(LoaderKitError, ValueError):
+    """An argument that loaderkit cannot use (command-line options, ``MODULE:ATTR`` specs)."""
+
+
 class ConvertError(LoaderKitError):
     """A conversion cannot be done (bad destination, unsupported combination) or failed to write."""
 
@@ -113,10 +166,13 @@ class VerifyError(LoaderKitError):
 
 __all__ = [
     "BuildError",
+    "CastRuleError",
     "CheckpointError",
     "CheckpointNotFoundError",
+    "ConversionError",
     "ConvertError",
     "CorruptCheckpointError",
+    "DtypeError",
     "LoaderKitError",
     "PlanError",
     "PluginError",
@@ -124,5 +180,6 @@ __all__ = [
     "StrategyError",
     "UnsafeCheckpointError",
     "UnsupportedCheckpointError",
+    "UsageError",
     "VerifyError",
 ]

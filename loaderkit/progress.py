@@ -13,14 +13,13 @@ Loads pass a ``delay``, so a load that finishes within it shows nothing at all.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from typing import Callable, Iterator
 
+from .contract.env import env_flag
+
 #: the environment variable that turns bars off (``0``) or forces them on (``1``).
 PROGRESS_ENV = "LOADERKIT_PROGRESS"
-_OFF = ("0", "false", "no", "off")
-_ON = ("1", "true", "yes", "on")
 
 Update = Callable[[int], object]
 
@@ -31,10 +30,10 @@ def enabled(progress: bool | None = None) -> bool:
     ``LOADERKIT_PROGRESS=0`` always wins; ``progress=True`` or ``LOADERKIT_PROGRESS=1`` shows a
     bar even when standard error is not a terminal; otherwise a bar needs a terminal.
     """
-    env = os.environ.get(PROGRESS_ENV, "").strip().lower()
-    if progress is False or env in _OFF:
+    env = env_flag(PROGRESS_ENV, None)
+    if progress is False or env is False:
         return False
-    if progress is True or env in _ON:
+    if progress is True or env is True:
         return True
     stream = sys.stderr
     try:

@@ -3,7 +3,7 @@
 A *cast rule* is an accelerate :class:`~accelerate.hooks.ModelHook` attached with
 ``add_hook_to_module(module, hook, append=True)``. Just before the module's forward it swaps each
 covered tensor whose stored dtype differs from the compute dtype (or that has a scale) for its
-decoded compute-dtype copy (:func:`loaderkit.quant.upcast`), and just after it puts the stored
+decoded compute-dtype copy (:func:`loaderkit.kernels.quant.upcast`), and just after it puts the stored
 tensor back. Tensors already in the compute dtype are not touched, the module is never cast as a
 whole (diffusers' layerwise casting does ``module.to(compute)`` and ``module.to(storage)`` around
 every call), and ``module.forward`` is left to accelerate's hook machinery.
@@ -22,7 +22,9 @@ every call), and ``module.forward`` is left to accelerate's hook machinery.
 * **Native fp8**: ``native=True`` on an ``nn.Linear`` whose weight is ``float8_e4m3fn`` on a CUDA
   device with compute capability >= 8.9 runs ``torch._scaled_mm`` with a dynamically quantized
   activation instead of decoding the weight; elsewhere the rule decodes, and says why in
-  :attr:`CastRule.native_reason`.
+  :attr:`CastRule.native_reason`. Whether it can is decided once, when the rule is attached:
+  from the plan's device capabilities when loaderkit binds the plan, from the module's device
+  when a rule is attached by hand. Nothing is re-decided at forward time.
 
 Cast rules are for inference: gradients do not flow into the stored tensors, and a model must not
 run forward from several threads at once. Code that calls ``module.forward`` directly (not
@@ -31,7 +33,6 @@ run forward from several threads at once. Code that calls ``module.forward`` dir
 
 from __future__ import annotations
 
-import math
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -41,15 +42,13 @@ import torch
 from accelerate.hooks import ModelHook, SequentialHook, add_hook_to_module, remove_hook_from_module
 from torch import nn
 
-from .quant import GRANULARITIES, upcast
-from .errors import LoaderKitError
-
-#: layers whose forward only hands its tensors to a functional kernel (safe for reused buffers).
-_KERNEL_LAYERS = (
-    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-    nn.ConvTranspose3d, nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
-    nn.modules.batchnorm._NormBase,
-)  # fmt: skip
+from .contract.dtypes import dtype_name
+from .contract.layout import GRANULARITIES, scale_fits
+from .contract.modules import KERNEL_LAYERS
+from .contract.records import DeviceCaps
+from .errors import CastRuleError
+from .kernels.native import NATIVE_REASON, native_problem
+from .kernels.quant import upcast
 
 
 @dataclass(frozen=True)
@@ -75,8 +74,8 @@ class CastRule:
     :ivar compute_dtype: the dtype the module's kernel sees its tensors in.
     :ivar tensors: local tensor name -> :class:`TensorCast`, for every tensor the rule covers.
     :ivar resident: whether decoded copies are kept between calls.
-    :ivar native: whether native fp8 matmul was requested.
-    :ivar native_reason: after the first forward with ``native``, why it is (not) used.
+    :ivar native: whether the native fp8 matmul runs (decided when the rule is attached).
+    :ivar native_reason: when native fp8 matmul was asked for, why it is (not) used.
     """
 
     compute_dtype: torch.dtype
@@ -131,6 +130,7 @@ def attach_cast(
     native: bool = False,
     names: list[str] | None = None,
     name: str = "",
+    device: DeviceCaps | None = None,
 ) -> CastRule:
     """Attach a cast rule so that ``module``'s kernel sees its tensors in ``compute_dtype``.
 
@@ -142,14 +142,16 @@ def attach_cast(
     :param names: the tensors to cover (default: the module's own floating parameters, plus
         ``out_proj``'s for ``nn.MultiheadAttention``, which reads them itself).
     :param name: the module's qualified name, used in error messages.
+    :param device: the capabilities of the execution device, for deciding ``native``
+        (default: the CUDA capability of the module's weight's device, or its offload hook's).
     :returns: the rule (also available later through :func:`cast_rule_of`).
-    :raises LoaderKitError: for an unsuitable dtype, an unknown tensor or a malformed scale.
+    :raises CastRuleError: for an unsuitable dtype, an unknown tensor or a malformed scale.
     """
     label = name or type(module).__name__
     if not compute_dtype.is_floating_point or compute_dtype.itemsize == 1:
-        raise LoaderKitError(f"{label}: compute dtype {compute_dtype} is not a compute dtype", module=name)
+        raise CastRuleError(f"{label}: compute dtype {compute_dtype} is not a compute dtype", module=name)
     if not supports(module):
-        raise LoaderKitError(
+        raise CastRuleError(
             f"{label}: a cast rule cannot cover a {type(module).__name__} (scripted, parametrized or "
             "holding foreign tensor subclasses); store it in its compute dtype instead",
             module=name,
@@ -159,8 +161,11 @@ def attach_cast(
     covered = list(names) if names is not None else _default_names(module)
     covered += [n for n in scales if n not in covered]
     tensors = {n: _tensor_cast(module, n, scales.get(n), label, name) for n in covered}
-    rule = CastRule(compute_dtype=compute_dtype, tensors=tensors, resident=resident, native=native)
-    hook = CastHook(rule, pooled=isinstance(module, _KERNEL_LAYERS))
+    rule = CastRule(compute_dtype=compute_dtype, tensors=tensors, resident=resident)
+    if native:
+        problem = _native_problem(module, rule, device)
+        rule.native, rule.native_reason = not problem, problem or NATIVE_REASON
+    hook = CastHook(rule, pooled=isinstance(module, KERNEL_LAYERS))
     add_hook_to_module(module, hook, append=True)
     hook.guard = module.register_forward_hook(hook.forward_exit, always_call=True)
     return rule
@@ -183,7 +188,7 @@ def attach_input_cast(model: nn.Module, dtype: torch.dtype) -> InputCastHook:
     non-tensors pass unchanged. Returns the hook; :func:`detach` removes it.
     """
     if not dtype.is_floating_point or dtype.itemsize == 1:
-        raise LoaderKitError(f"input cast dtype {dtype} is not a compute dtype")
+        raise CastRuleError(f"input cast dtype {dtype} is not a compute dtype")
     for old in list(_hooks_of(model)):
         if isinstance(old, InputCastHook):
             _remove_hooks(model, lambda h, old=old: h is old)
@@ -201,6 +206,44 @@ def detach(model: nn.Module, recurse: bool = True) -> None:
     modules = model.modules() if recurse else [model]
     for module in list(modules):
         _remove_hooks(module, lambda h: isinstance(h, (CastHook, InputCastHook)))
+
+
+def _native_problem(module: nn.Module, rule: CastRule, caps: DeviceCaps | None) -> str:
+    weight = module._parameters.get("weight") if isinstance(module, nn.Module) else None
+    if weight is None:
+        return "no weight to multiply natively"
+    if caps is None:
+        caps = _caps_of(_execution_device(module, weight))
+    tc = rule.tensors.get("weight")
+    return native_problem(
+        linear=isinstance(module, nn.Linear),
+        weight_dtype=dtype_name(weight.dtype),
+        shape=tuple(weight.shape),
+        granularity=tc.granularity if tc is not None and tc.scale else "none",
+        compute=dtype_name(rule.compute_dtype),
+        caps=caps,
+    )
+
+
+def _execution_device(module: nn.Module, weight: torch.Tensor) -> torch.device:
+    for hook in _hooks_of(module):
+        dev = getattr(hook, "execution_device", None)
+        if dev is not None:
+            return torch.device(dev if not isinstance(dev, int) else f"cuda:{dev}")
+    return weight.device
+
+
+def _caps_of(device: torch.device) -> DeviceCaps:
+    """Capabilities of a device, for rules attached without a plan."""
+    fp8 = native_fp8_available(device)
+    cap = torch.cuda.get_device_capability(device) if fp8 and device.type == "cuda" else None
+    return DeviceCaps(device=str(device), kind=device.type, fp8_matmul=fp8, capability=cap)
+
+
+def input_cast_of(module: nn.Module) -> torch.dtype | None:
+    """The dtype :func:`attach_input_cast` casts ``module``'s inputs to, or ``None``."""
+    hook = _find(getattr(module, "_hf_hook", None), InputCastHook)
+    return hook.dtype if hook is not None else None
 
 
 def native_fp8_available(device: torch.device | str | None = None) -> bool:
@@ -228,7 +271,12 @@ class CastHook(ModelHook):
         self.rule = rule
         self.pooled = pooled
         self.guard: torch.utils.hooks.RemovableHandle | None = None
+        # How many forwards of the module are in flight. A module can be re-entered (a forward
+        # that calls itself, or a hook chain calling pre_forward twice): only the outermost
+        # entry swaps the stored tensors for decoded ones, and only its exit (post_forward, or
+        # forward_exit when the forward raised) puts them back. Inner exits just count down.
         self._depth = 0
+        # The swaps the outermost entry made, undone in reverse order on exit.
         self._swapped: list[_Swap] = []
         self._cache: dict[str, tuple[tuple, torch.Tensor]] = {}
 
@@ -270,9 +318,7 @@ class CastHook(ModelHook):
             self._restore(output)
 
     def _swap_in(self, module: nn.Module) -> None:
-        from .native import plan_native  # noqa: PLC0415 - keeps the fp8 matmul code apart
-
-        native = plan_native(self.rule, module) if self.rule.native else set()
+        native = ("weight",) if self.rule.native else ()
         for tc in self.rule.tensors.values():
             owner, key = _resolve(module, tc.name)
             is_param = key in owner._parameters
@@ -280,14 +326,14 @@ class CastHook(ModelHook):
             if stored is None or (stored.dtype == self.rule.compute_dtype and tc.scale is None):
                 continue
             if stored.device.type == "meta":
-                raise LoaderKitError(
+                raise CastRuleError(
                     f"{type(module).__name__}.{tc.name} is still on the meta device when its cast rule "
                     "runs: attach cast rules after accelerate's offload/dispatch hooks",
                     tensor=tc.name,
                 )
             scale = getattr(module, tc.scale) if tc.scale else None
             if tc.name in native:
-                from .native import Fp8LinearWeight  # noqa: PLC0415
+                from .kernels.native import Fp8LinearWeight  # noqa: PLC0415 - the fp8 matmul code
 
                 compute, pooled = Fp8LinearWeight.wrap(stored, scale, self.rule.compute_dtype), False
                 swapped = compute
@@ -338,6 +384,10 @@ class InputCastHook(ModelHook):
 
 @dataclass
 class _Swap:
+    """One tensor swapped for the duration of a forward: ``owner._parameters[key]`` (or
+    ``_buffers``) held ``stored`` and now holds ``swapped``; ``pooled`` is the workspace buffer
+    behind ``swapped``, returned to the pool after the forward unless the output aliases it."""
+
     owner: nn.Module
     key: str
     is_param: bool
@@ -346,6 +396,13 @@ class _Swap:
     pooled: torch.Tensor | None
 
     def restore(self) -> None:
+        """Put the stored tensor back — unless something else replaced the slot meanwhile.
+
+        Three cases: the slot still holds our swapped tensor (the usual case: restore it); an
+        offload hook released the slot to the meta device after the forward (keep it released,
+        but as a meta tensor of the *stored* dtype, so the next forward's offload hook and
+        this rule see fp8 again); or the forward assigned a new tensor (that assignment wins).
+        """
         table = self.owner._parameters if self.is_param else self.owner._buffers
         current = table.get(self.key)
         if current is self.swapped:
@@ -401,20 +458,20 @@ def _tensor_cast(module: nn.Module, tname: str, spec, label: str, mname: str) ->
     except AttributeError:
         owner, key = module, ""
     if key not in owner._parameters and key not in owner._buffers:
-        raise LoaderKitError(f"{label} has no parameter or buffer {tname!r} to cover", module=mname, tensor=tname)
+        raise CastRuleError(f"{label} has no parameter or buffer {tname!r} to cover", module=mname, tensor=tname)
     if spec is None:
         return TensorCast(tname)
     scale_name, granularity, block = spec
     where = f"{label}.{tname}"
     if granularity not in GRANULARITIES:
-        raise LoaderKitError(
+        raise CastRuleError(
             f"{where}: unknown scale granularity {granularity!r}; use one of {', '.join(GRANULARITIES)}",
             module=mname,
             tensor=tname,
         )
     scale = module._buffers.get(scale_name)
     if scale is None:
-        raise LoaderKitError(
+        raise CastRuleError(
             f"{where}: scale buffer {scale_name!r} is not a buffer of the module; register it "
             "with module.register_buffer(name, scale) before attaching the rule",
             module=mname,
@@ -423,22 +480,14 @@ def _tensor_cast(module: nn.Module, tname: str, spec, label: str, mname: str) ->
     tensor = owner._parameters.get(key, owner._buffers.get(key))
     shape = tuple(tensor.shape) if tensor is not None else ()
     block = tuple(block) if block is not None else None
-    if not _scale_fits(shape, tuple(scale.shape), granularity, block):
-        raise LoaderKitError(
+    if not scale_fits(shape, tuple(scale.shape), granularity, block):
+        raise CastRuleError(
             f"{where}: a {granularity} scale of shape {list(scale.shape)} does not fit a tensor of shape "
             f"{list(shape)}" + (f" with block {list(block)}" if block else ""),
             module=mname,
             tensor=tname,
         )
     return TensorCast(tname, scale_name, granularity, block)
-
-
-def _scale_fits(shape: tuple, scale_shape: tuple, granularity: str, block: tuple | None) -> bool:
-    numel = math.prod(scale_shape)
-    if granularity == "block":
-        grid = tuple(math.ceil(d / b) for d, b in zip(shape, block or ())) if len(shape) == 2 else None
-        return block is not None and scale_shape == grid
-    return numel == 1 or (granularity == "channel" and bool(shape) and numel == shape[0])
 
 
 def _resolve(module: nn.Module, tname: str) -> tuple[nn.Module, str]:

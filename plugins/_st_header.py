@@ -27,14 +27,12 @@ import functools
 import gc
 import json
 import os
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from loaderkit.checkpoint import TensorInfo
-from loaderkit.dtypes import SAFETENSORS_DTYPES, to_torch
+from loaderkit.plugin import SAFETENSORS_DTYPES, TensorInfo, to_torch
 from loaderkit.errors import CorruptCheckpointError, UnsupportedCheckpointError
 
 #: the largest header the safetensors format allows.
@@ -339,59 +337,3 @@ def looks_like_safetensors(path: Path) -> bool:
         return False
     (n,) = struct.unpack("<Q", head[:8])
     return 2 <= n <= MAX_HEADER_BYTES and 8 + n <= size
-
-
-# --- checkpoint file names ----------------------------------------------------------------------
-
-INDEX_RE = re.compile(r"^(?P<stem>.+)\.(?P<kind>safetensors|bin)\.index(?:\.(?P<variant>[^.]+))?\.json$")
-_SINGLE_RE = re.compile(
-    r"^(?P<stem>model|diffusion_pytorch_model|pytorch_model)(?:\.(?P<variant>[^.]+))?\.(?P<kind>safetensors|bin)$"
-)
-_SHARD_RE = re.compile(r"-\d+-of-\d+$")
-_SINGLE_STEMS = {"safetensors": ("model", "diffusion_pytorch_model"), "bin": ("pytorch_model", "diffusion_pytorch_model")}
-_STEM_RANK = {"model": 0, "pytorch_model": 0, "diffusion_pytorch_model": 1}
-
-
-def _candidate(name: str) -> tuple[tuple, str] | None:
-    """Rank a file name found in a checkpoint directory; lower ranks win. ``None``: not a candidate.
-
-    Order: safetensors before bin; within a kind, plain before variant; at the same variant level
-    an index before a single file; transformers names before diffusers names, then by name.
-    """
-    m = INDEX_RE.match(name)
-    if m:
-        kind, variant, stem = m["kind"], m["variant"], m["stem"]
-        fmt = "sharded"
-        shape_rank = 0
-    else:
-        m = _SINGLE_RE.match(name)
-        if not m or m["stem"] not in _SINGLE_STEMS[m["kind"]]:
-            return None
-        kind, variant, stem = m["kind"], m["variant"], m["stem"]
-        if variant and _SHARD_RE.search(variant):
-            return None
-        fmt = "safetensors" if kind == "safetensors" else "torchzip"
-        shape_rank = 1
-    rank = (kind != "safetensors", variant is not None, shape_rank, _STEM_RANK.get(stem, 2), name)
-    return rank, fmt
-
-
-def pick_in_directory(directory: Path) -> tuple[str, Path] | None:
-    """Choose the checkpoint a directory holds: ``(format name, file)``, or ``None``.
-
-    Deterministic: a plain (non-variant) checkpoint beats a variant (``model.fp16.safetensors``,
-    ``model.safetensors.index.fp16.json``); an index beats a single file of the same variant;
-    safetensors beats torch ``.bin``.
-    """
-    best: tuple[tuple, str, Path] | None = None
-    try:
-        children = list(directory.iterdir())
-    except OSError:
-        return None
-    for child in children:
-        ranked = _candidate(child.name)
-        if ranked is None or not child.is_file():
-            continue
-        if best is None or ranked[0] < best[0]:
-            best = (ranked[0], ranked[1], child)
-    return None if best is None else (best[1], best[2])

@@ -14,11 +14,21 @@ The policy, in order (every step is recorded as a decision in the plan):
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from loaderkit.dtypes import is_float, is_fp8
-from loaderkit.hookspecs import hookimpl
-from loaderkit.strategy import ModelContext, ModuleContext, ModuleDecision, Strategy, StrategyOptions
+from loaderkit.errors import PlanError
+from loaderkit.plugin import (
+    BuildContext,
+    hookimpl,
+    is_float,
+    is_fp8,
+    ModelContext,
+    ModuleContext,
+    ModuleDecision,
+    Strategy,
+    StrategyOptions,
+)
 
 
 class AutoOptions(StrategyOptions):
@@ -53,40 +63,46 @@ def dominant_dtype(checkpoint) -> str:
     return max(counts, key=counts.get) if counts else "float32"
 
 
+@dataclass(frozen=True)
+class AutoState:
+    """The strategy ``auto`` delegates to for one load, and that strategy's own state."""
+
+    inner: Strategy
+    state: Any
+
+
 class Auto(Strategy):
     name = "auto"
     description = "pick storage and compute dtypes from the checkpoint and the device (see docs)"
     Options = AutoOptions
 
-    def _choose(self, checkpoint, device) -> tuple[Strategy, list[tuple[str, str, str]]]:
-        from . import uniform
-
+    def _choose(self, ctx: BuildContext) -> tuple[Strategy, list[tuple[str, str, str]]]:
+        """The strategy to delegate to, found through the registry (a blocked plugin's
+        strategies are not there), and the notes explaining the choice."""
+        checkpoint, device = ctx.checkpoint, ctx.device
         stored = dominant_dtype(checkpoint)
         notes = [("checkpoint dtype", stored, "dominant float dtype by bytes")]
         wide = "bfloat16" if device.is_fast("bfloat16") else "float32"
         if is_fp8(stored) or checkpoint.quantization is not None:
-            try:
-                from .fp8 import FP8
-            except ImportError:
-                FP8 = None
             why = f"{device.device}: {_speed(device, 'bfloat16')}"
-            if FP8 is not None:
+            fp8 = ctx.strategy("fp8", compute_dtype=wide)
+            if fp8 is not None:
                 notes.append(("strategy", f"fp8 (compute {wide})", f"fp8 checkpoint kept as stored; {why}"))
-                return FP8(compute_dtype=wide), notes
-            notes.append(("strategy", _NAMES[wide], f"fp8 checkpoint dequantized; {why}"))
-            return (uniform.BF16() if wide == "bfloat16" else uniform.FP32()), notes
+                return fp8, notes
+            notes.append(("strategy", _NAMES[wide], f"fp8 checkpoint dequantized (strategy fp8 is not "
+                                                    f"registered); {why}"))
+            return _uniform(ctx, _NAMES[wide]), notes
         if stored == "float32" or stored == "float64":
             notes.append(("strategy", "fp32", "the checkpoint is float32; auto never lowers precision"))
-            return uniform.FP32(), notes
-        by_dtype = {"bfloat16": uniform.BF16, "float16": uniform.FP16}
+            return _uniform(ctx, "fp32"), notes
         if device.is_fast(stored):
             notes.append(("strategy", _NAMES[stored], f"{device.device}: {_speed(device, stored)}"))
-            return by_dtype[stored](), notes
+            return _uniform(ctx, _NAMES[stored]), notes
         if self.options.prefer == "memory":
             notes.append(
                 ("strategy", _NAMES[stored], f"prefer='memory': kept as stored although {device.device} computes {stored} slowly")
             )
-            return by_dtype[stored](), notes
+            return _uniform(ctx, _NAMES[stored]), notes
         notes.append(
             (
                 "strategy",
@@ -95,22 +111,30 @@ class Auto(Strategy):
                 f"the memory: pass prefer='memory' to keep {stored}",
             )
         )
-        return uniform.FP32(), notes
+        return _uniform(ctx, "fp32"), notes
 
-    def build_dtype(self, checkpoint, device) -> str:
-        inner, _ = self._choose(checkpoint, device)
-        return inner.build_dtype(checkpoint, device)
+    def build_dtype(self, ctx: BuildContext) -> str:
+        inner, _ = self._choose(ctx)
+        return inner.build_dtype(ctx)
 
-    def prepare(self, ctx: ModelContext) -> None:
-        self._inner, notes = self._choose(ctx.checkpoint, ctx.device)
+    def prepare(self, ctx: ModelContext) -> AutoState:
+        inner, notes = self._choose(ctx)
         for n in notes:
-            self.note(*n)
-        self._inner.decisions = []
-        self._inner.prepare(ctx)
-        self.decisions.extend(self._inner.decisions)
+            ctx.note(*n)
+        return AutoState(inner, inner.prepare(ctx))
 
-    def decide(self, module: ModuleContext) -> ModuleDecision:
-        return self._inner.decide(module)
+    def decide(self, module: ModuleContext, state: AutoState) -> ModuleDecision:
+        return state.inner.decide(module, state.state)
+
+
+def _uniform(ctx: BuildContext, name: str) -> Strategy:
+    strategy = ctx.strategy(name)
+    if strategy is None:
+        raise PlanError(
+            f"strategy auto chose {name!r}, but no plugin registers it (blocked?); pass a strategy "
+            "by name, or unblock the plugin that provides it"
+        )
+    return strategy
 
 
 @hookimpl

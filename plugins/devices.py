@@ -18,9 +18,8 @@ import platform
 
 import torch
 
-from loaderkit.capabilities import DeviceCaps
+from loaderkit.plugin import DeviceCaps, env_flag, hookimpl
 from loaderkit.errors import PlanError
-from loaderkit.hookspecs import hookimpl
 
 
 @functools.lru_cache(maxsize=1)
@@ -134,7 +133,7 @@ def cpu_caps(device: str = "cpu") -> DeviceCaps:
         "bfloat16": bool({"avx512_bf16", "amx_bf16"} & flags or (arm and "bf16" in flags)),
         "float16": bool({"avx512_fp16", "amx_fp16"} & flags or (arm and {"fphp", "asimdhp"} <= flags)),
     }
-    probe = os.environ.get("LOADERKIT_DEVICE_PROBE", "1").strip().lower() not in ("0", "false", "no")
+    probe = env_flag("LOADERKIT_DEVICE_PROBE", True)
     ratios = probe_ratios() if probe else {}
     for name in ("bfloat16", "float16"):
         ratio = ratios.get(name)

@@ -17,10 +17,8 @@ from typing import Any
 
 import torch
 
-from loaderkit.build import Builder, BuildRequest, ModelFacts, meta_init
-from loaderkit.dtypes import to_torch
+from loaderkit.plugin import Builder, BuildRequest, hookimpl, meta_init, ModelFacts, thaw, to_torch
 from loaderkit.errors import BuildError
-from loaderkit.hookspecs import hookimpl
 
 #: Patterns diffusers' ``enable_layerwise_casting`` skips by default, besides a model's own
 #: ``_skip_layerwise_casting_patterns`` and ``_keep_in_fp32_modules``.
@@ -46,7 +44,7 @@ class DiffusersBuilder(Builder):
         import diffusers
 
         ckpt = request.checkpoint
-        cfg = dict(ckpt.config or {})
+        cfg = thaw(ckpt.config) or {}
         cls = getattr(diffusers, str(cfg["_class_name"]), None)
         if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
             raise BuildError(

@@ -23,15 +23,24 @@ elsewhere ``"auto"`` records the fallback to the cast path and ``"always"`` fail
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from pydantic import field_validator
 
-from loaderkit.dtypes import dtype_name, is_fp8
+from loaderkit.plugin import (
+    BuildContext,
+    dtype_name,
+    hookimpl,
+    is_fp8,
+    ModelContext,
+    ModuleContext,
+    ModuleDecision,
+    Strategy,
+    StrategyOptions,
+)
 from loaderkit.errors import PlanError
-from loaderkit.hookspecs import hookimpl
-from loaderkit.strategy import ModelContext, ModuleContext, ModuleDecision, Strategy, StrategyOptions
 
 #: module-name regexes never quantized on load: positional / patch / time embeddings and output
 #: heads, whose precision matters most for the least memory.
@@ -90,28 +99,35 @@ class FP8Options(StrategyOptions):
         return v
 
 
+@dataclass(frozen=True)
+class FP8State:
+    """What :class:`FP8` works out once per load."""
+
+    skips: tuple[re.Pattern, ...]
+    native: bool
+
+
 class FP8(Strategy):
     name = "fp8"
     description = "fp8 (e4m3fn) weight storage, bf16 compute; cast rules on every fp8 module"
     Options = FP8Options
 
-    def build_dtype(self, checkpoint, device) -> str:
+    def build_dtype(self, ctx: BuildContext) -> str:
         return self.options.compute_dtype
 
-    def prepare(self, ctx: ModelContext) -> None:
+    def prepare(self, ctx: ModelContext) -> FP8State:
         o = self.options
-        self._device = ctx.device
-        self._skips = [re.compile(p) for p in (*(DEFAULT_SKIP if o.default_skips else ()), *o.skip)]
+        skips = tuple(re.compile(p) for p in (*(DEFAULT_SKIP if o.default_skips else ()), *o.skip))
         if o.compute_dtype not in ctx.device.compute_dtypes:
             raise PlanError(
                 f"strategy fp8: {ctx.device.device} cannot compute in {o.compute_dtype}; pass "
                 f"compute_dtype= one of {', '.join(ctx.device.compute_dtypes)}"
             )
-        self._native = False
+        native = False
         if o.native != "never":
             if ctx.device.fp8_matmul:
-                self._native = True
-                self.note("fp8 kernel", "native scaled fp8 matmul", f"{ctx.device.device} supports it")
+                native = True
+                ctx.note("fp8 kernel", "native scaled fp8 matmul", f"{ctx.device.device} supports it")
             elif o.native == "always":
                 raise PlanError(
                     f"strategy fp8 with native='always': {ctx.device.device} ({ctx.device.name}) has no "
@@ -119,38 +135,39 @@ class FP8(Strategy):
                     "to fall back to the cast path, or run on such a GPU"
                 )
             else:
-                self.note(
+                ctx.note(
                     "fp8 kernel",
                     f"cast path (upcast to {o.compute_dtype})",
                     f"native fp8 matmul unavailable on {ctx.device.device}: needs CUDA sm >= 8.9",
                 )
         q = ctx.checkpoint.quantization
         if q is not None:
-            self.note("fp8 checkpoint", f"kept as stored ({q.family})", "no requantization, scales kept")
-        self.note(
+            ctx.note("fp8 checkpoint", f"kept as stored ({q.family})", "no requantization, scales kept")
+        ctx.note(
             "compute",
             o.compute_dtype,
             "fp8 storage is upcast per module at forward time"
             + ("" if ctx.device.is_fast(o.compute_dtype) else f"; note {ctx.device.device} computes "
                f"{o.compute_dtype} slowly — compute_dtype=torch.float32 may be faster"),
         )
+        return FP8State(skips=skips, native=native)
 
     def _keeps_fp32(self, module: ModuleContext) -> bool:
         return module.keep_fp32 or (self.options.compute_dtype == "float16" and module.keep_fp32_fp16)
 
-    def _skipped(self, module: ModuleContext) -> str | None:
+    def _skipped(self, module: ModuleContext, state: FP8State) -> str | None:
         if self._keeps_fp32(module):
             return "kept in float32 by the model's library"
         if module.skip_low_precision:
             return "the model's library never stores it in low precision"
         if module.type in self.options.skip_types:
             return f"{module.type} is in skip_types"
-        for pat in self._skips:
+        for pat in state.skips:
             if pat.search(module.name):
                 return f"matches skip pattern {pat.pattern!r}"
         return None
 
-    def decide(self, module: ModuleContext) -> ModuleDecision:
+    def decide(self, module: ModuleContext, state: FP8State) -> ModuleDecision:
         o = self.options
         compute = "float32" if self._keeps_fp32(module) else o.compute_dtype
         storage: dict[str, str] = {}
@@ -160,13 +177,13 @@ class FP8(Strategy):
             storage["weight"] = weight.dtype  # stored fp8 stays fp8, whatever the module
             reason = "fp8 in the checkpoint, kept"
         elif weight is not None and module.kind in ("linear", "conv"):
-            skipped = self._skipped(module)
+            skipped = self._skipped(module, state)
             if skipped is None:
                 storage["weight"] = o.storage_dtype
                 reason = f"quantized on load, {o.granularity} scales"
             else:
                 reason = skipped
-        native = self._native and module.kind == "linear" and "weight" in storage
+        native = state.native and module.kind == "linear" and "weight" in storage
         return ModuleDecision(
             compute=compute,
             storage=storage,

@@ -3,7 +3,7 @@
 A directory is claimed when it holds a single-file checkpoint named the transformers/diffusers
 way (``model.safetensors``, ``diffusion_pytorch_model.safetensors`` or a variant such as
 ``model.fp16.safetensors``) and no index that would make it a sharded checkpoint; see
-:func:`loaderkit.plugins._st_header.pick_in_directory` for the exact order.
+:func:`loaderkit.plugins.directory.pick_in_directory` for the exact order.
 
 The header is validated strictly by loaderkit itself (``_st_header``); tensors are then served by
 ``safetensors.safe_open`` as lazy zero-copy views of a private memory map.
@@ -11,7 +11,6 @@ The header is validated strictly by loaderkit itself (``_st_header``); tensors a
 
 from __future__ import annotations
 
-import abc
 import os
 
 from pathlib import Path
@@ -19,17 +18,17 @@ from typing import Callable
 
 import torch
 
-from loaderkit.checkpoint import CheckpointInfo, Format, TensorInfo
-from loaderkit.dtypes import dtype_name
-from loaderkit.errors import CheckpointError, CorruptCheckpointError, UnsupportedCheckpointError
-from loaderkit.hookspecs import hookimpl
+from loaderkit.plugin import CheckpointInfo, dtype_name, Format, hookimpl, TensorInfo, TensorReader
+from loaderkit.errors import CheckpointError, CorruptCheckpointError
 
-from ._st_header import gc_paused, looks_like_safetensors, pick_in_directory, read_header
+from ._st_header import gc_paused, looks_like_safetensors, read_header
+from .directory import checkpoint_file, claims_directory
 
 
-class ClosingReader(abc.ABC):
-    """Base of the built-in readers: a context manager that calls :meth:`close` on exit, and
-    the lookup of a tensor's description (``self.checkpoint`` is set by subclasses)."""
+class ClosingReader(TensorReader):
+    """Base of the built-in readers: a :class:`loaderkit.plugin.TensorReader` (a context manager
+    that closes on exit) with the lookup of a tensor's description (``self.checkpoint`` is set
+    by subclasses)."""
 
     checkpoint: CheckpointInfo
 
@@ -44,15 +43,6 @@ class ClosingReader(abc.ABC):
             )
         return info
 
-    @abc.abstractmethod
-    def close(self) -> None:
-        """Release the files this reader opened."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class SafetensorsReader(ClosingReader):
@@ -164,19 +154,6 @@ def check_tensor(t: torch.Tensor, info: TensorInfo, path: object) -> None:
         )
 
 
-def _single_file(path: Path) -> Path:
-    if path.is_dir():
-        picked = pick_in_directory(path)
-        if picked is None or picked[0] != "safetensors":
-            raise UnsupportedCheckpointError(
-                f"directory {path} holds no single-file safetensors checkpoint (model.safetensors, "
-                "diffusion_pytorch_model.safetensors or a variant such as model.fp16.safetensors)",
-                path=path,
-            )
-        return picked[1]
-    return path
-
-
 class SafetensorsFormat(Format):
     """A single safetensors file (``.safetensors``), or a directory holding one."""
 
@@ -188,8 +165,7 @@ class SafetensorsFormat(Format):
         """Claim ``*.safetensors`` files, files whose first bytes are a safetensors header, and
         directories whose preferred checkpoint is a single safetensors file."""
         if path.is_dir():
-            picked = pick_in_directory(path)
-            return picked is not None and picked[0] == "safetensors"
+            return claims_directory(path, self.name)
         if not path.is_file():
             return False
         if path.name.lower().endswith(".safetensors"):
@@ -199,7 +175,7 @@ class SafetensorsFormat(Format):
     def describe(self, path: Path) -> CheckpointInfo:
         """Describe from the header alone (the 8-byte prefix and the JSON header are all that is read)."""
         path = Path(path)
-        file = _single_file(path)
+        file = checkpoint_file(path, self.name)
         with gc_paused():
             header = read_header(file)
             return CheckpointInfo(

@@ -24,17 +24,17 @@ from typing import Callable
 
 import torch
 
-from loaderkit.checkpoint import CheckpointInfo, Format, TensorInfo
+from loaderkit.plugin import CheckpointInfo, Format, hookimpl, TensorInfo
 from loaderkit.errors import (
     CheckpointError,
     CorruptCheckpointError,
     UnsafeCheckpointError,
     UnsupportedCheckpointError,
 )
-from loaderkit.hookspecs import hookimpl
 
 from . import torchzip
-from ._st_header import INDEX_RE, MAX_HEADER_BYTES, gc_paused, loads_strict, pick_in_directory, read_header
+from ._st_header import MAX_HEADER_BYTES, gc_paused, loads_strict, read_header
+from .directory import INDEX_RE, checkpoint_file, claims_directory
 from .safetensors_format import ClosingReader, SafetensorsReader
 
 _FIX = "the index is corrupt; download or save the checkpoint again"
@@ -194,15 +194,6 @@ class ShardedReader(ClosingReader):
         self._torch.close()
 
 
-def _index_file(path: Path) -> Path:
-    if path.is_dir():
-        picked = pick_in_directory(path)
-        if picked is None or picked[0] != "sharded":
-            raise UnsupportedCheckpointError(f"directory {path} holds no *.index.json", path=path)
-        return picked[1]
-    return path
-
-
 class ShardedFormat(Format):
     """A ``*.safetensors.index.json`` / ``*.bin.index.json`` index and its shards."""
 
@@ -213,8 +204,7 @@ class ShardedFormat(Format):
     def claim(self, path: Path) -> bool:
         """Claim index files by name, and directories whose preferred checkpoint is an index."""
         if path.is_dir():
-            picked = pick_in_directory(path)
-            return picked is not None and picked[0] == "sharded"
+            return claims_directory(path, self.name)
         return path.is_file() and INDEX_RE.match(path.name) is not None
 
     def describe(self, path: Path) -> CheckpointInfo:
@@ -223,7 +213,7 @@ class ShardedFormat(Format):
         ``.bin`` shards are unpickled memory-mapped, which reads no tensor data either.
         """
         path = Path(path)
-        index = _index_file(path).absolute()
+        index = checkpoint_file(path, self.name).absolute()
         with gc_paused():
             weight_map, metadata = read_index(index)
             shards, tensors, shard_meta = _collect(index, index.parent, weight_map)

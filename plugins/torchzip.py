@@ -28,12 +28,11 @@ from typing import Callable
 
 import torch
 
-from loaderkit.checkpoint import CheckpointInfo, Format, TensorInfo
-from loaderkit.dtypes import dtype_name
+from loaderkit.plugin import CheckpointInfo, dtype_name, Format, hookimpl, TensorInfo
 from loaderkit.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError, UnsupportedCheckpointError
-from loaderkit.hookspecs import hookimpl
 
-from ._st_header import looks_like_safetensors, pick_in_directory
+from ._st_header import looks_like_safetensors
+from .directory import checkpoint_file, claims_directory
 from .safetensors_format import ClosingReader, check_tensor
 
 SUFFIXES = (".bin", ".pt", ".pth")
@@ -231,17 +230,6 @@ class TorchReader(ClosingReader):
         self._files = {}
 
 
-def _torch_file(path: Path) -> Path:
-    if path.is_dir():
-        picked = pick_in_directory(path)
-        if picked is None or picked[0] != "torchzip":
-            raise UnsupportedCheckpointError(
-                f"directory {path} holds no single torch checkpoint (pytorch_model.bin)", path=path
-            )
-        return picked[1]
-    return path
-
-
 class TorchZipFormat(Format):
     """Legacy torch zip checkpoints read with ``weights_only=True`` and ``mmap=True``."""
 
@@ -252,14 +240,13 @@ class TorchZipFormat(Format):
     def claim(self, path: Path) -> bool:
         """Claim ``.bin``/``.pt``/``.pth`` files and directories whose checkpoint is ``pytorch_model.bin``."""
         if path.is_dir():
-            picked = pick_in_directory(path)
-            return picked is not None and picked[0] == "torchzip"
+            return claims_directory(path, self.name)
         return path.is_file() and path.name.lower().endswith(SUFFIXES)
 
     def describe(self, path: Path) -> CheckpointInfo:
         """Describe a torch file by unpickling it memory-mapped (no tensor data is read)."""
         path = Path(path)
-        file = _torch_file(path).absolute()
+        file = checkpoint_file(path, self.name).absolute()
         loaded = load_file(file, keep=True)
         return CheckpointInfo(
             path=str(path.absolute()),

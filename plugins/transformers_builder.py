@@ -20,10 +20,8 @@ from typing import Any
 
 import torch
 
-from loaderkit.build import Builder, BuildRequest, ModelFacts, meta_init
-from loaderkit.dtypes import to_torch
+from loaderkit.plugin import Builder, BuildRequest, hookimpl, meta_init, ModelFacts, thaw, to_torch
 from loaderkit.errors import BuildError
-from loaderkit.hookspecs import hookimpl
 
 #: Config keys describing a quantized checkpoint; loaderkit decodes such weights itself, so the
 #: model is built dense (as if the checkpoint had been dequantized).
@@ -60,7 +58,7 @@ class TransformersBuilder(Builder):
 
         ckpt = request.checkpoint
         dtype = to_torch(request.dtype)
-        model_cls, config = _resolve(transformers, _dense_config(ckpt.config or {}), ckpt.path)
+        model_cls, config = _resolve(transformers, _dense_config(thaw(ckpt.config) or {}), ckpt.path)
         _set_config_dtype(config, dtype)
         config.name_or_path = ckpt.root
         try:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from loaderkit.hookspecs import hookimpl
-from loaderkit.strategy import ModuleContext, ModuleDecision, Strategy, StrategyOptions
+from loaderkit.plugin import hookimpl, ModuleContext, ModuleDecision, Strategy, StrategyOptions
 
 
 class UniformOptions(StrategyOptions):
@@ -29,10 +28,10 @@ class Uniform(Strategy):
     dtype: ClassVar[str] = "float32"
     Options = UniformOptions
 
-    def build_dtype(self, checkpoint, device) -> str:
+    def build_dtype(self, ctx) -> str:
         return self.dtype
 
-    def decide(self, module: ModuleContext) -> ModuleDecision:
+    def decide(self, module: ModuleContext, state: None = None) -> ModuleDecision:
         keep = module.keep_fp32 or (self.dtype == "float16" and module.keep_fp32_fp16)
         if self.dtype != "float32" and keep and self.options.keep_fp32_modules:
             return ModuleDecision(compute="float32", reason="kept in float32 by the model's library")

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from loaderkit import manager as lk_manager
+from loaderkit.pipeline import discover as lk_manager
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_PLUGIN = ROOT / "examples" / "loaderkit-example-plugin"
@@ -141,17 +141,11 @@ def assert_snapshot_equal(module: nn.Module, before: dict) -> None:
 def fresh_manager() -> Callable[[], lk_manager.PluginManager]:
     """Reset the process-wide plugin manager for one test; restore the previous one after.
 
-    Returns :func:`loaderkit.get_manager`: the new manager is made on first use, after any
+    Returns :func:`loaderkit.plugin.get_manager`: the new manager is made on first use, after any
     environment change the test makes (``monkeypatch.setenv("LOADERKIT_BLOCK_PLUGINS", ...)``).
     """
-    with lk_manager._default_lock:
-        saved = lk_manager._default
-    lk_manager.reset_manager()
-    try:
+    with lk_manager.use_manager(None):
         yield lk_manager.get_manager
-    finally:
-        with lk_manager._default_lock:
-            lk_manager._default = saved
 
 
 @pytest.fixture

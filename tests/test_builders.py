@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from loaderkit import BuildError, BuildRequest, CheckpointInfo, ModelFacts
-from loaderkit.build import build_skeleton
-from loaderkit.manager import PluginManager
+from loaderkit.plugin import BuildError, BuildRequest, CheckpointInfo, ModelFacts
+from loaderkit.pipeline.build import build_skeleton
+from loaderkit.pipeline.discover import PluginManager
 from loaderkit.plugins import diffusers_builder as db
 from loaderkit.plugins import transformers_builder as tb
 
@@ -75,10 +75,10 @@ def test_plugins_import_neither_library():
     """Importing the plugins, registering them and asking facts of a torch model imports nothing heavy."""
     code = (
         "import sys, torch, importlib.util\n"
-        "from loaderkit.manager import PluginManager\n"
+        "from loaderkit.pipeline.discover import PluginManager\n"
         "mgr = PluginManager(autoload=False)\n"
         "names = [e.name for e in mgr.builders()]\n"
-        "assert mgr.hook('loaderkit_model_facts', model=torch.nn.Linear(2, 2)) == []\n"
+        "assert mgr.hook.loaderkit_model_facts(model=torch.nn.Linear(2, 2)) == []\n"
         "heavy = [m for m in ('transformers', 'diffusers') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
         "for lib in ('transformers', 'diffusers'):\n"
@@ -256,7 +256,7 @@ def test_manager_picks_transformers_builder(transformers):
     mgr = PluginManager(autoload=False)
     model, name = build_skeleton(mgr, request(LLAMA).checkpoint, torch.bfloat16)
     assert name == "transformers" and type(model).__name__ == "LlamaForCausalLM"
-    results = dict(mgr.hook("loaderkit_model_facts", model=model))
+    results = dict(mgr.hook.loaderkit_model_facts(model=model))
     assert set(results) == {"transformers"}
 
 

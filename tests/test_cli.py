@@ -11,8 +11,10 @@ import pytest
 import torch
 
 import loaderkit
-from loaderkit import Builder, cli
-from loaderkit.dtypes import to_torch
+import loaderkit.plugin
+from loaderkit import cli
+from loaderkit.plugin import Builder
+from loaderkit.plugin import to_torch
 
 from conftest import ROOT, TinyNet, save_st, seeded
 
@@ -26,7 +28,7 @@ class TinyBuilder(Builder):
         return (request.checkpoint.config or {}).get("architectures") == ["TinyNet"]
 
     def build(self, request):
-        with loaderkit.meta_init(to_torch(request.dtype)):
+        with loaderkit.plugin.meta_init(to_torch(request.dtype)):
             return TinyNet()
 
 
@@ -165,7 +167,7 @@ def test_error_is_one_line_without_traceback(capsys, tmp_path):
 
 
 def test_debug_reraises(tmp_path):
-    with pytest.raises(loaderkit.CheckpointNotFoundError):
+    with pytest.raises(loaderkit.plugin.CheckpointNotFoundError):
         cli.main(["--debug", "inspect", str(tmp_path / "absent.safetensors")])
 
 

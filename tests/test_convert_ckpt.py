@@ -28,12 +28,16 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 import loaderkit
+import loaderkit.plugin
 from loaderkit import progress as lk_progress
 from loaderkit.cli import main
-from loaderkit.quant import quantize
+from loaderkit.kernels.quant import quantize
 from loaderkit.demo import TinyVideoDiT, save_sample
 from loaderkit.plugins._st_header import read_header
-from loaderkit.write import ConvertError, ShardWriter, convert, infer_model, parse_size
+from loaderkit.errors import ConvertError
+from loaderkit.pipeline.build import infer_model
+from loaderkit.pipeline.convert import convert, parse_size
+from loaderkit.pipeline.files import ShardWriter
 
 E4M3 = torch.float8_e4m3fn
 TOKENS = torch.tensor([[1, 5, 9, 3, 7, 11, 2, 60, 100, 17]])
@@ -373,7 +377,7 @@ def test_bad_destinations(llama, sample, tmp_path):
         convert(sample, sample.parent, "fp8", overwrite=True)
     with pytest.raises(ConvertError, match="give a directory"):
         convert(llama, tmp_path / "x.safetensors", "fp8")
-    with pytest.raises(loaderkit.CheckpointNotFoundError):
+    with pytest.raises(loaderkit.plugin.CheckpointNotFoundError):
         convert(tmp_path / "absent.safetensors", tmp_path / "y", "fp8")
     assert sample.exists() and (llama / "config.json").exists()
 
@@ -437,7 +441,8 @@ def test_parse_size():
 _MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
-    from loaderkit.write import convert, infer_model
+    from loaderkit.pipeline.build import infer_model
+    from loaderkit.pipeline.convert import convert
     import loaderkit
 
     def kib(field):

@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 
 import loaderkit
-from loaderkit import hookspecs
-from loaderkit.manager import reset_manager
+from loaderkit.contract import hookspecs
+from loaderkit.pipeline.discover import reset_manager
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

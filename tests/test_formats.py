@@ -20,14 +20,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import loaderkit
-from loaderkit import (
-    CheckpointError,
-    CorruptCheckpointError,
-    UnsafeCheckpointError,
-    UnsupportedCheckpointError,
-)
+import loaderkit.plugin
+from loaderkit import CheckpointError
+from loaderkit.plugin import CorruptCheckpointError, UnsafeCheckpointError, UnsupportedCheckpointError
 from loaderkit.plugins import _st_header, torchzip
-from loaderkit.plugins._st_header import parse_file_bytes, pick_in_directory
+from loaderkit.plugins._st_header import parse_file_bytes
+from loaderkit.plugins.directory import pick_in_directory
 from loaderkit.plugins.safetensors_format import SafetensorsFormat
 from loaderkit.plugins.sharded import ShardedFormat
 from loaderkit.plugins.torchzip import TorchZipFormat
@@ -127,7 +125,7 @@ def mixed_tensors() -> dict[str, torch.Tensor]:
 
 
 def test_builtin_formats_are_registered_with_priorities() -> None:
-    manager = loaderkit.PluginManager(autoload=False)
+    manager = loaderkit.plugin.PluginManager(autoload=False)
     prio = {e.name: e.obj.priority for e in manager.formats()}
     assert prio["sharded"] == 20 and prio["safetensors"] == 10 and prio["torchzip"] == 0
     names = [e.name for e in manager.formats()]
@@ -284,7 +282,7 @@ def test_parser_accepts_space_padding_zero_size_and_orders_by_offset() -> None:
 
 
 def test_parser_maps_every_safetensors_dtype() -> None:
-    for st, name in loaderkit.dtypes.SAFETENSORS_DTYPES.items():
+    for st, name in loaderkit.plugin.SAFETENSORS_DTYPES.items():
         item = 1 if st == "F4" else getattr(torch, name).itemsize
         shape = [2, 4] if st == "F4" else [2]
         nbytes = 4 if st == "F4" else 2 * item

@@ -12,7 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import loaderkit
-from loaderkit import CorruptCheckpointError, QuantizedWeight, UnsupportedCheckpointError
+import loaderkit.plugin
+from loaderkit.plugin import CorruptCheckpointError, QuantizedWeight, UnsupportedCheckpointError
 from loaderkit.plugins import fp8_formats
 
 import fp8_writers as W
@@ -23,7 +24,7 @@ MD = "model.diffusion_model."
 # -- helpers ------------------------------------------------------------------------------------
 
 
-def read_tensors(info: loaderkit.CheckpointInfo) -> dict[str, torch.Tensor]:
+def read_tensors(info: loaderkit.plugin.CheckpointInfo) -> dict[str, torch.Tensor]:
     """Every stored tensor, read from the file the description names (shards included)."""
     out = {}
     for key, t in info.tensors.items():
@@ -32,13 +33,13 @@ def read_tensors(info: loaderkit.CheckpointInfo) -> dict[str, torch.Tensor]:
     return out
 
 
-def scheme_of(info: loaderkit.CheckpointInfo) -> loaderkit.Scheme:
-    entry = loaderkit.get_manager().get("schemes", info.quantization.scheme)
+def scheme_of(info: loaderkit.plugin.CheckpointInfo) -> loaderkit.plugin.Scheme:
+    entry = loaderkit.plugin.get_manager().get("schemes", info.quantization.scheme)
     assert entry is not None and entry.plugin == "fp8-formats"
     return entry.obj
 
 
-def decode_all(info: loaderkit.CheckpointInfo, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def decode_all(info: loaderkit.plugin.CheckpointInfo, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Every model tensor decoded through the scheme (companions and markers dropped)."""
     q, tensors = info.quantization, read_tensors(info)
     scheme, companions = scheme_of(info), q.companion_keys()
@@ -50,7 +51,7 @@ def decode_all(info: loaderkit.CheckpointInfo, dtype: torch.dtype = torch.float3
     return out
 
 
-def assert_decodes_to(info: loaderkit.CheckpointInfo, ref: dict[str, torch.Tensor]) -> None:
+def assert_decodes_to(info: loaderkit.plugin.CheckpointInfo, ref: dict[str, torch.Tensor]) -> None:
     got = decode_all(info)
     assert sorted(got) == sorted(ref)
     for key in ref:
@@ -534,14 +535,14 @@ def test_unscaled_fp8_flushes_small_weights_that_scaled_recipes_keep(written):
 
 
 def test_schemes_are_registered_by_the_builtin_plugin():
-    entries = [e for e in loaderkit.get_manager().schemes() if e.plugin == "fp8-formats"]
+    entries = [e for e in loaderkit.plugin.get_manager().schemes() if e.plugin == "fp8-formats"]
     names = [e.name for e in entries]
     assert set(names) == {
         "comfy-mixed", "comfy-scaled-fp8", "compressed-tensors-fp8", "fp8-block", "fp8-fbgemm",
         "fp8-tensor", "modelopt-fp8", "fp8-keys", "fp8-plain",
     }
     assert names.index("comfy-scaled-fp8") < names.index("fp8-plain")
-    assert all(isinstance(e.obj, loaderkit.Scheme) and e.obj.description for e in entries)
+    assert all(isinstance(e.obj, loaderkit.plugin.Scheme) and e.obj.description for e in entries)
 
 
 # -- end to end: loaderkit.load decodes every family ------------------------------------------------
@@ -641,7 +642,7 @@ def test_llm_compressor_llama_loads_like_transformers_dequantizing(preset, tmp_p
 
 
 def test_loaderkit_register_schemes_hook_contributes_every_family():
-    got: list[loaderkit.Scheme] = []
+    got: list[loaderkit.plugin.Scheme] = []
     fp8_formats.loaderkit_register_schemes(got.append)
     assert [type(s) for s in got] == list(fp8_formats.SCHEMES)
     assert len({s.name for s in got}) == len(got)
@@ -655,7 +656,7 @@ def test_a_runtime_scheme_of_higher_priority_is_asked_first(fresh_manager, writt
         name, family, priority = "test-claims-all", "test", 1000
 
         def detect(self, checkpoint):
-            return loaderkit.QuantizationInfo(scheme=self.name, family=self.family, granularity="none", weights={})
+            return loaderkit.plugin.QuantizationInfo(scheme=self.name, family=self.family, granularity="none", weights={})
 
     class Plugin:
         @loaderkit.hookimpl

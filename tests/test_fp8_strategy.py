@@ -161,7 +161,8 @@ def test_native_fp8_is_negotiated_against_the_device(bf16_sample):
 
 
 def test_compute_dtype_the_device_cannot_run_fails_at_plan_time(bf16_sample, fresh_manager):
-    from loaderkit import DeviceCaps, hookimpl
+    from loaderkit import hookimpl
+    from loaderkit.plugin import DeviceCaps
 
     class NoHalf:
         @hookimpl(tryfirst=True)

@@ -29,8 +29,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import loaderkit
+import loaderkit.plugin
 from loaderkit import LoaderKitError
-from loaderkit.dtypes import SAFETENSORS_DTYPES, to_torch
+from loaderkit.plugin import SAFETENSORS_DTYPES, to_torch
 from loaderkit.plugins._st_header import StHeader, parse_file_bytes, read_header
 
 from test_hostile import watch_opens
@@ -277,9 +278,9 @@ def tree(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def manager(tree) -> loaderkit.PluginManager:
+def manager(tree) -> loaderkit.plugin.PluginManager:
     """A plugin manager made (entry points read) and warmed up before any file is spied on."""
-    mgr = loaderkit.PluginManager(autoload=False)
+    mgr = loaderkit.plugin.PluginManager(autoload=False)
     index = tree[0] / "model.safetensors.index.json"
     index.write_text(json.dumps({"weight_map": {"a": "s1.safetensors", "e": "w.bin"}}))
     assert set(loaderkit.inspect(index, manager=mgr).tensors) == {"a", "e"}

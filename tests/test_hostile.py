@@ -31,13 +31,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import loaderkit
-from loaderkit import (
-    CheckpointError,
-    CorruptCheckpointError,
-    LoaderKitError,
-    UnsafeCheckpointError,
-    cli,
-)
+from loaderkit import CheckpointError, LoaderKitError
+from loaderkit import cli
+from loaderkit.plugin import CorruptCheckpointError, UnsafeCheckpointError
 from loaderkit.plugins import fp8_formats
 from loaderkit.plugins.safetensors_format import SafetensorsFormat
 

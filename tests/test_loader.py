@@ -8,14 +8,8 @@ import pytest
 import torch
 
 import loaderkit
-from loaderkit import (
-    BuildError,
-    CheckpointNotFoundError,
-    LoaderKitError,
-    ModelFacts,
-    PlanError,
-    StrategyError,
-)
+from loaderkit import LoaderKitError, PlanError, StrategyError
+from loaderkit.plugin import BuildError, CheckpointNotFoundError, ModelFacts
 from loaderkit.plugins.safetensors_format import SafetensorsFormat
 
 from conftest import BufferNet, TinyNet, assert_snapshot_equal, save_st, seeded, snapshot

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 import loaderkit
+import loaderkit.plugin
 from loaderkit import StateDictMismatchError
-from loaderkit.negotiate import model_slots, module_kind
+from loaderkit.pipeline.negotiate import model_slots
+from loaderkit.plugin import module_kind
 
 from conftest import BufferNet, TiedNet, TinyNet, assert_snapshot_equal, save_st, seeded, snapshot
 
@@ -136,7 +138,7 @@ def test_tied_by_facts_from_a_plugin(fresh_manager, tmp_path):
 
     def loaderkit_model_facts(model):
         if isinstance(model, Untied):
-            return loaderkit.ModelFacts(tied={"head.weight": "embed.weight"}, source=("test",))
+            return loaderkit.plugin.ModelFacts(tied={"head.weight": "embed.weight"}, source=("test",))
         return None
 
     plugin = type("P", (), {"loaderkit_model_facts": staticmethod(loaderkit.hookimpl(loaderkit_model_facts))})()
@@ -226,7 +228,7 @@ def test_plan_str_shows_modules_dtypes_and_decisions(fresh_manager, tiny_ckpt):
     path, _ = tiny_ckpt
 
     def loaderkit_model_facts(model):
-        return loaderkit.ModelFacts(keep_fp32=("norm",)) if isinstance(model, TinyNet) else None
+        return loaderkit.plugin.ModelFacts(keep_fp32=("norm",)) if isinstance(model, TinyNet) else None
 
     plugin = type("P", (), {"loaderkit_model_facts": staticmethod(loaderkit.hookimpl(loaderkit_model_facts))})()
     name = loaderkit.register(plugin, name="keep-norm")

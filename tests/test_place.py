@@ -147,7 +147,7 @@ def test_invalid_device_map(sample, bad):
 
 
 def test_failed_offload_load_leaves_no_model(sample, tmp_path, monkeypatch):
-    import loaderkit.place as place
+    import loaderkit.pipeline.place as place
 
     def broken(self, key, tensor):
         raise OSError(28, "No space left on device")
@@ -186,7 +186,7 @@ def test_cuda_cpu_disk(sample, tmp_path, strategy):  # pragma: no cover - GPU on
 
 def test_unwritable_offload_folder_reported_before_loading(sample, tmp_path, monkeypatch):
     """The writability check runs at plan time (simulated denial: the suite may run as root)."""
-    import loaderkit.place as place
+    import loaderkit.pipeline.place as place
 
     monkeypatch.setattr(place.os, "access", lambda path, mode: False)
     with pytest.raises(loaderkit.PlanError, match="not writable") as err:

@@ -15,21 +15,11 @@ import pytest
 import torch
 
 import loaderkit
-from loaderkit import (
-    CheckpointInfo,
-    Format,
-    ModuleDecision,
-    PluginError,
-    PluginManager,
-    QuantizationInfo,
-    QuantizedWeight,
-    Scheme,
-    Strategy,
-    StrategyError,
-    TensorInfo,
-)
-from loaderkit import manager as lk_manager
-from loaderkit.dtypes import dtype_name
+import loaderkit.plugin
+from loaderkit import PluginError, StrategyError
+from loaderkit.plugin import CheckpointInfo, Format, ModuleDecision, PluginManager, QuantizationInfo, QuantizedWeight, Scheme, Strategy, TensorInfo
+from loaderkit.pipeline import discover as lk_manager
+from loaderkit.plugin import dtype_name
 
 from conftest import TinyNet, assert_snapshot_equal, run_python, save_st, seeded, snapshot
 
@@ -111,7 +101,7 @@ class LinearsBF16(Strategy):
 
     name = "test-linears-bf16"
 
-    def decide(self, module):
+    def decide(self, module, state):
         if module.kind == "linear":
             return ModuleDecision(compute="bfloat16", reason="linear layers in bf16")
         return ModuleDecision(compute="float32", reason="not a linear layer")
@@ -261,7 +251,7 @@ def test_same_plugin_name_twice_is_an_error(fresh_manager):
 class ShadowBF16(Strategy):
     name = "bf16"
 
-    def decide(self, module):
+    def decide(self, module, state):
         return ModuleDecision(compute="float32")
 
 
@@ -291,7 +281,7 @@ def test_duplicate_name_names_both_plugins(fresh_manager, hook, obj, owner):
 
 def test_registering_a_non_format_is_an_error(fresh_manager):
     plugin = make_plugin("notaformat", loaderkit_register_formats=lambda register: register({"name": "x"}))
-    with pytest.raises(PluginError, match="notaformat.*must be an instance of loaderkit.Format"):
+    with pytest.raises(PluginError, match="notaformat.*must be an instance of loaderkit.plugin.Format"):
         loaderkit.register(plugin)
 
 
@@ -379,7 +369,7 @@ class DictDescribe(NpzFormat):
 class StringDecide(Strategy):
     name = "string-decide"
 
-    def decide(self, module):
+    def decide(self, module, state):
         return "bfloat16"
 
 
@@ -477,7 +467,7 @@ def test_format_that_claims_then_fails_is_named(fresh_manager, tiny_ckpt):
 class FP16Everything(Strategy):
     name = "ep-fp16"
 
-    def decide(self, module):
+    def decide(self, module, state):
         return ModuleDecision(compute="float16")
 
 
@@ -564,7 +554,7 @@ def test_manager_block_argument(tiny_ckpt, monkeypatch):
 def test_manager_without_builtins_claims_nothing(tiny_ckpt):
     mgr = PluginManager(builtins=False, autoload=False)
     assert mgr.records == {} and mgr.formats() == []
-    with pytest.raises(loaderkit.UnsupportedCheckpointError, match="formats tried: none"):
+    with pytest.raises(loaderkit.plugin.UnsupportedCheckpointError, match="formats tried: none"):
         loaderkit.inspect(tiny_ckpt[0], manager=mgr)
 
 
@@ -620,12 +610,12 @@ try:
     refused = None
 except loaderkit.PlanError as exc:
     refused = [exc.plugin, str(exc)]
-blocked = loaderkit.PluginManager(block=["example"]).get("strategies", "example-fp32-norms") is None
+blocked = loaderkit.plugin.PluginManager(block=["example"]).get("strategies", "example-fp32-norms") is None
 os.environ["LOADERKIT_BLOCK_PLUGINS"] = "example"
-blocked_env = "example" not in loaderkit.PluginManager().records
+blocked_env = "example" not in loaderkit.plugin.PluginManager().records
 del os.environ["LOADERKIT_BLOCK_PLUGINS"]
 os.environ["LOADERKIT_DISABLE_PLUGIN_AUTOLOAD"] = "1"
-no_autoload = "example" not in loaderkit.PluginManager().records
+no_autoload = "example" not in loaderkit.plugin.PluginManager().records
 print(json.dumps({{
     "dtypes": {{k: str(v.dtype) for k, v in model.state_dict().items()}},
     "out": str(out.dtype), "verify": report.ok, "refused": refused,

@@ -1,4 +1,4 @@
-"""Exactness of fp8 decoding and accuracy of fp8 encoding (loaderkit.quant)."""
+"""Exactness of fp8 decoding and accuracy of fp8 encoding (loaderkit.kernels.quant)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loaderkit import LoaderKitError, quant
-from loaderkit.quant import dequantize_reference, expand_block_scale, fp8_max, quantize, upcast
+from loaderkit import LoaderKitError
+from loaderkit.kernels import quant
+from loaderkit.kernels.quant import dequantize_reference, expand_block_scale, fp8_max, quantize, upcast
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 FP8 = [E4M3, E5M2]

@@ -9,8 +9,9 @@ from accelerate import cpu_offload
 from accelerate.hooks import AlignDevicesHook, add_hook_to_module, attach_align_device_hook
 from torch import nn
 
-from loaderkit import LoaderKitError, runtime
-from loaderkit.quant import quantize, upcast
+from loaderkit import LoaderKitError
+from loaderkit import runtime
+from loaderkit.kernels.quant import quantize, upcast
 
 E4M3 = torch.float8_e4m3fn
 BF16 = torch.bfloat16

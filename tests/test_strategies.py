@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import loaderkit
-from loaderkit import DeviceCaps, PlanError
+import loaderkit.plugin
+from loaderkit import PlanError
+from loaderkit.plugin import DeviceCaps
 
 from conftest import EXAMPLE_PLUGIN, TinyNet, save_st, seeded
 
@@ -112,7 +114,7 @@ def test_auto_fp16_checkpoint_without_fast_fp16(cpu_with_fast_bf16, tmp_path):
 
 
 def test_auto_keeps_fp8_storage(cpu_without_fast_bf16, tmp_path):
-    if loaderkit.get_manager().get("strategies", "fp8") is None:
+    if loaderkit.plugin.get_manager().get("strategies", "fp8") is None:
         pytest.skip("no fp8 strategy registered")
     ref = seeded(TinyNet)
     sd = ref.state_dict()

@@ -25,7 +25,8 @@ from typing import Literal
 import torch
 
 import loaderkit
-from loaderkit import ModuleContext, ModuleDecision, PlanError, Strategy, StrategyOptions
+from loaderkit import PlanError
+from loaderkit.plugin import ModuleContext, ModuleDecision, Strategy, StrategyOptions
 
 __version__ = "0.1.0"
 
@@ -50,17 +51,17 @@ class FP32Norms(Strategy):
     description = "bfloat16 (or float16) storage and compute; normalisation layers stay float32"
     Options = FP32NormsOptions
 
-    def build_dtype(self, checkpoint, device) -> str:
+    def build_dtype(self, ctx) -> str:
         return self.options.dtype
 
     def prepare(self, ctx) -> None:
-        self.note(
+        ctx.note(
             "normalisation layers",
             "float32",
             f"their reductions lose accuracy in {self.options.dtype}; they hold few weights",
         )
 
-    def decide(self, module: ModuleContext) -> ModuleDecision:
+    def decide(self, module: ModuleContext, state: None) -> ModuleDecision:
         if module.kind == "norm":
             return ModuleDecision(compute="float32", reason="normalisation layer kept in float32")
         if module.keep_fp32:

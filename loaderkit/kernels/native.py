@@ -1,6 +1,7 @@
 """Native fp8 matmul for cast rules: ``nn.Linear`` through ``torch._scaled_mm``.
 
-Used by :mod:`loaderkit.runtime` when a rule asks for ``native=True``. For the duration of one
+Used by :mod:`loaderkit.runtime` for rules whose plan says ``kernel="native"``; whether a module
+may run natively is decided at plan time by :func:`native_problem`. For the duration of one
 forward the module's ``weight`` is a :class:`Fp8LinearWeight`: the stored fp8 tensor plus its
 scale. An ``F.linear`` call on it quantizes the activation to ``float8_e4m3fn`` (dynamic amax
 scale, per tensor or per row) and runs ``torch._scaled_mm``; every other use of the weight sees
@@ -10,21 +11,17 @@ cast their input to ``self.weight.dtype`` keep working.
 Supported: ``float8_e4m3fn`` weights with no scale or a per-tensor scale (any compute dtype), or
 a per-channel scale (rowwise kernel: ``bfloat16`` compute, compute capability >= 9.0); N and K
 multiples of 16. Anything
-else is decoded as usual, and :attr:`loaderkit.runtime.CastRule.native_reason` says why.
+else is decoded as usual, and the plan's ``kernel_reason`` says why.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..contract.records import DeviceCaps
 from .quant import upcast
-
-if TYPE_CHECKING:
-    from .runtime import CastRule
 
 _E4M3_MAX = 448.0
 _METADATA = {
@@ -40,37 +37,40 @@ _METADATA = {
 }
 
 
-def native_blocker(module: nn.Module, rule: CastRule) -> str:
-    """Why the native path cannot run for this call ('' when it can)."""
-    from .runtime import native_fp8_available  # noqa: PLC0415
-
-    if not isinstance(module, nn.Linear):
-        return f"{type(module).__name__} has no native fp8 path (only nn.Linear)"
-    w = module._parameters.get("weight")
-    if w is None or w.dtype != torch.float8_e4m3fn:
-        return f"weight is {None if w is None else w.dtype}; the native path needs float8_e4m3fn"
-    if not native_fp8_available(w.device):
-        return f"{w.device} has no native fp8 matmul (needs CUDA compute capability >= 8.9)"
-    if w.dim() != 2 or w.shape[0] % 16 or w.shape[1] % 16:
-        return f"weight shape {list(w.shape)} is not a multiple of 16"
-    tc = rule.tensors.get("weight")
-    granularity = tc.granularity if tc is not None and tc.scale else "none"
+def native_problem(
+    *,
+    linear: bool,
+    weight_dtype: str,
+    shape: tuple[int, ...],
+    granularity: str,
+    compute: str,
+    caps: DeviceCaps,
+) -> str:
+    """Why a module cannot run the native fp8 matmul on the device ``caps`` describes ('' when
+    it can). Decided from the plan's facts alone — module kind, stored weight dtype and shape,
+    scale granularity, compute dtype, and the device's declared capabilities — so the plan
+    says which kernel runs, and why, before any weight is read.
+    """
+    if not linear:
+        return "only nn.Linear has a native fp8 path"
+    if weight_dtype != "float8_e4m3fn":
+        return f"weight is {weight_dtype}; the native path needs float8_e4m3fn"
+    if not caps.fp8_matmul:
+        return f"{caps.device} has no native fp8 matmul (needs CUDA compute capability >= 8.9)"
+    if len(shape) != 2 or shape[0] % 16 or shape[1] % 16:
+        return f"weight shape {list(shape)} is not a multiple of 16"
     if granularity == "block":
         return "block scales have no native kernel here; decoded instead"
-    if granularity == "channel" and rule.compute_dtype != torch.bfloat16:
+    if granularity == "channel" and compute != "bfloat16":
         return "per-channel (rowwise) fp8 matmul computes in bfloat16 only"
-    if granularity == "channel" and w.is_cuda and torch.cuda.get_device_capability(w.device) < (9, 0):
+    if granularity == "channel" and caps.capability is not None and tuple(caps.capability) < (9, 0):
         return "per-channel (rowwise) fp8 matmul needs CUDA compute capability >= 9.0"
-    if rule.compute_dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        return f"compute dtype {rule.compute_dtype} has no native fp8 output"
+    if compute not in ("bfloat16", "float16", "float32"):
+        return f"compute dtype {compute} has no native fp8 output"
     return ""
 
 
-def plan_native(rule: CastRule, module: nn.Module) -> set[str]:
-    """The tensors handed to the native kernel in this call; records the reason in the rule."""
-    blocker = native_blocker(module, rule)
-    rule.native_reason = blocker or "native fp8 matmul (torch._scaled_mm)"
-    return set() if blocker else {"weight"}
+NATIVE_REASON = "native fp8 matmul (torch._scaled_mm)"
 
 
 class Fp8LinearWeight(torch.Tensor):

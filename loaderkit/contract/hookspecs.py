@@ -18,11 +18,9 @@ import pluggy
 if TYPE_CHECKING:
     import torch
 
-    from .build import Builder, ModelFacts
-    from .capabilities import DeviceCaps
-    from .checkpoint import Format, Scheme
+    from .bases import Builder, Format, Scheme, Strategy
     from .plan import Plan
-    from .strategy import Strategy
+    from .records import DeviceCaps, ModelFacts
 
 hookspec = pluggy.HookspecMarker("loaderkit")
 hookimpl = pluggy.HookimplMarker("loaderkit")
@@ -37,7 +35,7 @@ hookimpl = pluggy.HookimplMarker("loaderkit")
 def loaderkit_register_formats(register: Callable[["Format"], None]) -> None:
     """Register checkpoint container formats.
 
-    Call ``register(format)`` once per :class:`loaderkit.Format` instance. Names must be unique
+    Call ``register(format)`` once per :class:`loaderkit.plugin.Format` instance. Names must be unique
     across all plugins; a duplicate is a :class:`loaderkit.PluginError` naming both plugins.
 
     :param register: the callback that validates and records a format.
@@ -50,7 +48,7 @@ def loaderkit_register_formats(register: Callable[["Format"], None]) -> None:
 def loaderkit_register_schemes(register: Callable[["Scheme"], None]) -> None:
     """Register quantization schemes (how quantized weights and their scales are encoded).
 
-    Call ``register(scheme)`` once per :class:`loaderkit.Scheme` instance.
+    Call ``register(scheme)`` once per :class:`loaderkit.plugin.Scheme` instance.
 
     :param register: the callback that validates and records a scheme.
 
@@ -62,7 +60,7 @@ def loaderkit_register_schemes(register: Callable[["Scheme"], None]) -> None:
 def loaderkit_register_strategies(register: Callable[[type["Strategy"]], None]) -> None:
     """Register precision strategies.
 
-    Call ``register(StrategyClass)`` once per :class:`loaderkit.Strategy` subclass; the class
+    Call ``register(StrategyClass)`` once per :class:`loaderkit.plugin.Strategy` subclass; the class
     is instantiated per load with the user's options.
 
     :param register: the callback that validates and records a strategy class.
@@ -75,7 +73,7 @@ def loaderkit_register_strategies(register: Callable[[type["Strategy"]], None]) 
 def loaderkit_register_builders(register: Callable[["Builder"], None]) -> None:
     """Register model builders (skeletons from a checkpoint's config).
 
-    Call ``register(builder)`` once per :class:`loaderkit.Builder` instance.
+    Call ``register(builder)`` once per :class:`loaderkit.plugin.Builder` instance.
 
     :param register: the callback that validates and records a builder.
 
@@ -96,7 +94,7 @@ def loaderkit_device_capabilities(device: str) -> "DeviceCaps | None":
     The built-in ``devices`` plugin answers for ``cpu`` and ``cuda`` devices by probing them.
 
     :param device: a torch device string such as ``"cpu"`` or ``"cuda:0"``.
-    :return: a :class:`loaderkit.DeviceCaps`, or ``None``.
+    :return: a :class:`loaderkit.plugin.DeviceCaps`, or ``None``.
 
     .. versionadded:: 0.1
     """
@@ -110,7 +108,7 @@ def loaderkit_model_facts(model: "torch.nn.Module") -> "ModelFacts | None":
     All non-None results are merged. Return ``None`` for models the plugin does not know.
 
     :param model: the skeleton (parameters on the meta device) about to be loaded.
-    :return: a :class:`loaderkit.ModelFacts`, or ``None``.
+    :return: a :class:`loaderkit.plugin.ModelFacts`, or ``None``.
 
     .. versionadded:: 0.1
     """
@@ -124,7 +122,8 @@ def loaderkit_plan_ready(plan: "Plan") -> None:
     :class:`loaderkit.PlanError` to refuse the plan (it is reported with the plugin's name);
     return value is ignored.
 
-    :param plan: the plan, immutable.
+    :param plan: the plan. It is immutable all the way down (frozen records, read-only
+        mappings): a hook can refuse it, never rewrite it.
 
     .. versionadded:: 0.1
     """

@@ -1,21 +1,34 @@
-"""Header-only recognition of fp8 checkpoint families, shared by the ``fp8-formats`` schemes.
+"""What the fp8 family schemes share: header-only recognition helpers and exact decoding.
 
-Every function here looks at a :class:`~loaderkit.CheckpointInfo` only: the config, the
-safetensors metadata and the tensor keys, shapes and dtypes. No tensor data is read. A family is
+Every function here looks at a :class:`~loaderkit.plugin.CheckpointInfo` only — the config, the
+safetensors metadata and the tensor keys, shapes and dtypes; no tensor data is read. A family is
 recognised by its config (or marker) *and* by the scale tensors that go with each fp8 weight;
-where the two disagree the checkpoint is refused with an error naming the tensor.
+where the two disagree the checkpoint is refused with an error naming the tensor. Scale-shape
+rules come from :mod:`loaderkit.contract.layout` (via :mod:`loaderkit.plugin`), block expansion
+from the codec, so they are judged the same way everywhere.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
-from typing import Any, Iterable, Sequence
+from typing import Any, ClassVar, Iterable, Sequence
 
-from loaderkit.checkpoint import CheckpointInfo, QuantizationInfo, QuantizedWeight, TensorInfo
+import torch
+
 from loaderkit.errors import CorruptCheckpointError, UnsupportedCheckpointError
+from loaderkit.kernels.quant import expand_block_scale
+from loaderkit.plugin import (
+    CheckpointInfo,
+    Layout,
+    QuantizationInfo,
+    QuantizedWeight,
+    Scheme,
+    TensorInfo,
+    describe_layout,
+    expected_scale_shapes,
+)
 
 #: fp8 dtypes that hold weights (``float8_e8m0fnu`` only ever holds scales).
 FP8_WEIGHT_DTYPES = frozenset({"float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"})
@@ -25,10 +38,6 @@ FLOAT_SCALE_DTYPES = frozenset({"float32", "bfloat16", "float16", "float64"})
 SCALE_LEAVES = ("weight_scale", "weight_scale_inv", "scale_weight")
 INPUT_LEAVES = ("input_scale", "activation_scale", "scale_input")
 
-#: a scale layout: (granularity, block shape or None).
-Layout = tuple[str, "tuple[int, int] | None"]
-TENSOR: Layout = ("tensor", None)
-CHANNEL: Layout = ("channel", None)
 
 
 # -- config and keys --------------------------------------------------------------------------
@@ -62,29 +71,7 @@ def sibling(module: str, leaf: str) -> str:
     return f"{module}.{leaf}" if module else leaf
 
 
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-# -- scale shapes -----------------------------------------------------------------------------
-
-
-def expected_scale_shapes(weight_shape: Sequence[int], layout: Layout) -> list[tuple[int, ...]]:
-    """The scale shapes a weight of ``weight_shape`` may have under ``layout`` (empty: none)."""
-    gran, block = layout
-    ws = tuple(weight_shape)
-    if gran == "tensor":
-        return [(), (1,)] + [(1,) * n for n in range(2, max(len(ws), 1) + 1)]
-    if gran == "channel" and len(ws) >= 2:
-        return [ws[:-1] + (1,), ws[:-1]]
-    if gran == "block" and len(ws) >= 2 and block is not None:
-        return [ws[:-2] + (ceil_div(ws[-2], block[0]), ceil_div(ws[-1], block[1]))]
-    return []
-
-
-def describe_layout(layout: Layout) -> str:
-    gran, block = layout
-    return f"block {block[0]}x{block[1]}" if gran == "block" and block else gran
+# -- scale shapes (the rules themselves: loaderkit.plugin.expected_scale_shapes) ------------
 
 
 def classify_scale(
@@ -345,178 +332,164 @@ def modules_in_list(modules: Iterable[str], entries: Iterable[str]) -> list[str]
     return sorted(hits)
 
 
-# -- ComfyUI ----------------------------------------------------------------------------------
-
-COMFY_FP8_FORMATS = frozenset({"float8_e4m3fn", "float8_e5m2"})
+# -- decoding ---------------------------------------------------------------------------------
 
 
-def detect_comfy_scaled(ckpt: CheckpointInfo, scheme: str, family: str) -> QuantizationInfo | None:
-    """ComfyUI legacy scaled fp8: a ``<prefix>scaled_fp8`` marker whose dtype is the fp8 storage
-    dtype (float32 means e4m3fn), ``<m>.scale_weight`` and optional ``<m>.scale_input``.
+def dequantize(
+    q: QuantizedWeight, weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """Decode one quantized weight: ``(weight.float() * scale).to(dtype)``, scale broadcast per
+    :attr:`QuantizedWeight.granularity` (block scales expanded over a ceil-division grid).
 
-    As in ComfyUI, every ``scale_weight`` multiplies its weight (also a high-precision one), and an
-    fp8 weight without one is unscaled. A file with ``_quantization_metadata`` is left to
-    ``comfy-mixed``, which ComfyUI prefers too.
+    :param q: how the weight decodes (from the checkpoint's :class:`QuantizationInfo`).
+    :param weight: the stored tensor ``q.weight``.
+    :param scale: the stored tensor ``q.scale`` (``None`` for unscaled weights).
+    :param dtype: the dtype to return.
+    :raises CorruptCheckpointError: the scale is missing, has the wrong shape, or holds a NaN,
+        an infinity or a negative value; the error names the weight and the scale.
     """
-    tensors = ckpt.tensors
-    markers = [k for k in tensors if k == "scaled_fp8" or k.endswith(".scaled_fp8")]
-    if not markers or "_quantization_metadata" in ckpt.metadata:
-        return None
-    storage = {m[: -len("scaled_fp8")]: _marker_storage(tensors[m]) for m in markers}
-    weights = scaled_weights(
-        ckpt, family=family, layouts=[TENSOR, CHANNEL], scale_leaves=("scale_weight",),
-        input_leaves=("scale_input",), scale_required=False, high_precision_ok=True, exclude=markers,
-    )
-    details: dict[str, Any] = {
-        "markers": {m: {"dtype": tensors[m].dtype, "numel": math.prod(tensors[m].shape)} for m in markers},
-        "prefixes": list(storage),
-        "storage_dtype": sorted(set(storage.values())),
-        "full_precision_matrix_mult": any(math.prod(tensors[m].shape) == 2 for m in markers),
-    }
-    mismatch = sorted(
-        w for w in weights
-        if is_fp8_weight(tensors[w]) and tensors[w].dtype != _storage_for(w, storage, tensors[w].dtype)
-    )
-    if mismatch:
-        details["dtype_differs_from_marker"] = mismatch
-    high = sorted(w for w, q in weights.items() if q.scale and not is_fp8_weight(tensors[w]))
-    if high:
-        details["scaled_high_precision"] = high
-    return make_info(ckpt, scheme, family, weights, details, auxiliary=markers)
+    if q.granularity == "none" or q.scale is None:
+        return _decode(weight, dtype, None, None)
+    if scale is None:
+        raise CorruptCheckpointError(
+            f"fp8 weight {q.weight} needs its scale {q.scale}, which was not provided", tensor=q.scale
+        )
+    shape = tuple(weight.shape)
+    s = _decode_scale(q, scale).to(weight.device)
+    _check_scale(q, s, shape)
+    if q.granularity == "block" and len(shape) == 2:
+        return _decode(weight, dtype, s, q.block)
+    return _decode(weight, dtype, _expand_scale(q, s, shape), None)
 
 
-def _marker_storage(t: TensorInfo) -> str:
-    if t.dtype == "float32":
-        return "float8_e4m3fn"
-    if is_fp8_weight(t):
-        return t.dtype
-    raise CorruptCheckpointError(
-        f"marker {t.name} is stored as {t.dtype}; a ComfyUI scaled_fp8 marker is an fp8 tensor "
-        "(or float32, meaning float8_e4m3fn)",
-        tensor=t.name,
-    )
+def _decode(
+    q: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None, block: tuple[int, int] | None
+) -> torch.Tensor:
+    """``(q.float() * scale).to(dtype)``: through loaderkit's bit-exact fast upcast (lookup tables
+    on the CPU) for compute dtypes, by the expression itself otherwise."""
+    if dtype.is_floating_point and dtype.itemsize > 1:
+        from loaderkit.kernels.quant import upcast
+
+        return upcast(q, dtype, scale, block)
+    w = q.to(torch.float32)
+    return (w if scale is None else w * scale).to(dtype)
 
 
-def _storage_for(key: str, storage: dict[str, str], default: str) -> str:
-    prefixes = [p for p in storage if key.startswith(p)]
-    return storage[max(prefixes, key=len)] if prefixes else default
-
-
-def detect_comfy_mixed(ckpt: CheckpointInfo, scheme: str, family: str) -> QuantizationInfo | None:
-    """ComfyUI mixed precision: per-layer ``<m>.comfy_quant`` (uint8 JSON bytes, not read here)
-    and/or ``__metadata__["_quantization_metadata"]`` = ``{"layers": {name: {"format": ...}}}``,
-    with ``<m>.weight_scale`` (scalar) and optional ``<m>.input_scale``."""
-    tensors = ckpt.tensors
-    markers = [k for k in tensors if k.rpartition(".")[2] == "comfy_quant"]
-    has_meta = "_quantization_metadata" in ckpt.metadata
-    if not markers and not has_meta:
-        return None
-    legacy = [k for k in tensors if k == "scaled_fp8" or k.endswith(".scaled_fp8")]  # superseded
-    layers, version = _metadata_layers(ckpt) if has_meta else ({}, None)
-    for k in markers:
-        _check_comfy_quant_tensor(tensors[k])
-        layers.setdefault(module_of(k), None)
-    for module, fmt in layers.items():
-        _check_comfy_layer(tensors, module, fmt)
-    weights = scaled_weights(
-        ckpt, family=family, layouts=[TENSOR], scale_leaves=("weight_scale",),
-        input_leaves=("input_scale",), scale_required=False, exclude=markers + legacy,
-    )
-    for module in layers:
-        w = sibling(module, "weight")
-        if weights[w].scale is None:
+def _decode_scale(q: QuantizedWeight, scale: torch.Tensor) -> torch.Tensor:
+    """The scale as float32 values; ue8m0 bytes decode to ``2**(byte - 127)`` (255 is NaN)."""
+    if q.scale_encoding == "ue8m0":
+        if scale.dtype == torch.uint8:
+            scale = scale.view(torch.float8_e8m0fnu)
+        if scale.dtype != torch.float8_e8m0fnu:
             raise CorruptCheckpointError(
-                f"layer {module} is marked as ComfyUI-quantized but has no {sibling(module, 'weight_scale')}; "
-                "its fp8 weight cannot be decoded",
-                tensor=w,
+                f"scale {q.scale} of {q.weight} is {str(scale.dtype).removeprefix('torch.')}; "
+                "ue8m0 scales are stored as float8_e8m0fnu or uint8 bytes",
+                tensor=q.scale,
             )
-    details: dict[str, Any] = {
-        "layout": " + ".join(x for x, on in (("comfy_quant tensors", markers), ("_quantization_metadata", has_meta)) if on),
-        "formats": dict(Counter(f or "in comfy_quant data (not read at inspect)" for f in layers.values())),
-    }
-    if version is not None:
-        details["format_version"] = version
-    extra = sorted(module_of(w) for w, q in weights.items() if q.scale and module_of(w) not in layers)
-    if extra:
-        details["scaled_without_entry"] = extra
-    return make_info(ckpt, scheme, family, weights, details, auxiliary=markers + legacy)
-
-
-def _check_comfy_quant_tensor(t: TensorInfo) -> None:
-    if t.dtype != "uint8" or len(t.shape) != 1:
+    elif not scale.is_floating_point():
         raise CorruptCheckpointError(
-            f"{t.name} is stored as {t.dtype} {list(t.shape)}; a comfy_quant entry is a 1-D uint8 "
-            "tensor of JSON bytes",
-            tensor=t.name,
+            f"scale {q.scale} of {q.weight} is {str(scale.dtype).removeprefix('torch.')}, not a float",
+            tensor=q.scale,
+        )
+    return scale.to(torch.float32)
+
+
+def _check_scale(q: QuantizedWeight, s: torch.Tensor, shape: tuple[int, ...]) -> None:
+    wants = expected_scale_shapes(shape, (q.granularity, q.block))
+    if tuple(s.shape) not in wants:
+        want = " or ".join(str(list(x)) for x in wants) or "none (unknown granularity)"
+        raise CorruptCheckpointError(
+            f"scale {q.scale} has shape {list(s.shape)}, but {describe_layout((q.granularity, q.block))} "
+            f"scaling of weight {q.weight} with shape {list(shape)} needs {want}",
+            tensor=q.scale,
+        )
+    if not bool(torch.isfinite(s).all()):
+        raise CorruptCheckpointError(
+            f"scale {q.scale} of weight {q.weight} holds NaN or infinite values; the checkpoint is corrupt",
+            tensor=q.scale,
+        )
+    if bool((s < 0).any()):
+        raise CorruptCheckpointError(
+            f"scale {q.scale} of weight {q.weight} holds negative values; fp8 scales are >= 0",
+            tensor=q.scale,
         )
 
 
-def _metadata_layers(ckpt: CheckpointInfo) -> tuple[dict[str, str | None], Any]:
-    try:
-        meta = json.loads(ckpt.metadata["_quantization_metadata"])
-    except ValueError as exc:
-        raise CorruptCheckpointError(
-            f"safetensors metadata _quantization_metadata of {ckpt.path} is not valid JSON: {exc}",
-            path=ckpt.path,
-        ) from exc
-    raw = meta.get("layers") if isinstance(meta, dict) else None
-    if not isinstance(raw, dict):
-        raise CorruptCheckpointError(
-            f"safetensors metadata _quantization_metadata of {ckpt.path} has no 'layers' mapping",
-            path=ckpt.path,
-        )
-    prefix = _layer_prefix(ckpt, list(raw))
-    layers: dict[str, str | None] = {}
-    for name, conf in raw.items():
-        fmt = conf if isinstance(conf, str) else conf.get("format") if isinstance(conf, dict) else None
-        layers[name if sibling(name, "weight") in ckpt.tensors else prefix + name] = fmt
-    return layers, meta.get("format_version")
+def _expand_scale(q: QuantizedWeight, s: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    if q.granularity == "tensor":
+        return s.reshape(())
+    if q.granularity == "channel":
+        return s.reshape(shape[:-1] + (1,))
+    return expand_block_scale(s, shape, q.block)
 
 
-def _layer_prefix(ckpt: CheckpointInfo, names: list[str]) -> str:
-    """The key prefix (``"model.diffusion_model."``) metadata layer names omit, if they omit one."""
-    missing = [n for n in names if sibling(n, "weight") not in ckpt.tensors]
-    if not missing:
-        return ""
-    tail = f".{missing[0]}.weight"
-    hits = [k[: -len(tail) + 1] for k in ckpt.tensors if k.endswith(tail)]
-    if len(hits) == 1 and all(sibling(hits[0] + n, "weight") in ckpt.tensors for n in missing):
-        return hits[0]
-    raise CorruptCheckpointError(
-        f"_quantization_metadata of {ckpt.path} lists layer {missing[0]!r}, but the checkpoint has "
-        f"no tensor {missing[0]}.weight (nor one under a single common prefix)",
-        path=ckpt.path,
-        tensor=sibling(missing[0], "weight"),
+class Fp8Scheme(Scheme):
+    """Shared decoding of the fp8 schemes; subclasses implement :meth:`detect`."""
+
+    family: ClassVar[str] = ""
+
+    def dequantize(
+        self, q: QuantizedWeight, weight: torch.Tensor, tensors: dict[str, torch.Tensor], dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Decode ``weight`` with its scale from ``tensors`` (see :func:`dequantize`)."""
+        scale = tensors.get(q.scale) if q.scale else None
+        return dequantize(q, weight, scale, dtype)
+
+    def decode_scale(self, q: QuantizedWeight, scale: torch.Tensor) -> torch.Tensor:
+        """The scale of a weight kept as stored, as float32 (ue8m0 bytes as powers of two)."""
+        return _decode_scale(q, scale)
+
+
+# -- transformers / vLLM config helpers ------------------------------------------------------
+
+
+def ignored_layers(qc: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    for key in ("ignored_layers", "modules_to_not_convert", "ignore", "exclude_modules"):
+        v = qc.get(key)
+        if isinstance(v, list):
+            out.extend(str(x) for x in v)
+    return out
+
+
+def method_of(ckpt: CheckpointInfo) -> tuple[dict[str, Any] | None, str | None]:
+    qc = quantization_config(ckpt.config)
+    return qc, (str(qc.get("quant_method", "")).lower() if qc else None)
+
+
+def hf_details(ckpt: CheckpointInfo, qc: dict[str, Any], weights: dict[str, QuantizedWeight]) -> dict:
+    ignored = ignored_layers(qc)
+    modules = [module_of(w) for w, q in weights.items() if q.scale]
+    details: dict[str, Any] = {"quant_method": qc.get("quant_method")}
+    for key in ("activation_scheme", "fmt", "scale_fmt", "weight_block_size", "activation_scale_ub"):
+        if key in qc:
+            details[key] = qc[key]
+    details["ignored_layers"] = ignored
+    clash = modules_in_list(modules, ignored)
+    if clash:
+        details["ignored_but_quantized"] = clash
+    return details
+
+
+def has_fp8_or_scales(ckpt: CheckpointInfo) -> bool:
+    """False for a checkpoint whose config names an fp8 method but whose tensors are all
+    high precision and carry no scales (a dequantized copy that kept its config)."""
+    return any(
+        is_fp8_weight(t) or k.rpartition(".")[2] in (*SCALE_LEAVES, *INPUT_LEAVES)
+        for k, t in ckpt.tensors.items()
     )
 
 
-def _check_comfy_layer(tensors: dict[str, TensorInfo], module: str, fmt: str | None) -> None:
-    w = sibling(module, "weight")
-    if w not in tensors:
-        raise CorruptCheckpointError(
-            f"layer {module} has a ComfyUI quantization entry but the checkpoint holds no {w}", tensor=w
-        )
-    wt = tensors[w]
-    if fmt is not None and fmt not in COMFY_FP8_FORMATS:
-        raise UnsupportedCheckpointError(
-            f"layer {module} ({w}) uses ComfyUI quantization format {fmt!r}; the fp8-formats scheme "
-            "decodes float8_e4m3fn and float8_e5m2 only: install a plugin for that format",
-            tensor=w,
-        )
-    if not is_fp8_weight(wt):
-        if fmt is None:
-            raise UnsupportedCheckpointError(
-                f"layer {module} is ComfyUI-quantized but its weight {w} is stored as {wt.dtype}: a "
-                "non-fp8 ComfyUI format (nvfp4, int8, ...) that the fp8-formats scheme cannot decode",
-                tensor=w,
-            )
-        raise CorruptCheckpointError(f"layer {module} is listed as {fmt} but {w} is stored as {wt.dtype}", tensor=w)
-    if fmt is not None and wt.dtype != fmt:
-        raise CorruptCheckpointError(f"layer {module} is listed as {fmt} but {w} is stored as {wt.dtype}", tensor=w)
-    s = sibling(module, "weight_scale")
-    if s in tensors and math.prod(tensors[s].shape) != 1:
-        raise UnsupportedCheckpointError(
-            f"{s} has shape {list(tensors[s].shape)}: a block-scaled ComfyUI format (such as mxfp8) "
-            "that the fp8-formats scheme does not decode; float8 layers have one scale per tensor",
-            tensor=s,
-        )
+def block_size_of(raw: Any, ckpt: CheckpointInfo) -> tuple[int, int]:
+    if isinstance(raw, (list, tuple)) and len(raw) == 2 and all(isinstance(b, int) and b > 0 for b in raw):
+        return int(raw[0]), int(raw[1])
+    raise CorruptCheckpointError(
+        f"config of {ckpt.path} has weight_block_size {raw!r}; expected two positive integers like [128, 128]",
+        path=ckpt.path,
+    )
+
+
+def any_ue8m0(weights: dict[str, QuantizedWeight]) -> bool:
+    return any(q.scale_encoding == "ue8m0" for q in weights.values())
+
+

@@ -1,4 +1,4 @@
-"""Stage 2: negotiate a plan from the checkpoint, the skeleton, the strategy and the device.
+"""Stage 3, negotiate: a plan from the checkpoint, the skeleton, the strategy and the device.
 
 Everything here works on headers, shapes and dtypes: no tensor data is read. A configuration
 that cannot satisfy the invariant (every module's kernel sees its weights in its compute dtype)
@@ -10,19 +10,63 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .build import ModelFacts
-from .capabilities import DeviceCaps
-from .checkpoint import CheckpointInfo, TensorInfo
-from .dtypes import dtype_name, is_float, is_fp8, to_torch
-from .errors import LoaderKitError, PlanError, PluginError, StateDictMismatchError
-from .manager import Entry, PluginManager
-from .plan import Decision, ModulePlan, Plan, TensorPlan
-from .strategy import ModelContext, ModuleContext, ModuleDecision, Strategy
+from ..contract.bases import BuildContext, ModelContext, ModuleContext, ModuleDecision, Strategy
+from ..contract.dtypes import dtype_name, is_float, is_fp8, to_torch
+from ..contract.layout import DEFAULT_BLOCK, block_problem, scale_numel
+from ..contract.modules import module_kind, read_by_parent
+from ..contract.plan import Decision, ModulePlan, Plan, TensorPlan
+from ..contract.records import CheckpointInfo, DeviceCaps, ModelFacts, TensorInfo
+from ..errors import LoaderKitError, PlanError, PluginError, StateDictMismatchError, StrategyError
+from ..kernels.native import NATIVE_REASON, native_problem
+from .discover import Entry, PluginManager
 
-_NORM = re.compile(r"norm", re.IGNORECASE)
+def resolve_strategy(arg: Any, mgr: PluginManager) -> tuple[Strategy, Entry]:
+    """The strategy object to plan with and the registry entry (plugin) it belongs to."""
+    if isinstance(arg, Strategy):
+        entry = mgr.get("strategies", arg.name)
+        plugin = entry.plugin if entry is not None and isinstance(arg, entry.obj) else "user"
+        return arg, Entry(type(arg), plugin, "strategies")
+    if isinstance(arg, str):
+        entry = mgr.strategy_entry(arg)
+        return mgr.call(entry, entry.obj, returns=Strategy), entry
+    raise StrategyError(
+        f"strategy must be a name or a loaderkit.strategy(...) object, not {type(arg).__name__}"
+    )
+
+
+def device_caps(device: str | torch.device, mgr: PluginManager) -> DeviceCaps:
+    """Capabilities of ``device`` from the ``loaderkit_device_capabilities`` hook."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise PlanError(f"invalid device {device!r}: {exc}") from None
+    results = mgr.hook.loaderkit_device_capabilities(device=str(dev), returns=DeviceCaps)
+    if not results:
+        raise PlanError(f"no plugin describes device {str(dev)!r}; loaderkit knows cpu and cuda devices")
+    return results[0][1]
+
+
+def build_context(checkpoint: CheckpointInfo, device: DeviceCaps, mgr: PluginManager) -> BuildContext:
+    return BuildContext(checkpoint=checkpoint, device=device, strategies=mgr.strategy_classes())
+
+
+def build_dtype(strategy: Strategy, entry: Entry, ctx: BuildContext, mgr: PluginManager) -> torch.dtype:
+    """The dtype the skeleton is built in, as the strategy asks (a checked dtype name)."""
+    name = mgr.call(entry, strategy.build_dtype, ctx)
+    try:
+        return to_torch(name)
+    except LoaderKitError as exc:
+        raise PluginError(
+            f"strategy {strategy.name!r} asked to build the model in {name!r}: {exc.message}",
+            plugin=entry.plugin,
+        ) from None
+
+
+LIBRARY_IGNORES = "the model's library ignores this key on load"
 
 
 @dataclass
@@ -48,27 +92,6 @@ def model_slots(model: torch.nn.Module) -> dict[str, Slot]:
             if b is not None and local not in mod._non_persistent_buffers_set:
                 slots[prefix + local] = Slot(prefix + local, mname, local, b, False)
     return slots
-
-
-def module_kind(module: torch.nn.Module) -> str:
-    """Classify a module for strategies: linear, conv, embedding, norm or other."""
-    nn = torch.nn
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return "conv"
-    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
-        return "embedding"
-    if isinstance(module, nn.modules.batchnorm._NormBase) or _NORM.search(type(module).__name__):
-        return "norm"
-    return "other"
-
-
-def _read_by_parent(name: str, named: dict[str, torch.nn.Module]) -> bool:
-    """True for a module whose parent reads its tensors without calling it (so a cast rule on
-    the module itself would never run): ``nn.MultiheadAttention.out_proj``."""
-    parent, _, _ = name.rpartition(".")
-    return bool(name) and isinstance(named.get(parent), torch.nn.MultiheadAttention)
 
 
 def _tie_groups(slots: dict[str, Slot], facts: ModelFacts) -> dict[str, list[str]]:
@@ -115,7 +138,7 @@ def match_keys(
     for ck in ckpt_keys:
         if ck not in slots:
             if any(re.search(p, ck) for p in facts.ignore_unexpected):
-                ignored[ck] = "the model's library ignores this key on load"
+                ignored[ck] = LIBRARY_IGNORES
             else:
                 unexpected.append(ck)
             continue
@@ -209,8 +232,8 @@ def negotiate(
     """Make the plan. Raises :class:`PlanError` or :class:`StateDictMismatchError` when impossible."""
     slots = model_slots(model)
     source_of, also, ignored, kept, decisions = match_keys(checkpoint, slots, facts, strict)
-    strategy.decisions = []
-    manager.call(strategy_entry, strategy.prepare, ModelContext(checkpoint=checkpoint, device=device, facts=facts))
+    ctx = ModelContext(checkpoint=checkpoint, device=device, strategies=manager.strategy_classes(), facts=facts)
+    state = manager.call(strategy_entry, strategy.prepare, ctx)
     tensors: dict[str, TensorPlan] = {}
     modules: dict[str, ModulePlan] = {}
     by_module: dict[str, list[str]] = {}
@@ -220,23 +243,26 @@ def negotiate(
     for mname, keys in by_module.items():
         module = named[mname]
         infos = {slots[k].local: checkpoint.tensors[source_of[k]] for k in keys}
-        ctx = ModuleContext(
+        mctx = ModuleContext(
             name=mname,
             type=type(module).__name__,
             kind=module_kind(module),
             tensors=infos,
             keep_fp32=facts.keeps_fp32(mname),
             keep_fp32_fp16=facts.keeps_fp32(mname, fp16=True),
-            skip_low_precision=facts.skips_low_precision(mname) or _read_by_parent(mname, named),
+            skip_low_precision=facts.skips_low_precision(mname) or read_by_parent(mname, named),
         )
-        decision = manager.call(strategy_entry, strategy.decide, ctx)
-        _check_decision(decision, ctx, strategy_entry)
-        mplan, tplans = _plan_module(ctx, module, decision, keys, slots, source_of, also, checkpoint, device)
+        decision = _decide(strategy, strategy_entry, mctx, state, manager)
+        try:
+            mplan, tplans = _plan_module(mctx, module, decision, keys, slots, source_of, also, checkpoint, device)
+        except LoaderKitError as exc:
+            raise exc.with_context(module=mname, plugin=strategy_entry.plugin)
         modules[mname] = mplan
         tensors.update(tplans)
     decisions.extend(
-        Decision(subject=s, choice=c, reason=r, by=f"strategy {strategy.name}") for s, c, r in strategy.decisions
+        Decision(subject=s, choice=c, reason=r, by=f"strategy {strategy.name}") for s, c, r in ctx.notes
     )
+    decisions.extend(_native_summary(modules))
     order = {k: i for i, k in enumerate(checkpoint.tensors)}
     tensors = dict(sorted(tensors.items(), key=lambda kv: order[kv[1].source]))
     return Plan(
@@ -250,38 +276,30 @@ def negotiate(
         modules=modules,
         decisions=tuple(decisions),
         ignored=ignored,
+        library_ignored=tuple(k for k, why in ignored.items() if why == LIBRARY_IGNORES),
         kept=tuple(kept),
     )
 
 
-def _check_decision(decision: ModuleDecision, ctx: ModuleContext, entry: Entry) -> None:
-    if not isinstance(decision, ModuleDecision):
-        raise PluginError(
-            f"strategy {entry.name!r} of plugin {entry.plugin!r} returned {type(decision).__name__} "
-            f"for module {ctx.name!r}, not a loaderkit.ModuleDecision",
-            plugin=entry.plugin,
-            module=ctx.name,
-        )
+def _decide(strategy: Strategy, entry: Entry, ctx: ModuleContext, state: Any, mgr: PluginManager) -> ModuleDecision:
+    """The strategy's checked decision for one module; any failure names the module and plugin."""
     try:
-        for d in (decision.compute, *decision.storage.values()):
-            dtype_name(d)
+        decision = mgr.call(entry, strategy.decide, ctx, state, returns=ModuleDecision)
     except LoaderKitError as exc:
-        raise PluginError(
-            f"strategy {entry.name!r} chose an invalid dtype for module {ctx.name!r}: {exc}",
-            plugin=entry.plugin,
-            module=ctx.name,
-        ) from None
-    if is_fp8(dtype_name(decision.compute)) or not is_float(dtype_name(decision.compute)):
+        raise exc.with_context(module=ctx.name, plugin=entry.plugin)
+    if is_fp8(decision.compute) or not is_float(decision.compute):
         raise PlanError(
             f"strategy {entry.name!r} asks module {ctx.name!r} ({ctx.type}) to compute in "
             f"{decision.compute}; kernels compute in float32, bfloat16 or float16 — store in fp8, "
             "compute in a wider dtype",
             module=ctx.name,
+            plugin=entry.plugin,
         )
+    return decision
 
 
 def _plan_module(ctx, module, decision, keys, slots, source_of, also, checkpoint, device):
-    compute = dtype_name(decision.compute)
+    compute = decision.compute
     q = checkpoint.quantization
     storage: dict[str, str] = {}
     tplans: dict[str, TensorPlan] = {}
@@ -290,29 +308,12 @@ def _plan_module(ctx, module, decision, keys, slots, source_of, also, checkpoint
         slot = slots[key]
         info: TensorInfo = ctx.tensors[slot.local]
         qw = q.weights.get(info.name) if q else None
-        target, conversion, companions, gran = _tensor_target(
-            info, qw, slot, dtype_name(decision.storage.get(slot.local, compute)), decision
-        )
-        if gran:
-            granularity = gran
-        storage[slot.local] = target
-        nbytes = math.prod(info.shape) * to_torch(target).itemsize + _scale_bytes(
-            info, gran, target, companions, checkpoint
-        )
-        tplans[key] = TensorPlan(
-            key=key,
-            source=source_of[key],
-            shape=info.shape,
-            stored_dtype=info.dtype,
-            target_dtype=target,
-            conversion=conversion,
-            companions=companions,
-            granularity=gran,
-            also=tuple(also.get(key, ())),
-            buffer=not slot.is_param,
-            device=device.device,
-            nbytes=nbytes,
-        )
+        tp = _tensor_plan(info, qw, slot, decision.storage.get(slot.local, compute), decision, checkpoint)
+        tp = tp.replace(key=key, source=source_of[key], also=tuple(also.get(key, ())), device=device.device)
+        if tp.granularity:
+            granularity = tp.granularity
+        storage[slot.local] = tp.target_dtype
+        tplans[key] = tp
     needs_cast = any(is_float(d) and d != compute for d in storage.values())
     if needs_cast and not _cast_supported(module):
         raise PlanError(
@@ -321,6 +322,7 @@ def _plan_module(ctx, module, decision, keys, slots, source_of, also, checkpoint
             "strategy's skip list) or pass a strategy that does",
             module=ctx.name,
         )
+    kernel, kernel_reason = _kernel(ctx, decision, needs_cast, storage, tplans, compute, device)
     return (
         ModulePlan(
             name=ctx.name,
@@ -328,7 +330,8 @@ def _plan_module(ctx, module, decision, keys, slots, source_of, also, checkpoint
             compute_dtype=compute,
             storage=storage,
             cast=needs_cast,
-            kernel=decision.kernel if needs_cast else "cast",
+            kernel=kernel,
+            kernel_reason=kernel_reason,
             resident=decision.resident and needs_cast,
             granularity=granularity,
             device=device.device,
@@ -339,19 +342,64 @@ def _plan_module(ctx, module, decision, keys, slots, source_of, also, checkpoint
     )
 
 
+def _kernel(ctx, decision, needs_cast, storage, tplans, compute, device) -> tuple[str, str]:
+    """Negotiate native fp8 matmul for one module: ``("native", why)`` where the module, its
+    weight and the device allow it, else ``("cast", why not)``."""
+    if decision.kernel != "native" or not needs_cast:
+        return "cast", ""
+    weight = next((t for t in tplans.values() if t.key.rpartition(".")[2] == "weight"), None)
+    if weight is None or "weight" not in storage:
+        return "cast", "no weight to multiply natively"
+    problem = native_problem(
+        linear=ctx.kind == "linear",
+        weight_dtype=weight.target_dtype,
+        shape=weight.shape,
+        granularity=weight.granularity or "none",
+        compute=compute,
+        caps=device,
+    )
+    return ("cast", problem) if problem else ("native", NATIVE_REASON)
+
+
+def _native_summary(modules: dict[str, ModulePlan]) -> list[Decision]:
+    native = [m for m in modules.values() if m.kernel == "native"]
+    fallback = [m for m in modules.values() if m.kernel == "cast" and m.kernel_reason]
+    if not native and not fallback:
+        return []
+    reasons: dict[str, list[str]] = {}
+    for m in fallback:
+        reasons.setdefault(m.kernel_reason, []).append(m.name)
+    why = "; ".join(f"{len(v)} cast ({r}: {v[0]}{', ...' if len(v) > 1 else ''})" for r, v in reasons.items())
+    return [
+        Decision(
+            subject="native fp8 kernels",
+            choice=f"{len(native)} modules native, {len(fallback)} cast",
+            reason=why or NATIVE_REASON,
+        )
+    ]
+
+
 def _cast_supported(module: torch.nn.Module) -> bool:
-    from . import runtime
+    from .. import runtime
 
     return runtime.supports(module)
 
 
-def _tensor_target(info, qw, slot, wanted, decision):
-    """(target dtype, conversion, companions, granularity) for one tensor."""
+def _tensor_plan(info, qw, slot, wanted, decision, checkpoint) -> TensorPlan:
+    """How one tensor is filled (key, source, ties and device are set by the caller)."""
     stored = info.dtype
     model_dtype = dtype_name(slot.tensor.dtype)
+
+    def plan(target, conversion, **extra) -> TensorPlan:
+        nbytes = math.prod(info.shape) * to_torch(target).itemsize + extra.pop("scale_bytes", 0)
+        return TensorPlan(
+            key=slot.key, source=info.name, shape=info.shape, stored_dtype=stored, target_dtype=target,
+            conversion=conversion, buffer=not slot.is_param, nbytes=nbytes, **extra,
+        )
+
     if not slot.tensor.is_floating_point():
         # integer / bool model tensors keep the model's dtype, as load_state_dict would
-        return model_dtype, "none" if model_dtype == stored else "cast", (), None
+        return plan(model_dtype, "none" if model_dtype == stored else "cast")
     if not is_float(stored) and not (qw and qw.scale):
         raise PlanError(
             f"tensor {info.name!r} in {info.file} is stored as {stored}, but the model's {slot.key!r} is a "
@@ -365,25 +413,29 @@ def _tensor_target(info, qw, slot, wanted, decision):
     if is_fp8(stored):
         if is_fp8(wanted):
             # stored fp8 bytes are kept as they are: no requantization
-            gran = qw.granularity if qw else "none"
-            return stored, "none", companions, gran
-        return wanted, "dequantize" if qw else "cast", companions, None
+            if not companions:
+                return plan(stored, "none", granularity=qw.granularity if qw else "none")
+            scale_info = checkpoint.tensors[qw.scale]
+            return plan(
+                stored, "none", companions=companions, granularity=qw.granularity, block=qw.block,
+                scale=f"{slot.local}_scale", scale_encoding=qw.scale_encoding,
+                scale_bytes=math.prod(scale_info.shape) * 4,
+            )
+        return plan(wanted, "dequantize" if qw else "cast", companions=companions)
     if is_fp8(wanted):
-        return wanted, "quantize", (), decision.granularity
-    return wanted, "none" if wanted == stored else "cast", (), None
-
-
-def _scale_bytes(info, gran, target, companions, checkpoint) -> int:
-    if not is_fp8(target) or not gran or gran == "none":
-        return 0
-    if companions:
-        s = checkpoint.tensors[companions[0]]
-        return math.prod(s.shape) * 4
-    if gran == "tensor":
-        return 4
-    if gran == "channel":
-        return info.shape[0] * 4
-    if gran == "block":
-        n, k = info.shape[0], math.prod(info.shape[1:]) if len(info.shape) > 1 else 1
-        return math.ceil(n / 128) * math.ceil(k / 128) * 4
-    return 0
+        gran = decision.granularity
+        block = (decision.block or DEFAULT_BLOCK) if gran == "block" else None
+        problem = block_problem(info.shape, gran, block)
+        if problem:
+            raise PlanError(
+                f"cannot quantize {slot.key!r} on load as asked: {problem}; choose another granularity "
+                "for this module",
+                tensor=info.name,
+                module=slot.module,
+            )
+        numel = scale_numel(info.shape, gran, block)
+        return plan(
+            wanted, "quantize", granularity=gran, block=block, scale=f"{slot.local}_scale" if numel else None,
+            scale_bytes=numel * 4,
+        )
+    return plan(wanted, "none" if wanted == stored else "cast")

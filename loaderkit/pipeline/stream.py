@@ -1,4 +1,5 @@
-"""Stage 4: stream tensors from the checkpoint, converting each one as the plan says.
+"""Stage 4, stream: read tensors from the checkpoint, converting each one as the plan says, and
+assign them to the model once all are read.
 
 Tensors are read one at a time from the format's reader (a lazy mmap view for safetensors), so a
 tensor that needs no conversion is never copied and the checkpoint is never materialised twice.
@@ -14,14 +15,18 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .checkpoint import CheckpointInfo, QuantizedWeight, TensorReader
-from .dtypes import is_fp8, to_torch
-from .errors import CorruptCheckpointError, LoaderKitError, PluginError, name_checkpoint
-from .manager import PluginManager
-from .plan import Plan, TensorPlan
+from ..contract.bases import TensorReader
+from ..contract.dtypes import is_fp8, to_torch
+from ..contract.plan import Plan, TensorPlan
+from ..contract.records import CheckpointInfo, QuantizedWeight
+from ..errors import BuildError, CorruptCheckpointError, LoaderKitError, PlanError, PluginError
+from .discover import Entry, PluginManager
 
 if TYPE_CHECKING:
     from .place import DiskWriter
+
+#: a converting reader (``convert``) is reopened after this many bytes, releasing its maps.
+RECYCLE_BYTES = 32 << 20
 
 
 @dataclass
@@ -59,14 +64,14 @@ def read_all(
                 writer.write(k, tensor)
             tensor = _meta_like(tp)
             if scale is not None and offload_buffers:
-                writer.write(f"{mod}.{local}_scale" if mod else f"{local}_scale", scale)
+                writer.write(f"{mod}.{tp.scale}" if mod else tp.scale, scale)
                 scale = torch.empty_like(scale, device="meta")
         elif tp.device not in ("cpu", "disk"):
             tensor = tensor.to(tp.device)
             scale = None if scale is None else scale.to(tp.device)
         out.tensors[tp.key] = tensor
         if scale is not None:
-            out.scales[(mod, f"{local}_scale")] = scale
+            out.scales[(mod, tp.scale)] = scale
         if progress is not None:
             progress(tp.nbytes)
     return out
@@ -74,9 +79,9 @@ def read_all(
 
 def _read_one(tp: TensorPlan, plan: Plan, reader: TensorReader, manager: PluginManager):
     if tp.conversion == "none" or not isinstance(reader, Source):
-        return convert(tp, reader.get(tp.source), plan.checkpoint, reader, manager)
+        return convert_tensor(tp, reader.get(tp.source), plan.checkpoint, reader, manager)
     raw = reader.read(tp.source)  # may live in a buffer the next read reuses
-    tensor, scale = convert(tp, raw, plan.checkpoint, reader, manager)
+    tensor, scale = convert_tensor(tp, raw, plan.checkpoint, reader, manager)
     if raw.numel() and tensor.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr():
         tensor = tensor.clone()  # a conversion that returned its input: keep a private copy
     return tensor, scale
@@ -90,7 +95,9 @@ class Source:
     :param plugin: the name of the format's plugin.
     """
 
-    def __init__(self, reader: TensorReader, checkpoint: CheckpointInfo, plugin: str) -> None:
+    def __init__(
+        self, reader: TensorReader, checkpoint: CheckpointInfo, plugin: str, manager: PluginManager | None = None
+    ) -> None:
         if not callable(getattr(reader, "get", None)) or not callable(getattr(reader, "close", None)):
             raise PluginError(
                 f"format plugin {plugin!r} opened {checkpoint.path} as {type(reader).__name__}, which has "
@@ -98,7 +105,7 @@ class Source:
                 plugin=plugin,
                 path=checkpoint.path,
             )
-        self.reader, self.checkpoint, self.plugin = reader, checkpoint, plugin
+        self.reader, self.checkpoint, self.plugin, self.manager = reader, checkpoint, plugin, manager
 
     def get(self, key: str) -> torch.Tensor:
         """Tensor ``key`` as stored (a zero-copy view where the format gives one), checked."""
@@ -115,7 +122,7 @@ class Source:
         try:
             raw = fn(key)
         except LoaderKitError as exc:
-            raise name_checkpoint(exc, ckpt.path, self.plugin)
+            raise exc.with_context(path=ckpt.path, plugin=self.plugin)
         except Exception as exc:
             raise CorruptCheckpointError(
                 f"{ckpt.path}: cannot read tensor {key!r} from {info.file} (format plugin "
@@ -143,7 +150,10 @@ class Source:
         return raw
 
     def close(self) -> None:
-        self.reader.close()
+        if self.manager is None:
+            self.reader.close()
+        else:
+            self.manager.invoke(self.plugin, self.reader.close)
 
 
 def _point_at_source(tp: TensorPlan, plan: Plan, writer: "DiskWriter") -> bool:
@@ -161,73 +171,73 @@ def _meta_like(tp: TensorPlan) -> torch.Tensor:
     return torch.empty(tp.shape, dtype=to_torch(tp.target_dtype), device="meta")
 
 
-def convert(
+def scheme_entry(ckpt: CheckpointInfo, manager: PluginManager) -> Entry:
+    """The scheme that described ``ckpt``; it decodes its weights and scales."""
+    q = ckpt.quantization
+    entry = manager.get("schemes", q.scheme)
+    if entry is None:
+        raise PluginError(
+            f"{ckpt.path}: scheme {q.scheme!r} that described the checkpoint is no longer registered",
+            path=ckpt.path,
+        )
+    return entry
+
+
+def convert_tensor(
     tp: TensorPlan, raw: torch.Tensor, ckpt: CheckpointInfo, reader: TensorReader, manager: PluginManager
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Convert one raw tensor as planned. Returns ``(tensor, scale or None)``."""
     target = to_torch(tp.target_dtype)
     if tp.conversion == "none":
         if tp.companions:
-            return raw, _scale_buffer(ckpt, tp.source, reader)
+            return raw, kept_scale(ckpt, tp, reader, manager)
         return raw, None
     if tp.conversion == "cast":
         if is_fp8(tp.stored_dtype):
-            from .quant import upcast
+            from ..kernels.quant import upcast
 
             return upcast(raw, target), None
         return raw.to(target), None
     if tp.conversion == "dequantize":
-        q = ckpt.quantization
-        entry = manager.get("schemes", q.scheme)
-        if entry is None:
-            raise LoaderKitError(
-                f"{ckpt.path}: scheme {q.scheme!r} that described the checkpoint is no longer registered",
-                path=ckpt.path,
-            )
-        qw: QuantizedWeight = q.weights[tp.source]
+        entry = scheme_entry(ckpt, manager)
+        qw: QuantizedWeight = ckpt.quantization.weights[tp.source]
         companions = {k: reader.get(k) for k in tp.companions}
         try:
-            out = manager.call(entry, entry.obj.dequantize, qw, raw, companions, target)
+            out = manager.call(entry, entry.obj.dequantize, qw, raw, companions, target, returns=torch.Tensor)
         except LoaderKitError as exc:
-            raise name_checkpoint(exc, ckpt.path, entry.plugin)
-        if not isinstance(out, torch.Tensor):
-            raise PluginError(
-                f"scheme {q.scheme!r} of plugin {entry.plugin!r} dequantized {tp.source!r} of "
-                f"{ckpt.path} to {type(out).__name__}, not a torch.Tensor",
-                plugin=entry.plugin,
-                path=ckpt.path,
-                tensor=tp.source,
-            )
+            raise exc.with_context(path=ckpt.path, plugin=entry.plugin)
         if out.dtype != target or tuple(out.shape) != tp.shape:
-            raise LoaderKitError(
-                f"scheme {q.scheme!r} dequantized {tp.source!r} to {out.dtype} {list(out.shape)}, "
+            raise PluginError(
+                f"scheme {entry.name!r} dequantized {tp.source!r} to {out.dtype} {list(out.shape)}, "
                 f"expected {target} {list(tp.shape)}",
                 plugin=entry.plugin,
                 tensor=tp.source,
+                path=ckpt.path,
             )
         return out, None
     if tp.conversion == "quantize":
-        from .quant import quantize
+        from ..kernels.quant import quantize
 
-        q, scale = quantize(raw, target, granularity=tp.granularity or "channel")
-        return q, None if (tp.granularity or "channel") == "none" else scale
-    raise LoaderKitError(f"unknown conversion {tp.conversion!r} planned for {tp.key!r}")
+        gran = tp.granularity or "channel"
+        q, scale = quantize(raw, target, granularity=gran, **({"block": tp.block} if tp.block else {}))
+        return q, None if gran == "none" else scale
+    raise PlanError(f"unknown conversion {tp.conversion!r} planned for {tp.key!r}", tensor=tp.key)
 
 
-def _scale_buffer(ckpt: CheckpointInfo, source: str, reader: TensorReader) -> torch.Tensor:
-    """The scale of a kept fp8 weight, as a float32 multiplier."""
-    qw = ckpt.quantization.weights[source]
-    s = reader.get(qw.scale)
-    if qw.scale_encoding == "ue8m0":
-        if s.dtype == torch.uint8:
-            s = torch.exp2(s.to(torch.float32) - 127.0)
-        else:
-            s = s.to(torch.float32)
-    else:
-        s = s.to(torch.float32)
+def kept_scale(ckpt: CheckpointInfo, tp: TensorPlan, reader: TensorReader, manager: PluginManager) -> torch.Tensor:
+    """The scale of an fp8 weight kept as stored, decoded by its scheme to float32 multipliers."""
+    qw = ckpt.quantization.weights[tp.source]
+    entry = scheme_entry(ckpt, manager)
+    s = manager.call(entry, entry.obj.decode_scale, qw, reader.get(qw.scale), returns=torch.Tensor)
+    if s.dtype != torch.float32:
+        raise PluginError(
+            f"scheme {entry.name!r} decoded scale {qw.scale!r} to {s.dtype}, not float32",
+            plugin=entry.plugin,
+            tensor=qw.scale,
+        )
     if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
         raise CorruptCheckpointError(
-            f"{ckpt.path}: scale {qw.scale!r} of {source!r} holds NaN, Inf or negative values",
+            f"{ckpt.path}: scale {qw.scale!r} of {tp.source!r} holds NaN, Inf or negative values",
             path=ckpt.path,
             tensor=qw.scale,
         )
@@ -263,3 +273,59 @@ def meta_leftovers(model: torch.nn.Module) -> list[str]:
     out = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     out += [n for n, b in model.named_buffers() if b.device.type == "meta"]
     return out
+
+
+def check_complete(model: torch.nn.Module, plan: Plan) -> None:
+    """Every tensor of the model is real after loading (or offloaded to disk as planned)."""
+    offloaded = {k for t in plan.tensors.values() if t.device == "disk" for k in (t.key, *t.also)}
+    left = [k for k in meta_leftovers(model) if k not in offloaded]
+    if left:
+        more = f" ... and {len(left) - 10} more" if len(left) > 10 else ""
+        raise BuildError(
+            f"{plan.checkpoint.path}: after loading, {len(left)} tensors are still empty (meta): "
+            f"{', '.join(left[:10])}{more}. They are neither in the checkpoint nor computed by the "
+            "model's constructor; add them to the checkpoint or pass a model that initialises them",
+            path=plan.checkpoint.path,
+            tensor=left[0],
+        )
+
+
+def open_source(checkpoint: CheckpointInfo, manager: PluginManager) -> "Source":
+    """Open ``checkpoint`` with the format that described it, as a checked :class:`Source`."""
+    entry = manager.get("formats", checkpoint.format)
+    if entry is None:
+        raise PluginError(f"format {checkpoint.format!r} that described {checkpoint.path} is no longer registered",
+                          path=checkpoint.path)
+    return Source(manager.call(entry, entry.obj.open, checkpoint), checkpoint, entry.plugin, manager)
+
+
+class RecyclingSource:
+    """The checkpoint's checked tensor reader (:class:`Source`), closed and reopened every
+    :data:`RECYCLE_BYTES` read.
+
+    Readers serve zero-copy views of memory maps; pages of tensors already written would stay
+    mapped (and counted in the process's memory) until the reader is closed. Recycling it keeps
+    the memory in use to about one window plus the tensor in flight, whatever the checkpoint size.
+    """
+
+    def __init__(self, checkpoint: CheckpointInfo, manager: PluginManager) -> None:
+        self.checkpoint, self.manager = checkpoint, manager
+        self.source: Source | None = None
+        self.since = 0
+
+    def get(self, key: str) -> torch.Tensor:
+        """Tensor ``key`` as stored, checked against its description."""
+        if self.source is None:
+            self.source = open_source(self.checkpoint, self.manager)
+        return self.source.get(key)
+
+    def done(self, nbytes: int) -> None:
+        """Count bytes read; release the reader's maps once a window is full."""
+        self.since += nbytes
+        if self.since >= RECYCLE_BYTES:
+            self.close()
+
+    def close(self) -> None:
+        source, self.source, self.since = self.source, None, 0
+        if source is not None:
+            source.close()

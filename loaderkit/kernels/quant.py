@@ -61,7 +61,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .errors import LoaderKitError
+from ..contract.layout import DEFAULT_BLOCK, GRANULARITIES, block_grid
+from ..errors import ConversionError
 
 #: elements per op of the table routes: fits L2 and stays under ATen's parallel grain (32768).
 CHUNK = 32000
@@ -72,7 +73,6 @@ PARALLEL_MIN = 1 << 20
 #: most threads one decode uses.
 MAX_THREADS = 8
 
-GRANULARITIES = ("none", "tensor", "channel", "block")
 
 
 # -- reference ---------------------------------------------------------------------------------
@@ -98,22 +98,29 @@ def dequantize_reference(
 
 
 def expand_block_scale(scale: torch.Tensor, shape: tuple[int, ...], block: tuple[int, int]) -> torch.Tensor:
-    """Expand a block grid ``[ceil(N/b0), ceil(K/b1)]`` to the weight's shape ``[N, K]``."""
-    _check_block(scale, shape, block)
-    n, k = shape
-    s = scale.repeat_interleave(block[0], dim=0)[:n]
-    return s.repeat_interleave(block[1], dim=1)[:, :k]
+    """Expand a block grid ``[..., ceil(N/b0), ceil(K/b1)]`` to the weight's shape ``[..., N, K]``
+    (the one block expansion: schemes, the runtime and the reference decode all use it)."""
+    if len(shape) == 2:
+        _check_block(scale, shape, block)
+    elif len(shape) < 2 or tuple(scale.shape) != block_grid(shape, block):
+        raise ConversionError(
+            f"block scale has shape {list(scale.shape)} but a weight of shape {list(shape)} with "
+            f"block {list(block)} needs {list(block_grid(shape, block)) if len(shape) >= 2 else 'a 2-D weight'}"
+        )
+    n, k = shape[-2:]
+    s = scale.repeat_interleave(block[0], dim=-2)[..., :n, :]
+    return s.repeat_interleave(block[1], dim=-1)[..., :k]
 
 
 def _check_block(scale: torch.Tensor, shape: tuple[int, ...], block: tuple[int, int]) -> None:
     if len(shape) != 2 or len(block) != 2 or min(block) < 1:
-        raise LoaderKitError(
+        raise ConversionError(
             f"block scales need a 2-D weight and a 2-D block; got weight shape {list(shape)}, "
             f"block {list(block)}"
         )
-    grid = (math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1]))
+    grid = block_grid(shape, block)
     if tuple(scale.shape) != grid:
-        raise LoaderKitError(
+        raise ConversionError(
             f"block scale has shape {list(scale.shape)} but a weight of shape {list(shape)} with "
             f"block {list(block)} needs {list(grid)} (ceil-division); check the checkpoint's block size"
         )
@@ -138,12 +145,12 @@ def upcast(
         that broadcasts against ``q``), or a block grid when ``block`` is given.
     :param block: block shape ``(b0, b1)`` for a block grid ``[ceil(N/b0), ceil(K/b1)]``.
     :param out: optional contiguous destination of ``q``'s shape and ``dtype`` (CPU table routes).
-    :raises LoaderKitError: for a non-float ``dtype`` or a scale that does not fit ``q``.
+    :raises ConversionError: for a non-float ``dtype`` or a scale that does not fit ``q``.
     """
     if not dtype.is_floating_point or dtype.itemsize == 1:
-        raise LoaderKitError(f"cannot upcast to {dtype}: choose a compute dtype such as torch.bfloat16")
+        raise ConversionError(f"cannot upcast to {dtype}: choose a compute dtype such as torch.bfloat16")
     if block is not None and scale is None:
-        raise LoaderKitError("a block shape was given without a block scale grid")
+        raise ConversionError("a block shape was given without a block scale grid")
     if block is not None:
         _check_block(scale, tuple(q.shape), tuple(block))
     if not _table_route_applies(q, scale, block):
@@ -153,7 +160,7 @@ def upcast(
     if out is None:
         out = torch.empty(q.shape, dtype=dtype)
     elif out.shape != q.shape or out.dtype != dtype or not out.is_contiguous():
-        raise LoaderKitError(f"out= must be a contiguous {dtype} tensor of shape {list(q.shape)}")
+        raise ConversionError(f"out= must be a contiguous {dtype} tensor of shape {list(q.shape)}")
     if scale is None or scale.numel() == 1:
         _gather_flat(q.view(torch.uint8).view(-1), _tensor_table(q.dtype, dtype, scale), out.view(-1))
     elif block is not None:
@@ -393,7 +400,7 @@ def quantize(
     w: torch.Tensor,
     fp8_dtype: torch.dtype = torch.float8_e4m3fn,
     granularity: str = "channel",
-    block: tuple[int, int] = (128, 128),
+    block: tuple[int, int] = DEFAULT_BLOCK,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Encode ``w`` as fp8 with an amax scale so that ``w ~= q.float() * scale``.
 
@@ -404,17 +411,17 @@ def quantize(
     per tensor when ``"channel"`` is asked. Work is done in row chunks, so the temporaries stay
     small even for very large tensors.
 
-    :raises LoaderKitError: on an unknown granularity, a block request for a non-2-D tensor, a
+    :raises ConversionError: on an unknown granularity, a block request for a non-2-D tensor, a
         non-fp8 target or a tensor containing inf/NaN.
     """
     if fp8_dtype.itemsize != 1 or not fp8_dtype.is_floating_point:
-        raise LoaderKitError(f"quantize needs an 8-bit float dtype, got {fp8_dtype}")
+        raise ConversionError(f"quantize needs an 8-bit float dtype, got {fp8_dtype}")
     if granularity not in GRANULARITIES:
-        raise LoaderKitError(f"unknown scale granularity {granularity!r}; use one of {', '.join(GRANULARITIES)}")
+        raise ConversionError(f"unknown scale granularity {granularity!r}; use one of {', '.join(GRANULARITIES)}")
     if granularity == "channel" and w.dim() < 2:
         granularity = "tensor"
     if granularity == "block" and w.dim() != 2:
-        raise LoaderKitError(f"block scales need a 2-D weight; this one has shape {list(w.shape)}")
+        raise ConversionError(f"block scales need a 2-D weight; this one has shape {list(w.shape)}")
     rows = w.reshape(w.shape[0] if w.dim() else 1, -1)
     if granularity == "none":
         return _encode(rows, fp8_dtype, None).view(w.shape), None
@@ -476,7 +483,7 @@ def _block_rows(scale: torch.Tensor, block: tuple[int, int], width: int, r0: int
 
 def _finish_scale(amax: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
     if not bool(torch.isfinite(amax).all()):
-        raise LoaderKitError("cannot quantize a tensor that contains inf or NaN values")
+        raise ConversionError("cannot quantize a tensor that contains inf or NaN values")
     scale = (amax / fp8_max(fp8_dtype)).clamp(min=torch.finfo(torch.float32).tiny)
     return torch.where(amax > 0, scale, torch.ones_like(scale)).float()
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import LoaderKitError
+from ..errors import DtypeError
 
 #: safetensors header dtype string -> loaderkit dtype name.
 SAFETENSORS_DTYPES: dict[str, str] = {
@@ -56,14 +56,14 @@ _ALIASES = {
 def dtype_name(dtype: torch.dtype | str) -> str:
     """Return loaderkit's name for ``dtype`` (a torch dtype, a torch name or a common alias).
 
-    :raises LoaderKitError: if the name is not a torch dtype.
+    :raises DtypeError: if the name is not a torch dtype.
     """
     if isinstance(dtype, torch.dtype):
         return str(dtype).removeprefix("torch.")
     name = str(dtype).removeprefix("torch.")
     name = _ALIASES.get(name.lower(), name)
     if not isinstance(getattr(torch, name, None), torch.dtype):
-        raise LoaderKitError(f"unknown dtype {dtype!r}; use a torch dtype such as torch.bfloat16")
+        raise DtypeError(f"unknown dtype {dtype!r}; use a torch dtype such as torch.bfloat16")
     return name
 
 

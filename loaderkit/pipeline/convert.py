@@ -1,4 +1,4 @@
-"""``loaderkit convert``: write a converted copy of a checkpoint, in a layout other tools read.
+"""Stage 8, convert: ``loaderkit convert`` writes a converted copy of a checkpoint, in a layout other tools read.
 
 The conversion *is* a load plan executed into files instead of into a model: the checkpoint is
 described, a plan is negotiated with the strategy (skips, ``keep_fp32`` modules and library
@@ -34,28 +34,22 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..contract.bases import Strategy
+from ..contract.dtypes import is_fp8, to_torch
+from ..contract.layout import DEFAULT_BLOCK
+from ..contract.plan import Plan, TensorPlan
+from ..contract.records import CheckpointInfo
+from ..errors import CheckpointNotFoundError, ConvertError, LoaderKitError
 from .build import infer_model
-from .checkpoint import CheckpointInfo
-from .dtypes import is_fp8, to_torch
-from .errors import ConvertError, LoaderKitError
-from .manager import PluginManager, get_manager
-from .plan import Plan, TensorPlan
-from .shards import (
-    Item,
-    RecyclingSource,
-    ShardWriter,
-    _cleanup,
-    _make_parents,
-    _move_into_place,
-    _temp_dir,
-)
-from .strategy import Strategy
+from .discover import PluginManager, get_manager
+from .files import Item, ShardWriter, cleanup, make_parents, move_into_place, temp_dir
+from .stream import RecyclingSource
 
 #: ``scheme=`` values -> scale granularity.
 SCHEMES = {"per-channel": "channel", "per-tensor": "tensor", "block": "block",
            "channel": "channel", "tensor": "tensor"}
 #: block shape of ``scheme="block"`` (DeepSeek-V3 / FP8_BLOCK).
-BLOCK = (128, 128)
+BLOCK = DEFAULT_BLOCK
 #: files beside the weights copied with them (configs, tokenizers, chat templates, model code).
 SIDE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".py")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*$", re.IGNORECASE)
@@ -65,9 +59,9 @@ _EXPECTED_SCHEME = {CT: "compressed-tensors-fp8", COMFY: "comfy-mixed", PLAIN: N
 
 def _kernels():
     """The conversion kernels (``quantize``) the loader itself uses."""
-    from . import quant as kernels
+    from ..kernels import quant
 
-    return kernels
+    return quant
 
 
 def parse_size(size: int | str) -> int:
@@ -182,8 +176,6 @@ def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
 
 
 def _not_found(src: Path) -> LoaderKitError:
-    from .errors import CheckpointNotFoundError
-
     return CheckpointNotFoundError(
         f"checkpoint {src} does not exist; pass a safetensors file, a torch .bin/.pt/.pth file, "
         "an index .json, or a directory holding one",
@@ -218,9 +210,8 @@ def make_job(
     src: Path, dst: Path, strategy, scheme: str | None, max_bytes: int, model, mgr: PluginManager
 ) -> Job:
     """Describe and plan the conversion (headers only): the units, shards and side files."""
+    from ..loader import LoadRequest, prepare
     from .inspect import describe
-    from .loader import _prepare
-    from .place import normalise
 
     info = describe(src, mgr)
     single = dst.suffix == ".safetensors"
@@ -231,8 +222,7 @@ def make_job(
     gran = _scheme_granularity(scheme, target)
     if model is None and info.config is None:
         model = infer_model(info)
-    prep = _prepare(src, _strategy(strategy, gran, mgr), model, normalise("cpu", None, None, False, None),
-                    True, None, mgr)
+    prep = prepare(LoadRequest(path=src, strategy=_strategy(strategy, gran, mgr), model=model), mgr)
     _refuse_fp8_to_fp8(prep.plan)
     units, ignore = _units(prep, target, gran)
     layout = target if any(u.granularity for u in units) else PLAIN
@@ -313,7 +303,7 @@ def _units(prep, layout: str, gran: str) -> tuple[list[Unit], list[str]]:
 def _copied_keys(plan: Plan) -> set[str]:
     """Checkpoint keys the plan does not load but the model's library ignores on load (legacy
     buffers): copied as stored. Markers, scales and tied duplicates are dropped."""
-    return {k for k, why in plan.ignored.items() if why.startswith("the model's library ignores")}
+    return set(plan.library_ignored)
 
 
 def _unit(tp: TensorPlan, plan: Plan, named: dict, layout: str, gran: str) -> Unit:
@@ -390,10 +380,8 @@ def _edit_config(config: dict | None, plan: Plan, qc: dict | None) -> dict | Non
     the model dtype set to the dtype most modules compute in."""
     if config is None:
         return None
-    from .loader import _entry_dtype
-
     out = json.loads(json.dumps(config))
-    dtype = _entry_dtype(plan)
+    dtype = plan.entry_dtype()
     for holder in (out, out.get("text_config")):
         if isinstance(holder, dict):
             holder.pop("quantization_config", None)
@@ -451,7 +439,7 @@ def _side_files(info: CheckpointInfo) -> list[Path]:
 
 def _produce(unit: Unit, job: Job) -> dict[str, torch.Tensor]:
     """Read one source tensor and convert it into the unit's output tensors."""
-    from .stream import convert as convert_tensor
+    from .stream import convert_tensor
 
     ckpt = job.plan.checkpoint
     raw = job.reader.get(unit.source)
@@ -521,11 +509,11 @@ def _self_check(job: Job, output: Path) -> None:
 
 def _run(job: Job, progress: bool | None) -> Path:
     """Write into a temporary directory beside the destination, check, then move into place."""
-    from .progress import progress_bar
+    from ..progress import progress_bar
 
     dst = job.dst
-    created = _make_parents(dst.parent)
-    tmp = _temp_dir(dst, "partial")
+    created = make_parents(dst.parent)
+    tmp = temp_dir(dst, "partial")
     try:
         job.reader = RecyclingSource(job.plan.checkpoint, job.manager)
         try:
@@ -536,15 +524,15 @@ def _run(job: Job, progress: bool | None) -> Path:
             job.reader.close()
         output = tmp / dst.name if dst.suffix == ".safetensors" else tmp
         _self_check(job, output)
-        _move_into_place(output, dst)
+        move_into_place(output, dst)
     except LoaderKitError:
-        _cleanup(tmp, created)
+        cleanup(tmp, created)
         raise
     except OSError as exc:
-        _cleanup(tmp, created)
+        cleanup(tmp, created)
         raise ConvertError(f"cannot write {dst}: {exc}; nothing was written to {dst}", path=dst) from exc
     except BaseException:
-        _cleanup(tmp, created)
+        cleanup(tmp, created)
         raise
     shutil.rmtree(tmp, ignore_errors=True)  # what is left of it after a single-file rename
     return dst

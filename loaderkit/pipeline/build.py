@@ -1,4 +1,5 @@
-"""Building the model skeleton: from ``model=`` or from a builder plugin, on the meta device.
+"""Stage 2, build: the model skeleton, from ``model=`` or a builder plugin, on the meta device;
+and the facts its library declares about it (``loaderkit_model_facts``).
 
 A skeleton's parameters live on the meta device (no memory); its non-persistent buffers hold
 real values computed by the model's own ``__init__`` (rotary ``inv_freq`` and the like), because
@@ -7,111 +8,17 @@ those never come from a checkpoint.
 
 from __future__ import annotations
 
-import abc
 import contextlib
 import re
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import Any
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from .checkpoint import CheckpointInfo, Frozen, TensorInfo
-from .errors import BuildError
-
-if TYPE_CHECKING:
-    from .manager import PluginManager
-
-
-class ModelFacts(Frozen):
-    """What a model's library declares about it; merged from every ``loaderkit_model_facts`` answer.
-
-    :ivar keep_fp32: module-name patterns kept in float32 under bf16/fp16 (``_keep_in_fp32_modules``;
-        a pattern matches a module whose qualified name contains it as a dotted component run).
-    :ivar keep_fp32_fp16: patterns (matched like ``keep_fp32``) kept in float32 only when the
-        compute dtype is float16 (transformers' non-strict ``_keep_in_fp32_modules``).
-    :ivar skip_low_precision: regexes of modules never stored in fp8
-        (``_skip_layerwise_casting_patterns``).
-    :ivar ignore_unexpected: regexes of checkpoint keys to ignore when the model lacks them.
-    :ivar ignore_missing: regexes of model keys the checkpoint may lack.
-    :ivar tied: target key -> source key of tied parameters (the target is not loaded; it is tied).
-    :ivar no_split: module class names accelerate must not split across devices.
-    :ivar finalize: callables run on the loaded model (``tie_weights`` and the like).
-    :ivar source: who declared these facts.
-    """
-
-    keep_fp32: tuple[str, ...] = ()
-    keep_fp32_fp16: tuple[str, ...] = ()
-    skip_low_precision: tuple[str, ...] = ()
-    ignore_unexpected: tuple[str, ...] = ()
-    ignore_missing: tuple[str, ...] = ()
-    tied: dict[str, str] = Field(default_factory=dict)
-    no_split: tuple[str, ...] = ()
-    finalize: tuple[Callable[[torch.nn.Module], Any], ...] = ()
-    source: tuple[str, ...] = ()
-
-    def merge(self, other: "ModelFacts") -> "ModelFacts":
-        """Union of two fact sets (tuples concatenated without duplicates, dicts merged)."""
-
-        def cat(a, b):
-            return tuple(dict.fromkeys((*a, *b)))
-
-        return ModelFacts(
-            keep_fp32=cat(self.keep_fp32, other.keep_fp32),
-            keep_fp32_fp16=cat(self.keep_fp32_fp16, other.keep_fp32_fp16),
-            skip_low_precision=cat(self.skip_low_precision, other.skip_low_precision),
-            ignore_unexpected=cat(self.ignore_unexpected, other.ignore_unexpected),
-            ignore_missing=cat(self.ignore_missing, other.ignore_missing),
-            tied={**self.tied, **other.tied},
-            no_split=cat(self.no_split, other.no_split),
-            finalize=cat(self.finalize, other.finalize),
-            source=cat(self.source, other.source),
-        )
-
-    def keeps_fp32(self, module_name: str, fp16: bool = False) -> bool:
-        """True if ``module_name`` matches a ``keep_fp32`` pattern (or, with ``fp16``, a
-        ``keep_fp32_fp16`` one): a run of dotted components equal to the pattern's."""
-        parts = module_name.split(".")
-        for pat in (*self.keep_fp32, *(self.keep_fp32_fp16 if fp16 else ())):
-            pp = pat.split(".")
-            for i in range(len(parts) - len(pp) + 1):
-                if parts[i : i + len(pp)] == pp:
-                    return True
-        return False
-
-    def skips_low_precision(self, module_name: str) -> bool:
-        return any(re.search(p, module_name) for p in self.skip_low_precision)
-
-
-class BuildRequest(Frozen):
-    """What a builder gets.
-
-    :ivar checkpoint: the checkpoint description (its ``config`` holds config.json).
-    :ivar dtype: the dtype the strategy expects most parameters to compute in; builders use it as
-        the default dtype while constructing, as the model libraries do in ``from_pretrained``.
-    """
-
-    checkpoint: CheckpointInfo
-    dtype: str
-
-
-class Builder(abc.ABC):
-    """Base class of builder plugins: make an empty model skeleton from a checkpoint's config."""
-
-    name: ClassVar[str] = ""
-    description: ClassVar[str] = ""
-    priority: ClassVar[int] = 0
-
-    @abc.abstractmethod
-    def can_build(self, request: BuildRequest) -> bool:
-        """True if this builder recognises the checkpoint's config (cheap; no imports if possible)."""
-
-    @abc.abstractmethod
-    def build(self, request: BuildRequest) -> torch.nn.Module:
-        """Return the model with parameters on the meta device and real non-persistent buffers.
-
-        Use :func:`meta_init` around the model's constructor.
-        """
+from ..contract.dtypes import dtype_name
+from ..contract.records import BuildRequest, CheckpointInfo, ModelFacts, TensorInfo
+from ..errors import BuildError
+from .discover import PluginManager
 
 
 @contextlib.contextmanager
@@ -173,23 +80,13 @@ def from_argument(model: Any, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def build_skeleton(
-    manager: "PluginManager", checkpoint: CheckpointInfo, dtype: torch.dtype
+    manager: PluginManager, checkpoint: CheckpointInfo, dtype: torch.dtype
 ) -> tuple[torch.nn.Module, str]:
     """Ask builder plugins, in priority order, for a skeleton. Returns ``(model, builder_name)``."""
-    from .dtypes import dtype_name
-
     request = BuildRequest(checkpoint=checkpoint, dtype=dtype_name(dtype))
     for entry in manager.builders():
         if manager.call(entry, entry.obj.can_build, request):
-            model = manager.call(entry, entry.obj.build, request)
-            if not isinstance(model, torch.nn.Module):
-                from .errors import PluginError
-
-                raise PluginError(
-                    f"builder {entry.obj.name!r} of plugin {entry.plugin!r} returned "
-                    f"{type(model).__name__}, not a torch.nn.Module",
-                    plugin=entry.plugin,
-                )
+            model = manager.call(entry, entry.obj.build, request, returns=torch.nn.Module)
             return model, entry.obj.name
     cfg = checkpoint.config
     what = "no config.json" if not cfg else (
@@ -203,6 +100,21 @@ def build_skeleton(
         "zero-argument factory (install transformers or diffusers to build their models from config).",
         path=checkpoint.path,
     )
+
+
+def skeleton(model: Any, manager: PluginManager, checkpoint: CheckpointInfo, dtype: torch.dtype) -> tuple[nn.Module, str]:
+    """The skeleton for ``model=`` (when given) or from the builders, and who made it."""
+    if model is not None:
+        return from_argument(model, dtype), "model="
+    return build_skeleton(manager, checkpoint, dtype)
+
+
+def collect_facts(model: nn.Module, manager: PluginManager) -> ModelFacts:
+    """Every plugin's :class:`ModelFacts` about ``model``, merged."""
+    facts = ModelFacts()
+    for _plugin, f in manager.hook.loaderkit_model_facts(model=model, returns=ModelFacts):
+        facts = facts.merge(f)
+    return facts
 
 
 _EMBED = re.compile(r"(^|[._])(embed|embedding|embeddings|embed_tokens|wte|wpe|shared)$")

@@ -1,4 +1,4 @@
-"""Stage 7: check that a model's dtypes are consistent — statically, and with example inputs.
+"""Stage 7, verify: check that a model's dtypes are consistent — statically, and with example inputs.
 
 :func:`verify` works on any module, loaded by loaderkit or not. Statically, every module that
 owns floating-point parameters must hand its kernel those parameters in one compute dtype: either
@@ -14,17 +14,10 @@ from typing import Any
 
 import torch
 
-from .dtypes import dtype_name, is_fp8
-from .errors import VerifyError
-
-#: torch modules whose kernels fail (or silently misbehave) on mixed input/weight dtypes.
-_KERNEL_TYPES = (
-    torch.nn.Linear,
-    torch.nn.modules.conv._ConvNd,
-    torch.nn.LayerNorm,
-    torch.nn.GroupNorm,
-    torch.nn.modules.batchnorm._NormBase,
-)
+from ..contract.dtypes import dtype_name, is_fp8
+from ..contract.modules import STRICT_KERNELS
+from ..errors import VerifyError
+from .bind import plan_of
 
 
 @dataclass(frozen=True)
@@ -69,12 +62,22 @@ class VerifyReport:
         return "\n".join([head, *(f"  - {p}" for p in self.problems)])
 
 
-def _cast_rule(module: torch.nn.Module):
-    try:
-        from .runtime import cast_rule_of
-    except ImportError:  # pragma: no cover - runtime is part of the package
+def cast_rule_of(module: torch.nn.Module):
+    """The module's cast rule (:func:`loaderkit.runtime.cast_rule_of`), importing the runtime
+    (and accelerate) only when a model has hooks to look at."""
+    if getattr(module, "_hf_hook", None) is None:
         return None
-    return cast_rule_of(module)
+    from ..runtime import cast_rule_of as rule_of
+
+    return rule_of(module)
+
+
+def input_cast_of(module: torch.nn.Module) -> torch.dtype | None:
+    if getattr(module, "_hf_hook", None) is None:
+        return None
+    from ..runtime import input_cast_of as cast_of
+
+    return cast_of(module)
 
 
 def kernel_dtype(
@@ -88,7 +91,7 @@ def kernel_dtype(
     covered = covered or {}
     params = {n: p for n, p in module.named_parameters(recurse=False) if p is not None}
     floats = {n: covered.get(n, p.dtype) for n, p in params.items() if p.dtype.is_floating_point}
-    if isinstance(module, _KERNEL_TYPES):
+    if isinstance(module, STRICT_KERNELS):
         ints = [f"{n} ({dtype_name(p.dtype)})" for n, p in params.items() if not p.dtype.is_floating_point]
         if ints:
             return (next(iter(floats.values())) if floats else None), [
@@ -97,7 +100,7 @@ def kernel_dtype(
             ]
     if not floats:
         return None, []
-    rule = _cast_rule(module)
+    rule = cast_rule_of(module)
     if rule is not None:
         compute = rule.compute_dtype
         uncovered = [
@@ -131,7 +134,7 @@ def _covered_by_parents(model: torch.nn.Module) -> dict[str, dict[str, torch.dty
     """module name -> {local tensor: compute dtype} for tensors a parent's cast rule covers."""
     out: dict[str, dict[str, torch.dtype]] = {}
     for name, module in model.named_modules():
-        rule = _cast_rule(module)
+        rule = cast_rule_of(module)
         for tname in rule.params if rule is not None else ():
             child, _, local = tname.rpartition(".")
             if child:
@@ -202,8 +205,6 @@ def verify(
     :param strict: raise :class:`loaderkit.VerifyError` listing the problems instead of returning.
     """
     if plan is None:
-        from .loader import plan_of
-
         plan = plan_of(model)
     report = VerifyReport()
     computes: dict[str, torch.dtype | None] = {}
@@ -234,13 +235,6 @@ def verify(
     return report
 
 
-def _input_cast(module: torch.nn.Module) -> torch.dtype | None:
-    from .runtime import InputCastHook, _find
-
-    hook = _find(getattr(module, "_hf_hook", None), InputCastHook)
-    return hook.dtype if hook is not None else None
-
-
 def _check_forward(model, inputs, kwargs, computes, report) -> None:
     seen: set[str] = set()
     handles = []
@@ -248,7 +242,7 @@ def _check_forward(model, inputs, kwargs, computes, report) -> None:
     def make_hook(name: str):
         def hook(module, args, kw):
             want = computes.get(name)
-            if want is None or name in seen or _input_cast(module) == want:
+            if want is None or name in seen or input_cast_of(module) == want:
                 return  # an input cast hook hands the kernel `want` whatever arrives
             for a in (*args, *kw.values()):
                 if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != want:
@@ -267,7 +261,7 @@ def _check_forward(model, inputs, kwargs, computes, report) -> None:
         return hook
 
     for name, module in model.named_modules():
-        if isinstance(module, _KERNEL_TYPES) and name in computes:
+        if isinstance(module, STRICT_KERNELS) and name in computes:
             handles.append(module.register_forward_pre_hook(make_hook(name), with_kwargs=True))
     args = inputs if isinstance(inputs, (tuple, list)) else (() if inputs is None else (inputs,))
     try:

@@ -1,18 +1,23 @@
 """The plan: what will be read, how each tensor is converted, and how each module computes.
 
-A plan is made from headers and config alone (no tensor data is read) and is immutable. It is
-what :func:`loaderkit.plan` returns and what :func:`loaderkit.load` executes.
+A plan is made from headers and config alone (no tensor data is read) and is immutable all the
+way down: frozen records, read-only mappings, tuples. It is what :func:`loaderkit.plan` returns
+and what :func:`loaderkit.load` executes — the runtime binds cast rules from the plan alone, so
+the plan is the whole truth about the loaded model's dtypes.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
-from .capabilities import DeviceCaps
-from .checkpoint import CheckpointInfo, Frozen
+from .bases import Kernel
+from .records import CheckpointInfo, DeviceCaps, Frozen, Granularity, ReadOnly, ScaleEncoding, thaw
+
+#: how a tensor is filled from its checkpoint tensor.
+Conversion = Literal["none", "cast", "dequantize", "quantize"]
 
 class TensorPlan(Frozen):
     """How one model tensor is filled.
@@ -25,6 +30,10 @@ class TensorPlan(Frozen):
     :ivar conversion: ``"none"`` (zero-copy), ``"cast"``, ``"dequantize"`` or ``"quantize"``.
     :ivar companions: checkpoint keys read with it (scales).
     :ivar granularity: scale granularity when quantized in memory (``"channel"``...), else ``None``.
+    :ivar block: the block shape of ``"block"`` granularity.
+    :ivar scale: the name of the module buffer that holds its float32 scale in memory
+        (``"weight_scale"``), or ``None`` for tensors without one.
+    :ivar scale_encoding: how the checkpoint stores that scale (``"float"``, ``"ue8m0"``).
     :ivar also: other model keys tied to this one (they share the tensor).
     :ivar buffer: it fills a buffer rather than a parameter.
     :ivar device: where it rests after loading: a device, or ``"disk"`` (offload folder).
@@ -36,9 +45,12 @@ class TensorPlan(Frozen):
     shape: tuple[int, ...]
     stored_dtype: str
     target_dtype: str
-    conversion: str
+    conversion: Conversion
     companions: tuple[str, ...] = ()
-    granularity: str | None = None
+    granularity: Granularity | None = None
+    block: tuple[int, int] | None = None
+    scale: str | None = None
+    scale_encoding: ScaleEncoding = "float"
     also: tuple[str, ...] = ()
     buffer: bool = False
     device: str = "cpu"
@@ -54,6 +66,8 @@ class ModulePlan(Frozen):
     :ivar storage: local tensor name -> dtype in memory.
     :ivar cast: a runtime cast rule hands its kernel the tensors in ``compute_dtype``.
     :ivar kernel: ``"cast"`` or ``"native"`` (native fp8 matmul) for modules with a cast rule.
+    :ivar kernel_reason: why the kernel is what it is when native fp8 matmul was asked for
+        (negotiated here against the module, its weight and the device's capabilities).
     :ivar resident: the cast rule keeps a compute-dtype copy resident.
     :ivar granularity: scale granularity of its quantized weight, if any.
     :ivar device: execution device.
@@ -66,11 +80,12 @@ class ModulePlan(Frozen):
     name: str
     type: str
     compute_dtype: str
-    storage: dict[str, str]
+    storage: ReadOnly[dict[str, str]]
     cast: bool = False
-    kernel: str = "cast"
+    kernel: Kernel = "cast"
+    kernel_reason: str = ""
     resident: bool = False
-    granularity: str | None = None
+    granularity: Granularity | None = None
     device: str = "cpu"
     offload: str | None = None
     nbytes: int = 0
@@ -98,6 +113,8 @@ class Plan(Frozen):
     :ivar modules: module name -> module plan, for every module that owns tensors.
     :ivar decisions: every choice made, with its reason.
     :ivar ignored: checkpoint keys not loaded, with why.
+    :ivar library_ignored: of :attr:`ignored`, the keys the model's library itself ignores on
+        load (legacy buffers): ``convert`` copies them as stored.
     :ivar kept: model keys not in the checkpoint that keep the values the skeleton already has.
     :ivar device_map: module name -> device (``"cuda:0"``, ``"cpu"``, ``"disk"``) when the model is
         spread over several places; ``None`` when it sits on one device.
@@ -106,19 +123,27 @@ class Plan(Frozen):
 
     checkpoint: CheckpointInfo
     strategy: str
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: ReadOnly[dict[str, Any]] = Field(default_factory=dict)
     device: DeviceCaps
     builder: str
     model_type: str
-    tensors: dict[str, TensorPlan]
-    modules: dict[str, ModulePlan]
+    tensors: ReadOnly[dict[str, TensorPlan]]
+    modules: ReadOnly[dict[str, ModulePlan]]
     decisions: tuple[Decision, ...] = ()
-    ignored: dict[str, str] = Field(default_factory=dict)
+    ignored: ReadOnly[dict[str, str]] = Field(default_factory=dict)
+    library_ignored: tuple[str, ...] = ()
     kept: tuple[str, ...] = ()
-    device_map: dict[str, str] | None = None
+    device_map: ReadOnly[dict[str, str]] | None = None
     offload_folder: str | None = None
 
     # -- views --------------------------------------------------------------------------------
+
+    def entry_dtype(self) -> str:
+        """The compute dtype of most of the model's bytes: what its inputs are cast to."""
+        counts: dict[str, int] = {}
+        for m in self.modules.values():
+            counts[m.compute_dtype] = counts.get(m.compute_dtype, 0) + m.nbytes
+        return max(counts, key=counts.get) if counts else "float32"
 
     def bytes_per_device(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -150,9 +175,9 @@ class Plan(Frozen):
             "modules": {k: m.model_dump(mode="json") for k, m in self.modules.items()},
             "tensors": {k: t.model_dump(mode="json") for k, t in self.tensors.items()},
             "decisions": [d.model_dump(mode="json") for d in self.decisions],
-            "ignored": self.ignored,
+            "ignored": thaw(self.ignored),
             "kept": list(self.kept),
-            "device_map": self.device_map,
+            "device_map": None if self.device_map is None else thaw(self.device_map),
             "offload_folder": self.offload_folder,
         }
 
@@ -161,15 +186,15 @@ class Plan(Frozen):
         lines = [
             f"checkpoint  {self.checkpoint.path}  [{self.checkpoint.format}"
             + (f", {self.checkpoint.quantization.family}" if self.checkpoint.quantization else "")
-            + f"]  {len(self.checkpoint.tensors)} tensors, {_fmt_bytes(self.checkpoint.total_bytes)}",
+            + f"]  {len(self.checkpoint.tensors)} tensors, {fmt_bytes(self.checkpoint.total_bytes)}",
             f"model       {self.model_type}  (built by {self.builder})",
             f"strategy    {self.strategy}"
             + (f"  {self.options}" if self.options else ""),
             f"device      {self.device.device}" + (f"  ({self.device.name})" if self.device.name else ""),
             "memory      "
-            + ", ".join(f"{d}: {_fmt_bytes(b)}" for d, b in self.bytes_per_device().items())
+            + ", ".join(f"{d}: {fmt_bytes(b)}" for d, b in self.bytes_per_device().items())
             + "  ("
-            + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in self.bytes_per_dtype().items())
+            + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in self.bytes_per_dtype().items())
             + ")",
             "conversions " + ", ".join(f"{k}: {v}" for k, v in sorted(self.conversions().items())),
             "",
@@ -229,7 +254,7 @@ def _module_row(label: str, m: ModulePlan, nbytes: int | None = None, placed: bo
         m.compute_dtype,
         ("native" if m.kernel == "native" else "resident" if m.resident else "yes") if m.cast else "-",
         m.granularity or "-",
-        _fmt_bytes(m.nbytes if nbytes is None else nbytes),
+        fmt_bytes(m.nbytes if nbytes is None else nbytes),
     )
     return row + ((m.device, m.offload or "-") if placed else ())
 
@@ -240,7 +265,7 @@ def _render(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
     return [fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows]
 
 
-def _fmt_bytes(n: float) -> str:
+def fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -1,8 +1,8 @@
-"""Writing safetensors files whose headers are known up front, atomically.
+"""Files ``convert`` writes: safetensors shards whose headers are known up front, and atomic moves.
 
-Used by :func:`loaderkit.convert`: every shard's header (names, dtypes, shapes, offsets) comes
-from the plan before any tensor is read, so each tensor's bytes can be written as it streams,
-and the output directory appears at its destination only once complete.
+Every shard's header (names, dtypes, shapes, offsets) comes from the plan before any tensor is
+read, so each tensor's bytes can be written as it streams; the output directory is made beside
+its destination and appears there only once complete.
 """
 
 from __future__ import annotations
@@ -18,13 +18,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CheckpointInfo
-from .dtypes import SAFETENSORS_DTYPES, to_torch
-from .errors import ConvertError, LoaderKitError
-from .manager import PluginManager
+from ..contract.dtypes import SAFETENSORS_DTYPES, to_torch
+from ..errors import ConvertError
 
-#: the source's reader is reopened after this many bytes, releasing its memory maps.
-RECYCLE_BYTES = 32 << 20
 _ST_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
@@ -97,46 +93,7 @@ class ShardWriter:
         self.file.close()
 
 
-class RecyclingSource:
-    """The checkpoint's checked tensor reader (:class:`loaderkit.stream.Source`), closed and
-    reopened every :data:`RECYCLE_BYTES` read.
-
-    Readers serve zero-copy views of memory maps; pages of tensors already written would stay
-    mapped (and counted in the process's memory) until the reader is closed. Recycling it keeps
-    the memory in use to about one window plus the tensor in flight, whatever the checkpoint size.
-    """
-
-    def __init__(self, checkpoint: CheckpointInfo, manager: PluginManager) -> None:
-        self.checkpoint, self.manager = checkpoint, manager
-        self.entry = manager.get("formats", checkpoint.format)
-        if self.entry is None:
-            raise LoaderKitError(f"format {checkpoint.format!r} is no longer registered")
-        self.source = None
-        self.since = 0
-
-    def get(self, key: str) -> torch.Tensor:
-        """Tensor ``key`` as stored, checked against its description."""
-        if self.source is None:
-            from .stream import Source
-
-            reader = self.manager.call(self.entry, self.entry.obj.open, self.checkpoint)
-            self.source = Source(reader, self.checkpoint, self.entry.plugin)
-        return self.source.get(key)
-
-    def done(self, nbytes: int) -> None:
-        """Count bytes read; release the reader's maps once a window is full."""
-        self.since += nbytes
-        if self.since >= RECYCLE_BYTES:
-            self.close()
-
-    def close(self) -> None:
-        source, self.source, self.since = self.source, None, 0
-        if source is not None:
-            self.manager.call(self.entry, source.close)
-
-
-
-def _temp_dir(dst: Path, what: str) -> Path:
+def temp_dir(dst: Path, what: str) -> Path:
     """A new directory beside ``dst`` (same filesystem, so renames are atomic), mode as mkdir's."""
     for _ in range(100):
         path = dst.parent / f".{dst.name}.{os.urandom(4).hex()}.{what}"
@@ -148,7 +105,7 @@ def _temp_dir(dst: Path, what: str) -> Path:
     raise ConvertError(f"cannot make a temporary directory beside {dst}", path=dst)
 
 
-def _make_parents(parent: Path) -> list[Path]:
+def make_parents(parent: Path) -> list[Path]:
     missing = []
     p = parent
     while not p.exists():
@@ -158,7 +115,7 @@ def _make_parents(parent: Path) -> list[Path]:
     return missing
 
 
-def _cleanup(tmp: Path, created: list[Path]) -> None:
+def cleanup(tmp: Path, created: list[Path]) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     for p in created:  # innermost first
         try:
@@ -167,13 +124,13 @@ def _cleanup(tmp: Path, created: list[Path]) -> None:
             break
 
 
-def _move_into_place(output: Path, dst: Path) -> None:
+def move_into_place(output: Path, dst: Path) -> None:
     """Rename ``output`` to ``dst``; an existing ``dst`` is renamed aside first, restored if the
     rename fails, and deleted once the new copy is in place."""
     if not (dst.exists() or dst.is_symlink()):
         os.rename(output, dst)
         return
-    aside = _temp_dir(dst, "old")
+    aside = temp_dir(dst, "old")
     old = aside / dst.name
     os.rename(dst, old)
     try:

@@ -1,4 +1,4 @@
-"""Plugin discovery and the registries of formats, schemes, strategies and builders.
+"""Stage 0, discover: plugin discovery and the registries of formats, schemes, strategies, builders.
 
 Built-in plugins are plain modules registered by name, through the same door as third-party
 plugins, which come from the ``loaderkit`` entry-point group or :func:`loaderkit.register`.
@@ -8,17 +8,20 @@ first use.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import threading
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import pluggy
 
-from . import hookspecs
-from .errors import LoaderKitError, PluginError
+from ..contract import hookspecs
+from ..contract.bases import Builder, Format, Scheme, Strategy
+from ..contract.env import env_flag
+from ..errors import LoaderKitError, PluginError, StrategyError
 
 ENTRY_POINT_GROUP = "loaderkit"
 DISABLE_AUTOLOAD_ENV = "LOADERKIT_DISABLE_PLUGIN_AUTOLOAD"
@@ -52,10 +55,16 @@ class Entry:
 
     obj: Any
     plugin: str
+    kind: str = ""
 
     @property
     def name(self) -> str:
         return self.obj.name
+
+    def label(self) -> str:
+        """``"strategy 'fp8' of plugin 'fp8'"`` (what error messages call it)."""
+        kind = {"strategies": "strategy"}.get(self.kind, self.kind[:-1]) or "object"
+        return f"{kind} {self.name!r} of plugin {self.plugin!r}"
 
 
 @dataclass
@@ -69,8 +78,29 @@ class PluginRecord:
     provides: dict[str, list[str]] = field(default_factory=dict)
 
 
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+#: the hook specifications by name: calling a hook that is not here fails at once.
+HOOK_NAMES = frozenset(n for n in dir(hookspecs) if n.startswith("loaderkit_"))
+
+
+class Hooks:
+    """``manager.hook.<name>(**kwargs)``: call every implementation of a hook, each through the
+    manager (so a failing plugin is named), and return the non-None results as
+    ``[(plugin, result), ...]``. ``returns=T`` checks each result is a ``T``. A misspelt hook
+    name is an :class:`AttributeError` at once, not a hook that silently never runs."""
+
+    def __init__(self, manager: "PluginManager") -> None:
+        self._manager = manager
+
+    def __getattr__(self, name: str) -> Callable[..., list[tuple[str, Any]]]:
+        if name not in HOOK_NAMES:
+            raise AttributeError(f"loaderkit has no hook {name!r}; hooks: {', '.join(sorted(HOOK_NAMES))}")
+        manager = self._manager
+
+        def call(*, returns: type | tuple[type, ...] | None = None, **kwargs: Any) -> list[tuple[str, Any]]:
+            return manager._call_hook(name, returns, kwargs)
+
+        call.__name__ = name
+        return call
 
 
 class PluginManager:
@@ -88,6 +118,7 @@ class PluginManager:
     ) -> None:
         self.pm = pluggy.PluginManager("loaderkit")
         self.pm.add_hookspecs(hookspecs)
+        self.hook = Hooks(self)
         self.records: dict[str, PluginRecord] = {}
         self._registries: dict[str, list[Entry]] | None = None
         self._lock = threading.RLock()
@@ -96,14 +127,14 @@ class PluginManager:
             self.pm.set_blocked(name)
         if builtins:
             self._load_builtins()
-        if autoload if autoload is not None else not _env_true(DISABLE_AUTOLOAD_ENV):
+        if autoload if autoload is not None else not env_flag(DISABLE_AUTOLOAD_ENV, False):
             self._load_entry_points()
         self.check_pending()
 
     # -- discovery ----------------------------------------------------------------------------
 
     def _load_builtins(self) -> None:
-        from . import __version__
+        from .. import __version__
 
         for name, modname in BUILTIN_PLUGINS.items():
             if self.pm.is_blocked(name):
@@ -211,10 +242,6 @@ class PluginManager:
             return self._registries
 
     def _collect(self) -> dict[str, list[Entry]]:
-        from .build import Builder
-        from .checkpoint import Format, Scheme
-        from .strategy import Strategy
-
         bases = {"formats": Format, "schemes": Scheme, "strategies": Strategy, "builders": Builder}
         out: dict[str, list[Entry]] = {}
         for rec in self.records.values():
@@ -233,11 +260,11 @@ class PluginManager:
                             f"plugin {_plugin!r}; block one of them ({BLOCK_ENV}=<name>)",
                             plugin=_plugin,
                         )
-                    seen[obj.name] = Entry(obj, _plugin)
+                    seen[obj.name] = Entry(obj, _plugin, _kind)
                     if _plugin in self.records:
                         self.records[_plugin].provides.setdefault(_kind, []).append(obj.name)
 
-                self._invoke(plugin, impl.function, register=register)
+                self.invoke(plugin, impl.function, register=register)
             entries = list(seen.values())
             entries.sort(key=lambda e: -getattr(e.obj, "priority", 0))
             out[kind] = entries
@@ -269,44 +296,81 @@ class PluginManager:
                 return e
         return None
 
+    def strategy_entry(self, name: str) -> Entry:
+        """The registered strategy ``name``; an unknown name is a :class:`StrategyError` listing them."""
+        entry = self.get("strategies", name)
+        if entry is None:
+            names = ", ".join(e.name for e in self.strategies()) or "none"
+            raise StrategyError(f"unknown strategy {name!r}; registered strategies: {names}")
+        return entry
+
+    def strategy_classes(self) -> dict[str, type]:
+        """Registered strategy classes by name (what :class:`loaderkit.plugin.BuildContext` holds)."""
+        return {e.name: e.obj for e in self.strategies()}
+
     # -- calling plugin code ------------------------------------------------------------------
 
-    def _invoke(self, plugin: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    def invoke(self, plugin: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        """Call plugin code; any exception becomes an error naming ``plugin``."""
         try:
             return fn(*args, **kwargs)
         except LoaderKitError as exc:
-            if exc.plugin is None:
-                exc.plugin = plugin
-                if exc.args and isinstance(exc.args[0], str) and plugin not in exc.args[0]:
-                    exc.args = (f"plugin {plugin!r}: {exc.args[0]}", *exc.args[1:])
-            raise
+            raise exc.with_context(plugin=plugin)
         except Exception as exc:
             raise PluginError(
                 f"plugin {plugin!r} raised {type(exc).__name__} in {getattr(fn, '__qualname__', fn)}: {exc}",
                 plugin=plugin,
             ) from exc
 
-    def call(self, entry: Entry, fn: Callable, *args: Any, **kwargs: Any) -> Any:
-        """Call a registered object's method; any exception becomes an error naming the plugin."""
-        return self._invoke(entry.plugin, fn, *args, **kwargs)
+    def call(
+        self,
+        entry: Entry,
+        fn: Callable,
+        *args: Any,
+        returns: type | tuple[type, ...] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Call a registered object's method; any exception becomes an error naming the plugin.
 
-    def hook(self, name: str, **kwargs: Any) -> list[Any]:
-        """Call every implementation of hook ``name``; return the non-None results.
-
-        Exceptions are re-raised as :class:`PluginError` naming the plugin that raised.
-        For ``firstresult`` hooks the list holds at most one item.
+        :param returns: the type (or types) the result must have; anything else is a
+            :class:`PluginError` naming the plugin, the method and what it returned.
         """
+        result = self.invoke(entry.plugin, fn, *args, **kwargs)
+        if returns is not None:
+            _check_returns(entry.plugin, fn, result, returns, entry.label() if entry.kind else None)
+        return result
+
+    def _call_hook(self, name: str, returns, kwargs: dict[str, Any]) -> list[tuple[str, Any]]:
         caller = getattr(self.pm.hook, name)
         first = bool(caller.spec and caller.spec.opts.get("firstresult"))
         results = []
         for impl in reversed(caller.get_hookimpls()):
             args = {k: kwargs[k] for k in impl.argnames}
-            res = self._invoke(impl.plugin_name, impl.function, **args)
+            res = self.invoke(impl.plugin_name, impl.function, **args)
             if res is not None:
+                if returns is not None:
+                    _check_returns(impl.plugin_name, impl.function, res, returns)
                 results.append((impl.plugin_name, res))
                 if first:
                     break
         return results
+
+
+def _check_returns(
+    plugin: str, fn: Callable, result: Any, returns: type | tuple[type, ...], who: str | None = None
+) -> None:
+    if isinstance(result, returns):
+        return
+    kinds = [t for t in (returns if isinstance(returns, tuple) else (returns,)) if t is not type(None)]
+    want = " or ".join(
+        f"loaderkit.plugin.{t.__name__}" if t.__module__.startswith("loaderkit") else f"{t.__module__}.{t.__qualname__}"
+        for t in kinds
+    ) + (" or None" if len(kinds) < (len(returns) if isinstance(returns, tuple) else 1) else "")
+    raise PluginError(
+        f"{who or f'plugin {plugin!r}'} returned {type(result).__name__} from "
+        f"{getattr(fn, '__qualname__', fn)}, not {want}",
+        plugin=plugin,
+    )
 
 
 def _describe(plugin: Any) -> str:
@@ -320,7 +384,8 @@ def _check_contribution(obj: Any, base: type, kind: str, plugin: str) -> None:
     is_class = kind == "strategies"
     ok = (isinstance(obj, type) and issubclass(obj, base)) if is_class else isinstance(obj, base)
     if not ok:
-        want = f"a subclass of loaderkit.{base.__name__}" if is_class else f"an instance of loaderkit.{base.__name__}"
+        want = (f"a subclass of loaderkit.plugin.{base.__name__}" if is_class
+                else f"an instance of loaderkit.plugin.{base.__name__}")
         raise PluginError(
             f"plugin {plugin!r} registered {obj!r} as one of its {kind}, but it must be {want}",
             plugin=plugin,
@@ -348,6 +413,20 @@ def reset_manager() -> None:
     global _default
     with _default_lock:
         _default = None
+
+
+@contextlib.contextmanager
+def use_manager(manager: PluginManager | None) -> Iterator[PluginManager | None]:
+    """Make ``manager`` the process-wide manager inside the block (``None``: a fresh one is
+    discovered on first use), and restore the previous one after. For tests and hosts."""
+    global _default
+    with _default_lock:
+        saved, _default = _default, manager
+    try:
+        yield manager
+    finally:
+        with _default_lock:
+            _default = saved
 
 
 def register(plugin: Any, name: str | None = None) -> str:

@@ -1,4 +1,4 @@
-"""Stage 5: placement and offloading, through accelerate.
+"""Stage 5, place: placement and offloading, through accelerate.
 
 ``device_map`` is a device string (``"cpu"``, ``"cuda:0"``), one of accelerate's policies
 (``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``) or an explicit
@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from .errors import PlanError
-from .plan import Plan
+from ..contract.plan import Plan
+from ..errors import PlanError
 
 POLICIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -192,6 +192,12 @@ def partition(model: torch.nn.Module, device_map: dict) -> dict:
     """Rewrite a device map whose entries nest (``{"": "cpu", "blocks.1": "disk"}``) into the
     non-overlapping form accelerate dispatches: a nested entry's parent is replaced by its
     children (and its own tensors), each inheriting the parent's device unless mapped."""
+    # Example: {"": "cpu", "blocks.1": "disk"} -> pass 1 expands "" (it contains "blocks.1") into
+    # "patch_embed": cpu, "blocks": cpu, "head": cpu, ... ("blocks.1" stays, setdefault keeps it)
+    # -> pass 2 expands "blocks" (it contains "blocks.1") into "blocks.0": cpu, "blocks.2": cpu
+    # -> no key contains another: done. A module's own tensors (not in a child) become entries
+    # too, so nothing the parent held is lost. Each pass removes at least one nesting level, so
+    # the loop ends after at most the depth of the deepest mapped module.
     out = dict(device_map)
     while True:
         nested = [

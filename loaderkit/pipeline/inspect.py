@@ -1,19 +1,15 @@
-"""Stage 1: find the format plugin that claims a path and describe the checkpoint (headers only)."""
+"""Stage 1, inspect: find the format plugin that claims a path, read the config beside it, and let
+the schemes recognise its quantization — headers only."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from .checkpoint import CheckpointInfo, QuantizationInfo, read_json
-from .errors import (
-    CheckpointNotFoundError,
-    LoaderKitError,
-    PluginError,
-    UnsupportedCheckpointError,
-    name_checkpoint,
-)
-from .manager import PluginManager
+from ..contract.io import read_json
+from ..contract.records import CheckpointInfo, QuantizationInfo, freeze
+from ..errors import CheckpointNotFoundError, LoaderKitError, UnsupportedCheckpointError
+from .discover import PluginManager
 
 
 def describe(path: str | os.PathLike, manager: PluginManager, format: str | None = None) -> CheckpointInfo:
@@ -30,34 +26,20 @@ def describe(path: str | os.PathLike, manager: PluginManager, format: str | None
         )
     p = p.absolute()
     entry = _claim(p, manager, format)
-    info = manager.call(entry, entry.obj.describe, p)
-    if not isinstance(info, CheckpointInfo):
-        raise PluginError(
-            f"format {entry.name!r} of plugin {entry.plugin!r} described {p} as "
-            f"{type(info).__name__}, not a loaderkit.CheckpointInfo",
-            plugin=entry.plugin,
-        )
+    info = manager.call(entry, entry.obj.describe, p, returns=CheckpointInfo)
     if info.config is None:
         cfg = Path(info.root) / "config.json"
         if cfg.is_file():
             config = read_json(cfg, "config")
             if isinstance(config, dict):
-                info = info.model_copy(update={"config": config})
+                info = info.model_copy(update={"config": freeze(config)})
     for scheme in manager.schemes():
         try:
-            q = manager.call(scheme, scheme.obj.detect, info)
+            q = manager.call(scheme, scheme.obj.detect, info, returns=(QuantizationInfo, type(None)))
         except LoaderKitError as exc:
-            raise name_checkpoint(exc, info.path, scheme.plugin)
-        if q is None:
-            continue
-        if not isinstance(q, QuantizationInfo):
-            raise PluginError(
-                f"scheme {scheme.name!r} of plugin {scheme.plugin!r} returned {type(q).__name__}, "
-                "not a loaderkit.QuantizationInfo",
-                plugin=scheme.plugin,
-            )
-        info = info.model_copy(update={"quantization": q})
-        break
+            raise exc.with_context(path=info.path, plugin=scheme.plugin)
+        if q is not None:
+            return info.model_copy(update={"quantization": q})
     return info
 
 

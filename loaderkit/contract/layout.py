@@ -1,0 +1,89 @@
+"""The one home of fp8 layout rules: granularities, block shapes and the scale shapes they imply.
+
+Schemes (reading), strategies and the negotiator (planning), the codec and the runtime
+(decoding) and ``convert`` (writing) all ask these functions, so a scale shape is judged the
+same way everywhere. Shapes only: no tensor is touched here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+#: every scale granularity (``"none"``: unscaled fp8).
+GRANULARITIES: tuple[str, ...] = ("none", "tensor", "channel", "block")
+#: the block shape of block-scaled fp8 when a writer or a config does not say (DeepSeek-V3,
+#: transformers FineGrainedFP8 and llm-compressor FP8_BLOCK all use it).
+DEFAULT_BLOCK: tuple[int, int] = (128, 128)
+#: a scale layout: (granularity, block shape or None).
+Layout = tuple[str, "tuple[int, int] | None"]
+TENSOR: Layout = ("tensor", None)
+CHANNEL: Layout = ("channel", None)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def block_grid(shape: Sequence[int], block: Sequence[int]) -> tuple[int, ...]:
+    """The scale grid of a block-scaled weight: leading dims, then ``ceil(N/b0), ceil(K/b1)``."""
+    ws = tuple(shape)
+    return ws[:-2] + (ceil_div(ws[-2], block[0]), ceil_div(ws[-1], block[1]))
+
+
+def expected_scale_shapes(weight_shape: Sequence[int], layout: Layout) -> list[tuple[int, ...]]:
+    """The scale shapes a stored weight of ``weight_shape`` may have under ``layout`` (empty: none).
+
+    Per tensor: ``[]`` or all-ones; per channel: ``[..., N, 1]`` or ``[..., N]``; per block: the
+    ceil-division grid over the last two dimensions.
+    """
+    gran, block = layout
+    ws = tuple(weight_shape)
+    if gran == "tensor":
+        return [(), (1,)] + [(1,) * n for n in range(2, max(len(ws), 1) + 1)]
+    if gran == "channel" and len(ws) >= 2:
+        return [ws[:-1] + (1,), ws[:-1]]
+    if gran == "block" and len(ws) >= 2 and block is not None:
+        return [block_grid(ws, block)]
+    return []
+
+
+def describe_layout(layout: Layout) -> str:
+    gran, block = layout
+    return f"block {block[0]}x{block[1]}" if gran == "block" and block else gran
+
+
+def scale_fits(shape: Sequence[int], scale_shape: Sequence[int], granularity: str, block: Sequence[int] | None) -> bool:
+    """Whether an in-memory float32 scale of ``scale_shape`` decodes a tensor of ``shape``.
+
+    What the runtime accepts: one value for any granularity but ``"block"``; ``N`` values (any
+    shape) per output channel; exactly the ceil-division grid of a 2-D weight per block.
+    """
+    numel = math.prod(scale_shape)
+    if granularity == "block":
+        return block is not None and len(shape) == 2 and tuple(scale_shape) == block_grid(shape, block)
+    return numel == 1 or (granularity == "channel" and bool(shape) and numel == shape[0])
+
+
+def scale_numel(shape: Sequence[int], granularity: str | None, block: Sequence[int] | None = None) -> int:
+    """How many scale values quantizing a tensor of ``shape`` on load produces (0: unscaled)."""
+    if granularity in (None, "none"):
+        return 0
+    if granularity == "tensor" or not shape:
+        return 1
+    if granularity == "channel":
+        return shape[0] if len(shape) >= 2 else 1
+    b = tuple(block or DEFAULT_BLOCK)
+    k = math.prod(shape[1:]) if len(shape) > 1 else 1
+    return ceil_div(shape[0], b[0]) * ceil_div(k, b[1])
+
+
+def block_problem(shape: Sequence[int], granularity: str, block: Sequence[int] | None) -> str:
+    """Why a tensor of ``shape`` cannot be quantized with this granularity on load ('' if it can)."""
+    if granularity != "block":
+        return ""
+    if len(shape) != 2:
+        return f"block scales need a 2-D weight; this one has shape {list(shape)}"
+    if block is None or len(block) != 2 or min(block) < 1:
+        return f"block shape {block!r} is not two positive integers"
+    return ""

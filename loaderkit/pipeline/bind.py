@@ -1,0 +1,64 @@
+"""Stage 6, bind: attach the runtime the plan prescribes, and remember which plan a model has.
+
+Cast rules are bound from the plan alone — each module's compute dtype, the tensors it stores in
+another dtype, their scale buffers, granularities and block shapes, whether the kernel is native
+— never re-derived from the checkpoint or the device.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from ..contract.dtypes import to_torch
+from ..contract.plan import Plan
+
+_plans: "weakref.WeakKeyDictionary[torch.nn.Module, Plan]" = weakref.WeakKeyDictionary()
+
+
+def bind_runtime(model: torch.nn.Module, plan: Plan, cast_inputs: bool) -> None:
+    """Attach a cast rule to every module the plan marks ``cast``, an input cast to modules
+    computing in another dtype than the model's entry, and (``cast_inputs``) one at the root."""
+    from .. import runtime  # accelerate's hooks: imported on first load, not by `import loaderkit`
+
+    named = dict(model.named_modules())
+    for m in plan.modules.values():
+        if not m.cast:
+            continue
+        scales = {}
+        for local in m.storage:
+            tp = plan.tensors[f"{m.name}.{local}" if m.name else local]
+            if tp.scale is not None:
+                scales[local] = (tp.scale, tp.granularity, tp.block)
+        runtime.attach_cast(
+            named[m.name],
+            to_torch(m.compute_dtype),
+            scales=scales or None,
+            resident=m.resident,
+            native=m.kernel == "native",
+            name=m.name,
+            device=plan.device,
+        )
+    entry = plan.entry_dtype()
+    for m in plan.modules.values():
+        if m.compute_dtype != entry and m.name and _computes(named[m.name]):
+            # e.g. a module the library keeps in float32 inside a bf16 model: its kernel must
+            # receive float32 activations (its output is left as it is)
+            runtime.attach_input_cast(named[m.name], to_torch(m.compute_dtype))
+    if cast_inputs:
+        runtime.attach_input_cast(model, to_torch(entry))
+
+
+def _computes(module: torch.nn.Module) -> bool:
+    return any(p.is_floating_point() for p in module.parameters(recurse=False))
+
+
+def remember(model: torch.nn.Module, plan: Plan) -> None:
+    """Record that ``model`` was loaded by ``plan`` (what :func:`plan_of` answers)."""
+    _plans[model] = plan
+
+
+def plan_of(model: torch.nn.Module) -> Plan | None:
+    """The plan a model was loaded with by :func:`loaderkit.load`, or ``None``."""
+    return _plans.get(model)

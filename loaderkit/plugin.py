@@ -1,0 +1,134 @@
+"""Everything a plugin author needs, in one namespace.
+
+::
+
+    from loaderkit.plugin import Strategy, ModuleDecision, hookimpl
+
+    class Half(Strategy):
+        name = "half"
+
+        def decide(self, module, state):
+            return ModuleDecision(compute="float16")
+
+    @hookimpl
+    def loaderkit_register_strategies(register):
+        register(Half)
+
+The records and base classes come from :mod:`loaderkit.contract` (which imports nothing from the
+pipeline); :func:`meta_init` and the plugin manager come from the pipeline's discovery and build
+stages. End users need only the top-level :mod:`loaderkit` names.
+"""
+
+from __future__ import annotations
+
+from .contract.bases import (
+    BuildContext,
+    Builder,
+    Format,
+    Kernel,
+    ModelContext,
+    ModuleContext,
+    ModuleDecision,
+    Scheme,
+    Strategy,
+    StrategyOptions,
+    TensorReader,
+)
+from .contract.dtypes import FP8_NAMES, SAFETENSORS_DTYPES, dtype_name, is_float, is_fp8, to_torch
+from .contract.env import env_flag
+from .contract.hookspecs import hookimpl, hookspec
+from .contract.io import read_json
+from .contract.layout import (
+    CHANNEL,
+    DEFAULT_BLOCK,
+    GRANULARITIES,
+    TENSOR,
+    Layout,
+    block_grid,
+    describe_layout,
+    expected_scale_shapes,
+    scale_fits,
+)
+from .contract.modules import KERNEL_LAYERS, STRICT_KERNELS, module_kind, read_by_parent
+from .contract.plan import Conversion, Decision, ModulePlan, Plan, TensorPlan
+from .contract.records import (
+    BuildRequest,
+    CheckpointInfo,
+    DeviceCaps,
+    Frozen,
+    FrozenDict,
+    FrozenList,
+    Granularity,
+    ModelFacts,
+    QuantizationInfo,
+    QuantizedWeight,
+    ScaleEncoding,
+    TensorInfo,
+    freeze,
+    thaw,
+)
+from .errors import *  # noqa: F403 - every error class, for plugins to raise
+from .errors import __all__ as _errors
+from .pipeline.build import meta_init
+from .pipeline.discover import PluginManager, get_manager, use_manager
+
+__all__ = [
+    "BuildContext",
+    "BuildRequest",
+    "Builder",
+    "CHANNEL",
+    "CheckpointInfo",
+    "Conversion",
+    "DEFAULT_BLOCK",
+    "Decision",
+    "DeviceCaps",
+    "FP8_NAMES",
+    "Format",
+    "Frozen",
+    "FrozenDict",
+    "FrozenList",
+    "GRANULARITIES",
+    "Granularity",
+    "KERNEL_LAYERS",
+    "Kernel",
+    "Layout",
+    "ModelContext",
+    "ModelFacts",
+    "ModuleContext",
+    "ModuleDecision",
+    "ModulePlan",
+    "Plan",
+    "PluginManager",
+    "QuantizationInfo",
+    "QuantizedWeight",
+    "SAFETENSORS_DTYPES",
+    "STRICT_KERNELS",
+    "ScaleEncoding",
+    "Scheme",
+    "Strategy",
+    "StrategyOptions",
+    "TENSOR",
+    "TensorInfo",
+    "TensorPlan",
+    "TensorReader",
+    "block_grid",
+    "describe_layout",
+    "dtype_name",
+    "env_flag",
+    "expected_scale_shapes",
+    "freeze",
+    "get_manager",
+    "hookimpl",
+    "hookspec",
+    "is_float",
+    "is_fp8",
+    "meta_init",
+    "module_kind",
+    "read_by_parent",
+    "read_json",
+    "scale_fits",
+    "thaw",
+    "to_torch",
+    "use_manager",
+    *_errors,
+]
