@@ -13,7 +13,7 @@ Plugin authors import what they need from :mod:`loaderkit.plugin`; every error c
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__
 
 from . import plugin  # the plugin authors' namespace, reachable as loaderkit.plugin
 from .contract.hookspecs import hookimpl

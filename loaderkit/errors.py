@@ -61,7 +61,7 @@ class LoaderKitError(Exception):
 
     def __str__(self) -> str:
         msg = self.message
-        if self.module and self.module not in msg:
+        if self.module and f"'{self.module}'" not in msg and f"'{self.module}." not in msg:
             msg = f"module {self.module!r}: {msg}"
         if self.path is not None and self.path not in msg:
             msg = f"{self.path}: {msg}"

@@ -134,7 +134,7 @@ class PluginManager:
     # -- discovery ----------------------------------------------------------------------------
 
     def _load_builtins(self) -> None:
-        from .. import __version__
+        from ..version import __version__
 
         for name, modname in BUILTIN_PLUGINS.items():
             if self.pm.is_blocked(name):
