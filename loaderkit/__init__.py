@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from .version import __version__
 
-from . import plugin  # the plugin authors' namespace, reachable as loaderkit.plugin
+from . import plugin as plugin  # the plugin authors' namespace, reachable as loaderkit.plugin
 from .contract.hookspecs import hookimpl
 from .contract.plan import Plan
 from .errors import (

@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--device", default="cpu", help="execution device (default: cpu)")
     s.add_argument("--format", help="force a format plugin by name")
+    s.add_argument("--layout", metavar="NAME",
+                   help="plan for writing this fp8 layout (what `loaderkit convert` writes), e.g. comfy-mixed")
     s.add_argument("--all", action="store_true", help="one row per module instead of grouping alike ones")
     s.add_argument("--non-strict", action="store_true", help="ignore unexpected checkpoint keys")
     s.add_argument("--json", action="store_true", help="print JSON")
@@ -59,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--scheme", choices=("per-channel", "per-tensor", "block"),
                    help="fp8 scales (default: per-channel for transformers models, per-tensor otherwise)")
+    s.add_argument("--layout", metavar="NAME",
+                   help="fp8 layout to write: compressed-tensors, comfy-mixed or a plugin's (default: the "
+                   "first that accepts SRC)")
     s.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="largest shard of a directory output, e.g. 2GB = 2e9 bytes (default: 5GB)")
     s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
@@ -139,7 +144,7 @@ def cmd_plan(args) -> int:
     strat = strategy(args.strategy, **_options(args.option)) if args.option else args.strategy
     model = _import_model(args.model) if args.model else None
     p = plan(args.path, strat, model=model, device_map=args.device, format=args.format,
-             strict=not args.non_strict)
+             strict=not args.non_strict, layout=args.layout)
     if args.json:
         print(json.dumps(p.to_dict(), indent=2, default=str))
     else:
@@ -176,7 +181,7 @@ def cmd_convert(args) -> int:
 
         strat = strategy(args.strategy, **_options(args.option))
     model = _import_model(args.model) if args.model else None
-    dst = convert(args.src, args.dst, strat, scheme=args.scheme, max_shard_size=args.max_shard_size,
+    dst = convert(args.src, args.dst, strat, scheme=args.scheme, layout=args.layout, max_shard_size=args.max_shard_size,
                   overwrite=args.overwrite, model=model, progress=False if args.no_progress else None)
     info = inspect(dst)
     q = info.quantization

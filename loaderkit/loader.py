@@ -42,6 +42,7 @@ class LoadRequest:
     format: str | None = None
     cast_inputs: bool = True
     progress: bool | None = None
+    layout: str | None = None
 
     def placement(self) -> place.Placement:
         return place.normalise(
@@ -65,7 +66,9 @@ class Prepared:
 def prepare(request: LoadRequest, mgr: PluginManager) -> Prepared:
     """Stages 1-5: describe, build, negotiate and place (headers and config only)."""
     placement = request.placement()
-    strat, entry = negotiate.resolve_strategy(request.strategy, mgr)
+    layout = None if request.layout is None else mgr.layout(request.layout).encoder
+    arg = request.strategy if layout is None else negotiate.with_granularity(request.strategy, layout.granularities[0], mgr)
+    strat, entry = negotiate.resolve_strategy(arg, mgr)
     checkpoint = describe(request.path, mgr, request.format)
     caps = negotiate.device_caps(placement.main_device, mgr)
     dtype = negotiate.build_dtype(strat, entry, negotiate.build_context(checkpoint, caps, mgr), mgr)
@@ -73,7 +76,7 @@ def prepare(request: LoadRequest, mgr: PluginManager) -> Prepared:
     facts = build.collect_facts(skeleton, mgr)
     plan_ = negotiate.negotiate(
         checkpoint=checkpoint, model=skeleton, facts=facts, strategy=strat, strategy_entry=entry,
-        device=caps, builder=builder, manager=mgr, strict=request.strict,
+        device=caps, builder=builder, manager=mgr, strict=request.strict, layout=layout,
     )
     plan_ = place.place(skeleton, plan_, placement, facts.no_split)
     mgr.hook.loaderkit_plan_ready(plan=plan_)
@@ -191,16 +194,20 @@ def plan(
     no_split_module_classes: list[str] | None = None,
     strict: bool = True,
     format: str | None = None,
+    layout: str | None = None,
     manager: PluginManager | None = None,
 ) -> Plan:
     """Negotiate the plan for loading ``path``, from headers and config alone (no tensor data).
 
     Takes the same arguments as :func:`load`; ``print(plan)`` shows it readably. Nothing is
     read, allocated or written (the offload folder is only checked for writability).
+
+    :param layout: plan for writing this fp8 layout (``"compressed-tensors"``, ``"comfy-mixed"``,
+        or a plugin's) instead of for loading: the plan :func:`convert` executes.
     """
     request = LoadRequest(
         path, strategy, model, device_map, max_memory, offload_folder, offload_buffers,
-        no_split_module_classes, strict, format,
+        no_split_module_classes, strict, format, layout=layout,
     )
     return prepare(request, manager or get_manager()).plan
 

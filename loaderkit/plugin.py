@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from .contract.bases import (
     BuildContext,
+    EncodedTensor,
+    Encoder,
     Builder,
     Format,
     Kernel,
@@ -33,6 +35,7 @@ from .contract.bases import (
     Strategy,
     StrategyOptions,
     TensorReader,
+    shard_names,
 )
 from .contract.dtypes import FP8_NAMES, SAFETENSORS_DTYPES, dtype_name, is_float, is_fp8, to_torch
 from .contract.env import env_flag
@@ -84,6 +87,8 @@ __all__ = [
     "DeviceCaps",
     "FP8_NAMES",
     "Format",
+    "EncodedTensor",
+    "Encoder",
     "Frozen",
     "FrozenDict",
     "FrozenList",
@@ -127,6 +132,7 @@ __all__ = [
     "read_by_parent",
     "read_json",
     "scale_fits",
+    "shard_names",
     "thaw",
     "to_torch",
     "use_manager",

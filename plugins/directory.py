@@ -89,3 +89,13 @@ def checkpoint_file(path: Path, fmt: str) -> Path:
     if picked is None or picked[0] != fmt:
         raise UnsupportedCheckpointError(f"directory {path} holds no {WANTS[fmt]}", path=path)
     return picked[1]
+
+
+def output_names(checkpoint, count: int) -> tuple[tuple[str, ...], str | None]:
+    """File names for a safetensors copy of ``checkpoint`` in ``count`` shards, named the way
+    its own files are: ``diffusion_pytorch_model*`` for a diffusers checkpoint, else ``model*``
+    (what transformers reads; ``pytorch_model.bin`` becomes ``model.safetensors``)."""
+    from loaderkit.plugin import shard_names
+
+    diffusers = any(Path(f).name.startswith("diffusion_pytorch_model") for f in checkpoint.files)
+    return shard_names("diffusion_pytorch_model" if diffusers else "model", count)

@@ -62,7 +62,10 @@ class FP8Options(StrategyOptions):
 
     :ivar storage_dtype: ``float8_e4m3fn`` (default) or ``float8_e5m2``, for weights quantized on load.
     :ivar compute_dtype: ``bfloat16`` (default), ``float16`` or ``float32``.
-    :ivar granularity: scale granularity when quantizing a high-precision checkpoint.
+    :ivar granularity: scale granularity when quantizing a high-precision checkpoint:
+        ``"channel"`` (default), ``"tensor"``, ``"block"`` (2-D weights; others per channel) or
+        ``"none"`` (unscaled).
+    :ivar block: the block shape for ``"block"`` (default 128x128).
     :ivar skip: extra module-name regexes kept in the compute dtype.
     :ivar skip_types: extra module class names kept in the compute dtype.
     :ivar default_skips: apply :data:`DEFAULT_SKIP` (default on).
@@ -74,7 +77,8 @@ class FP8Options(StrategyOptions):
 
     storage_dtype: str = "float8_e4m3fn"
     compute_dtype: str = "bfloat16"
-    granularity: Literal["channel", "tensor", "none"] = "channel"
+    granularity: Literal["channel", "tensor", "block", "none"] = "channel"
+    block: tuple[int, int] | None = None
     skip: tuple[str, ...] = ()
     skip_types: tuple[str, ...] = ()
     default_skips: bool = True
@@ -184,10 +188,16 @@ class FP8(Strategy):
             else:
                 reason = skipped
         native = state.native and module.kind == "linear" and "weight" in storage
+        granularity = o.granularity
+        if granularity == "block" and (weight is None or len(weight.shape) != 2):
+            granularity = "channel"  # block scales cover 2-D weights; a conv's go per channel
+            if "weight" in storage:
+                reason += " (per channel: block scales need a 2-D weight)"
         return ModuleDecision(
             compute=compute,
             storage=storage,
-            granularity=o.granularity,
+            granularity=granularity,
+            block=o.block,
             kernel="native" if native else "cast",
             resident=o.resident,
             reason=reason,

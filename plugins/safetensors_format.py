@@ -22,7 +22,7 @@ from loaderkit.plugin import CheckpointInfo, dtype_name, Format, hookimpl, Tenso
 from loaderkit.errors import CheckpointError, CorruptCheckpointError
 
 from ._st_header import gc_paused, looks_like_safetensors, read_header
-from .directory import checkpoint_file, claims_directory
+from .directory import checkpoint_file, claims_directory, output_names
 
 
 class ClosingReader(TensorReader):
@@ -190,6 +190,11 @@ class SafetensorsFormat(Format):
     def open(self, checkpoint: CheckpointInfo) -> SafetensorsReader:
         """A reader serving lazy, zero-copy CPU tensors; close it (or use ``with``) when done."""
         return SafetensorsReader(checkpoint)
+
+
+    def output_names(self, checkpoint: CheckpointInfo, count: int) -> tuple[tuple[str, ...], str | None]:
+        """Named as the checkpoint's own files are (see :func:`.directory.output_names`)."""
+        return output_names(checkpoint, count)
 
 
 @hookimpl

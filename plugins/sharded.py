@@ -34,7 +34,7 @@ from loaderkit.errors import (
 
 from . import torchzip
 from ._st_header import MAX_HEADER_BYTES, gc_paused, loads_strict, read_header
-from .directory import INDEX_RE, checkpoint_file, claims_directory
+from .directory import INDEX_RE, checkpoint_file, claims_directory, output_names
 from .safetensors_format import ClosingReader, SafetensorsReader
 
 _FIX = "the index is corrupt; download or save the checkpoint again"
@@ -231,6 +231,11 @@ class ShardedFormat(Format):
     def open(self, checkpoint: CheckpointInfo) -> ShardedReader:
         """A reader over all shards; close it (or use ``with``) when done."""
         return ShardedReader(checkpoint)
+
+
+    def output_names(self, checkpoint: CheckpointInfo, count: int) -> tuple[tuple[str, ...], str | None]:
+        """Named as the checkpoint's own files are (see :func:`.directory.output_names`)."""
+        return output_names(checkpoint, count)
 
 
 @hookimpl

@@ -32,7 +32,7 @@ from loaderkit.plugin import CheckpointInfo, dtype_name, Format, hookimpl, Tenso
 from loaderkit.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError, UnsupportedCheckpointError
 
 from ._st_header import looks_like_safetensors
-from .directory import checkpoint_file, claims_directory
+from .directory import checkpoint_file, claims_directory, output_names
 from .safetensors_format import ClosingReader, check_tensor
 
 SUFFIXES = (".bin", ".pt", ".pth")
@@ -260,6 +260,11 @@ class TorchZipFormat(Format):
     def open(self, checkpoint: CheckpointInfo) -> TorchReader:
         """A reader serving memory-mapped CPU tensors; close it (or use ``with``) when done."""
         return TorchReader(checkpoint)
+
+
+    def output_names(self, checkpoint: CheckpointInfo, count: int) -> tuple[tuple[str, ...], str | None]:
+        """Named as the checkpoint's own files are (see :func:`.directory.output_names`)."""
+        return output_names(checkpoint, count)
 
 
 @hookimpl

@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from ..errors import StrategyError
-from .dtypes import dtype_name
+from .dtypes import dtype_name, to_torch
 from .modules import ModuleKind
 from .records import (
     BuildRequest,
@@ -97,6 +97,23 @@ class Format(abc.ABC):
     def open(self, checkpoint: CheckpointInfo) -> TensorReader:
         """Open the checkpoint for streaming; the caller closes the returned reader."""
 
+    def output_names(self, checkpoint: CheckpointInfo, count: int) -> tuple[tuple[str, ...], str | None]:
+        """The safetensors file names (and index name, for ``count > 1``) ``convert`` gives a
+        directory copy of ``checkpoint`` in ``count`` shards. Default: ``model.safetensors`` /
+        ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``; a format whose
+        files are named by a library's convention answers with that convention."""
+        return shard_names("model", count)
+
+
+def shard_names(stem: str, count: int) -> tuple[tuple[str, ...], str | None]:
+    """``stem.safetensors``, or ``count`` shards named as huggingface_hub names them, with an index."""
+    if count == 1:
+        return (f"{stem}.safetensors",), None
+    return (
+        tuple(f"{stem}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)),
+        f"{stem}.safetensors.index.json",
+    )
+
 
 class Scheme(abc.ABC):
     """Base class of quantization-scheme plugins (how quantized weights are encoded).
@@ -121,6 +138,16 @@ class Scheme(abc.ABC):
     ) -> torch.Tensor:
         """Decode ``weight`` to ``dtype``; ``tensors`` holds its companion tensors (scales) by key."""
 
+    def encoder(self) -> "Encoder | None":
+        """The writer of this scheme's on-disk layout, for ``convert`` (default: none — the
+        scheme reads its layout but cannot write it)."""
+        return None
+
+    def dequantized_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """``config.json`` of a dequantized copy of a checkpoint this scheme described: the
+        scheme's own quantization entries removed. Default: unchanged."""
+        return config
+
     def decode_scale(self, q: QuantizedWeight, scale: torch.Tensor) -> torch.Tensor:
         """The stored scale of a weight kept as stored, as float32 multipliers (same shape).
 
@@ -130,6 +157,61 @@ class Scheme(abc.ABC):
         if q.scale_encoding == "ue8m0" and scale.dtype == torch.uint8:
             return torch.exp2(scale.to(torch.float32) - 127.0)
         return scale.to(torch.float32)
+
+
+class EncodedTensor(Frozen):
+    """One tensor an :class:`Encoder` writes: its name, dtype name and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = to_torch(self.dtype).itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class Encoder(abc.ABC):
+    """Writes one quantized on-disk layout (what ``convert`` produces), beside the
+    :class:`Scheme` that reads it back (returned by :meth:`Scheme.encoder`).
+
+    ``convert`` negotiates its plan *for* the encoder: a tensor the layout cannot hold in fp8
+    (:meth:`holds`) is planned in its compute dtype, with the reason recorded, so ``loaderkit
+    plan`` with the same layout shows exactly what ``convert`` writes. Then every tensor the
+    plan quantizes becomes :meth:`outputs`, filled by :meth:`encode`.
+    """
+
+    #: the layout's name (``convert(..., layout=...)``).
+    name: ClassVar[str] = ""
+    #: the scale granularities the layout can express, the default first.
+    granularities: ClassVar[tuple[str, ...]] = ("tensor",)
+
+    @abc.abstractmethod
+    def accepts(self, checkpoint: CheckpointInfo) -> bool:
+        """Whether this is the natural layout for a copy of ``checkpoint`` (its config tells)."""
+
+    @abc.abstractmethod
+    def holds(self, module: ModuleContext, tensor: str, dtype: str) -> str:
+        """``""`` if the layout can store ``module``'s ``tensor`` in the fp8 ``dtype``; else why not."""
+
+    def check(self, plan: Any) -> None:
+        """Refuse (raise :class:`loaderkit.ConvertError`) a plan the layout cannot write whole."""
+
+    @abc.abstractmethod
+    def outputs(self, tensor: Any, module: Any) -> tuple[EncodedTensor, ...]:
+        """The tensors written for one quantized :class:`~loaderkit.plugin.TensorPlan` of the
+        :class:`~loaderkit.plugin.ModulePlan` ``module``; the weight itself first."""
+
+    @abc.abstractmethod
+    def encode(self, tensor: Any, module: Any, q: torch.Tensor, scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The :meth:`outputs` filled from the quantized weight ``q`` and its float32 ``scale``."""
+
+    @abc.abstractmethod
+    def edit_config(self, config: dict[str, Any], plan: Any) -> dict[str, Any]:
+        """``config.json`` for the copy (a plain dict), describing the layout to its readers."""
 
 
 # -- builders ------------------------------------------------------------------------------------

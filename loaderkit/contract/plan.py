@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from .bases import Kernel
+from .modules import ModuleKind
 from .records import CheckpointInfo, DeviceCaps, Frozen, Granularity, ReadOnly, ScaleEncoding, thaw
 
 #: how a tensor is filled from its checkpoint tensor.
@@ -62,6 +63,8 @@ class ModulePlan(Frozen):
 
     :ivar name: qualified module name.
     :ivar type: class name.
+    :ivar kind: what kind of module it is (``"linear"``, ``"conv"``, ``"embedding"``, ``"norm"``,
+        ``"other"``), as strategies saw it.
     :ivar compute_dtype: dtype its kernel runs in.
     :ivar storage: local tensor name -> dtype in memory.
     :ivar cast: a runtime cast rule hands its kernel the tensors in ``compute_dtype``.
@@ -79,6 +82,7 @@ class ModulePlan(Frozen):
 
     name: str
     type: str
+    kind: ModuleKind = "other"
     compute_dtype: str
     storage: ReadOnly[dict[str, str]]
     cast: bool = False

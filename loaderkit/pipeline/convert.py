@@ -3,15 +3,16 @@
 The conversion *is* a load plan executed into files instead of into a model: the checkpoint is
 described, a plan is negotiated with the strategy (skips, ``keep_fp32`` modules and library
 declarations all apply), and every planned tensor is read, converted with the loader's own
-kernels and written, one tensor at a time. What comes out:
+kernels and written, one tensor at a time. ``convert`` knows no file family itself:
 
-* fp8 storage from a transformers directory (``config.json`` with ``architectures`` or
-  ``model_type``): compressed-tensors ``float-quantized`` (what llm-compressor writes and vLLM and
-  transformers read), with a matching ``quantization_config`` in ``config.json``;
-* fp8 storage from anything else (a config-less single file, a diffusers directory): ComfyUI's
-  mixed-precision layout (``<m>.weight`` fp8, ``<m>.weight_scale`` float32, ``<m>.comfy_quant``);
-* any strategy without fp8 storage: plain tensors in the planned dtypes; an fp8 checkpoint is
-  dequantized (scales and markers dropped, ``quantization_config`` removed).
+* fp8 storage is written by a *layout* — the :class:`~loaderkit.plugin.Encoder` of a registered
+  scheme (the built-ins: compressed-tensors ``float-quantized`` for a transformers directory,
+  ComfyUI's mixed-precision layout for anything else). The plan is negotiated *for* that layout:
+  what it cannot hold in fp8 is planned in the compute dtype, recorded in the plan, so
+  ``loaderkit.plan(..., layout=...)`` shows exactly what ``convert`` writes;
+* any strategy without fp8 storage writes plain tensors in the planned dtypes; an fp8
+  checkpoint is dequantized, and every scheme drops its own entries from the ``config.json``;
+* file names come from the source's format (:meth:`~loaderkit.plugin.Format.output_names`).
 
 Files are safetensors written incrementally: every shard's header is computed from the plan
 before any data is read, and each converted tensor's bytes go straight to their offset. Output
@@ -22,7 +23,6 @@ reader, and is renamed into place at the end; on any failure nothing is left at 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -34,36 +34,23 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..contract.bases import Strategy
-from ..contract.dtypes import is_fp8, to_torch
-from ..contract.layout import DEFAULT_BLOCK
+from ..contract.bases import EncodedTensor, Strategy, shard_names
+from ..contract.dtypes import is_fp8
 from ..contract.plan import Plan, TensorPlan
-from ..contract.records import CheckpointInfo
+from ..contract.records import CheckpointInfo, thaw
 from ..errors import CheckpointNotFoundError, ConvertError, LoaderKitError
 from .build import infer_model
-from .discover import PluginManager, get_manager
-from .files import Item, ShardWriter, cleanup, make_parents, move_into_place, temp_dir
+from .discover import Layout, PluginManager, get_manager
+from .negotiate import with_granularity
+from .files import ShardWriter, cleanup, make_parents, move_into_place, temp_dir
 from .stream import RecyclingSource
 
 #: ``scheme=`` values -> scale granularity.
 SCHEMES = {"per-channel": "channel", "per-tensor": "tensor", "block": "block",
            "channel": "channel", "tensor": "tensor"}
-#: block shape of ``scheme="block"`` (DeepSeek-V3 / FP8_BLOCK).
-BLOCK = DEFAULT_BLOCK
 #: files beside the weights copied with them (configs, tokenizers, chat templates, model code).
 SIDE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".py")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*$", re.IGNORECASE)
-CT, COMFY, PLAIN = "compressed-tensors", "comfy-mixed", "plain"
-_EXPECTED_SCHEME = {CT: "compressed-tensors-fp8", COMFY: "comfy-mixed", PLAIN: None}
-
-
-def _kernels():
-    """The conversion kernels (``quantize``) the loader itself uses."""
-    from ..kernels import quant
-
-    return quant
-
-
 def parse_size(size: int | str) -> int:
     """Bytes from ``2_000_000_000``, ``"2GB"`` (decimal, as huggingface_hub) or ``"2GiB"``."""
     if isinstance(size, int) and size > 0:
@@ -85,9 +72,8 @@ class Unit:
     and marker). ``tp`` is ``None`` for keys copied as stored."""
 
     source: str
-    items: list[Item]
+    items: list[EncodedTensor]
     tp: TensorPlan | None = None
-    granularity: str | None = None  # set when quantized here
 
 
 @dataclass
@@ -97,7 +83,7 @@ class Job:
     src: Path
     dst: Path
     plan: Plan
-    layout: str
+    layout: "Layout | None"
     units: list[Unit]
     shards: list[list[Unit]]
     shard_names: list[str]
@@ -121,6 +107,7 @@ def convert(
     strategy: str | Strategy = "fp8",
     *,
     scheme: str | None = None,
+    layout: str | None = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     model: nn.Module | Callable[[], nn.Module] | None = None,
@@ -135,6 +122,8 @@ def convert(
     :param scheme: fp8 scales: ``"per-channel"`` (default for compressed-tensors),
         ``"per-tensor"`` (default, and the only choice, for the ComfyUI layout) or ``"block"``
         (128x128 blocks, compressed-tensors only).
+    :param layout: the fp8 layout to write, by name (``"compressed-tensors"``, ``"comfy-mixed"``
+        or a plugin's); default: the first registered layout that accepts the checkpoint.
     :param max_shard_size: a directory output is split into shards of at most this size
         (``"5GB"`` = 5e9 bytes); a ``dst`` ending in ``.safetensors`` is always one file.
     :param overwrite: replace an existing ``dst`` (atomically, once the new copy is complete).
@@ -149,7 +138,7 @@ def convert(
     src_p, dst_p = Path(src).expanduser().absolute(), Path(dst).expanduser().absolute()
     _check_paths(src_p, dst_p, overwrite)
     try:
-        job = make_job(src_p, dst_p, strategy, scheme, parse_size(max_shard_size), model, mgr)
+        job = make_job(src_p, dst_p, strategy, scheme, parse_size(max_shard_size), model, mgr, layout)
     except LoaderKitError:
         raise
     except OSError as exc:
@@ -206,8 +195,19 @@ def _existing_parent(p: Path) -> Path:
 # -- planning ----------------------------------------------------------------------------------
 
 
+def find_layout(mgr: PluginManager, checkpoint: CheckpointInfo, name: str | None) -> Layout | None:
+    """The layout called ``name``, or the first registered one that accepts ``checkpoint``."""
+    if name is not None:
+        return mgr.layout(name)
+    for lay in mgr.layouts():
+        if mgr.call(lay.scheme, lay.encoder.accepts, checkpoint):
+            return lay
+    return None
+
+
 def make_job(
-    src: Path, dst: Path, strategy, scheme: str | None, max_bytes: int, model, mgr: PluginManager
+    src: Path, dst: Path, strategy, scheme: str | None, max_bytes: int, model, mgr: PluginManager,
+    layout_name: str | None = None,
 ) -> Job:
     """Describe and plan the conversion (headers only): the units, shards and side files."""
     from ..loader import LoadRequest, prepare
@@ -218,54 +218,49 @@ def make_job(
     if single and info.config is not None:
         raise ConvertError(f"{src} has a config.json; give a directory as the destination so it is "
                            "copied with the weights", path=dst)
-    target = CT if _is_transformers(info.config) else COMFY
-    gran = _scheme_granularity(scheme, target)
+    layout = find_layout(mgr, info, layout_name)
+    gran = _scheme_granularity(scheme, layout)
     if model is None and info.config is None:
         model = infer_model(info)
-    prep = prepare(LoadRequest(path=src, strategy=_strategy(strategy, gran, mgr), model=model), mgr)
-    _refuse_fp8_to_fp8(prep.plan)
-    units, ignore = _units(prep, target, gran)
-    layout = target if any(u.granularity for u in units) else PLAIN
-    if scheme is not None and layout == PLAIN:
-        raise ConvertError(f"scheme={scheme!r} applies only to a strategy that stores Linear weights in fp8; "
-                           f"strategy {prep.plan.strategy!r} stores none here")
+    strategy = strategy if scheme is None else with_granularity(strategy, gran, mgr)
+    request = LoadRequest(path=src, strategy=strategy, model=model, layout=None if layout is None else layout.name)
+    plan = prepare(request, mgr).plan
+    _refuse_fp8_to_fp8(plan)
+    quantized = [tp for tp in plan.tensors.values() if tp.conversion == "quantize"]
+    if quantized and layout is None:
+        raise ConvertError(f"the plan stores {quantized[0].source} in fp8, but no registered fp8 layout "
+                           f"accepts {src}; pass layout= one of: "
+                           f"{', '.join(lay.name for lay in mgr.layouts()) or 'none'}", path=src)
+    if not quantized:
+        if scheme is not None:
+            raise ConvertError(f"scheme={scheme!r} applies only to a strategy that stores weights in fp8; "
+                               f"strategy {plan.strategy!r} stores none here")
+        layout = None
+    if layout is not None:
+        mgr.call(layout.scheme, layout.encoder.check, plan)
+    units = _units(plan, layout, mgr)
     _check_names(units)
-    if layout == CT:
-        _check_ct(units)
     shards = [units] if single else _assign_shards(units, max_bytes)
-    names, index = _file_names(info, dst, len(shards))
-    config = _edit_config(info.config, prep.plan, _ct_config(units, ignore) if layout == CT else None)
+    names, index = _file_names(info, dst, len(shards), mgr)
+    config = _output_config(info, plan, layout, mgr)
     side = [] if info.config is None else _side_files(info)
-    return Job(src, dst, prep.plan, layout, units, shards, names, index, side, config, mgr)
+    return Job(src, dst, plan, layout, units, shards, names, index, side, config, mgr)
 
 
-def _is_transformers(config: dict | None) -> bool:
-    return isinstance(config, dict) and "_class_name" not in config and bool(
-        config.get("architectures") or config.get("model_type")
-    )
-
-
-def _scheme_granularity(scheme: str | None, target: str) -> str:
+def _scheme_granularity(scheme: str | None, layout: Layout | None) -> str | None:
     if scheme is None:
-        return "channel" if target == CT else "tensor"
+        return None if layout is None else layout.encoder.granularities[0]
     gran = SCHEMES.get(str(scheme).lower())
     if gran is None:
         raise ConvertError(f"unknown scheme {scheme!r}; use per-channel, per-tensor or block")
-    if target == COMFY and gran != "tensor":
+    if layout is not None and gran not in layout.encoder.granularities:
         raise ConvertError(
-            f"scheme {scheme!r} cannot be written in ComfyUI's mixed layout, which has one scale per "
-            "tensor (the layout for checkpoints without a transformers config.json); use per-tensor"
+            f"scheme {scheme!r} cannot be written in the {layout.name} layout, which has "
+            + ("one scale per tensor" if layout.encoder.granularities == ("tensor",)
+               else f"{'/'.join(layout.encoder.granularities)} scales")
+            + "; use " + " or ".join(f"per-{g}" if g != "block" else g for g in layout.encoder.granularities)
         )
     return gran
-
-
-def _strategy(strategy, gran: str, mgr: PluginManager):
-    """The ``fp8`` strategy by name gets the scheme's granularity; anything else is used as given."""
-    if isinstance(strategy, str) and strategy == "fp8":
-        entry = mgr.get("strategies", "fp8")
-        if entry is not None:
-            return mgr.call(entry, entry.obj, granularity="channel" if gran == "block" else gran)
-    return strategy
 
 
 def _refuse_fp8_to_fp8(plan: Plan) -> None:
@@ -281,56 +276,24 @@ def _refuse_fp8_to_fp8(plan: Plan) -> None:
         )
 
 
-def _units(prep, layout: str, gran: str) -> tuple[list[Unit], list[str]]:
-    """One unit per written source tensor, in checkpoint order; and the Linear modules left in
-    high precision (compressed-tensors' ``ignore`` list)."""
-    plan: Plan = prep.plan
-    named = dict(prep.model.named_modules())
+def _units(plan: Plan, layout: Layout | None, mgr: PluginManager) -> list[Unit]:
+    """One unit per written source tensor, in checkpoint order: what the plan loads, plus the
+    keys the model's library ignores on load (legacy buffers), copied as stored. Markers, scales
+    and tied duplicates are dropped."""
     by_source = {tp.source: tp for tp in plan.tensors.values()}
-    copied = _copied_keys(plan)
+    copied = set(plan.library_ignored)
     units: list[Unit] = []
     for key, info in plan.checkpoint.tensors.items():
         tp = by_source.get(key)
-        if tp is not None:
-            units.append(_unit(tp, plan, named, layout, gran))
+        if tp is not None and tp.conversion == "quantize":
+            module = plan.modules[tp.key.rpartition(".")[0]]
+            items = mgr.call(layout.scheme, layout.encoder.outputs, tp, module, returns=tuple)
+            units.append(Unit(tp.source, list(items), tp))
+        elif tp is not None:
+            units.append(Unit(tp.source, [EncodedTensor(name=tp.source, dtype=tp.target_dtype, shape=tp.shape)], tp))
         elif key in copied:
-            units.append(Unit(key, [Item(key, info.dtype, info.shape)]))
-    quantized = {u.source.rpartition(".")[0] for u in units if u.granularity}
-    ignore = sorted(n for n, m in named.items() if isinstance(m, nn.Linear) and n not in quantized)
-    return units, ignore
-
-
-def _copied_keys(plan: Plan) -> set[str]:
-    """Checkpoint keys the plan does not load but the model's library ignores on load (legacy
-    buffers): copied as stored. Markers, scales and tied duplicates are dropped."""
-    return set(plan.library_ignored)
-
-
-def _unit(tp: TensorPlan, plan: Plan, named: dict, layout: str, gran: str) -> Unit:
-    mod_name, _, local = tp.key.rpartition(".")
-    if tp.conversion != "quantize":
-        return Unit(tp.source, [Item(tp.source, tp.target_dtype, tp.shape)], tp)
-    compute = plan.modules[mod_name].compute_dtype
-    if local != "weight" or not isinstance(named.get(mod_name), nn.Linear) or len(tp.shape) != 2:
-        # both layouts quantize Linear weights only: other planned fp8 tensors stay high precision
-        return Unit(tp.source, [Item(tp.source, compute, tp.shape)], tp)
-    if layout == CT and tp.target_dtype != "float8_e4m3fn":
-        raise ConvertError(f"compressed-tensors float-quantized weights are float8_e4m3fn; the plan stores "
-                           f"{tp.source} as {tp.target_dtype}", tensor=tp.source)
-    prefix = tp.source[: -len("weight")]
-    n, k = tp.shape
-    scale_shape = {"tensor": (1,) if layout == CT else (), "channel": (n, 1),
-                   "block": (math.ceil(n / BLOCK[0]), math.ceil(k / BLOCK[1]))}[gran]
-    items = [Item(tp.source, tp.target_dtype, tp.shape),
-             Item(prefix + "weight_scale", compute if layout == CT else "float32", scale_shape)]
-    if layout == COMFY:
-        items.append(Item(prefix + "comfy_quant", "uint8", (len(_comfy_quant(tp.target_dtype)),)))
-    return Unit(tp.source, items, tp, gran)
-
-
-def _comfy_quant(fp8: str) -> bytes:
-    """The bytes ComfyUI stores in ``<m>.comfy_quant`` (``json.dumps`` of the layer's config)."""
-    return json.dumps({"format": fp8}).encode("utf-8")
+            units.append(Unit(key, [EncodedTensor(name=key, dtype=info.dtype, shape=info.shape)]))
+    return units
 
 
 def _check_names(units: list[Unit]) -> None:
@@ -347,52 +310,23 @@ def _check_names(units: list[Unit]) -> None:
             seen[it.name] = u.source
 
 
-def _check_ct(units: list[Unit]) -> None:
-    scale_dtypes = {u.items[1].dtype for u in units if u.granularity}
-    if len(scale_dtypes) > 1:
-        raise ConvertError(
-            f"quantized Linear modules compute in different dtypes ({', '.join(sorted(scale_dtypes))}); "
-            "compressed-tensors stores every weight_scale in the model dtype; pass a strategy whose "
-            "quantized modules share one compute dtype"
-        )
-
-
-def _ct_config(units: list[Unit], ignore: list[str]) -> dict[str, Any]:
-    """The ``quantization_config`` llm-compressor writes for its data-free presets: FP8_DYNAMIC
-    (channel; also used for tensor) and FP8_BLOCK (block) — dynamic activation scales."""
-    gran = next(u.granularity for u in units if u.granularity)
-    weights = {"dynamic": False, "group_size": None, "num_bits": 8, "strategy": gran,
-               "symmetric": True, "type": "float"}
-    inputs = {"dynamic": True, "group_size": None, "num_bits": 8, "strategy": "token",
-              "symmetric": True, "type": "float"}
-    if gran == "block":
-        weights["block_structure"] = list(BLOCK)
-        inputs.update(group_size=BLOCK[1], strategy="group")
-    group = {"format": "float-quantized", "input_activations": inputs, "output_activations": None,
-             "targets": ["Linear"], "weights": weights}
-    return {"config_groups": {"group_0": group}, "format": "float-quantized",
-            "global_compression_ratio": None, "ignore": ignore, "kv_cache_scheme": None,
-            "quant_method": "compressed-tensors", "quantization_status": "compressed"}
-
-
-def _edit_config(config: dict | None, plan: Plan, qc: dict | None) -> dict | None:
-    """config.json for the output: quantization_config set (compressed-tensors) or removed, and
-    the model dtype set to the dtype most modules compute in."""
-    if config is None:
+def _output_config(info: CheckpointInfo, plan: Plan, layout: Layout | None, mgr: PluginManager) -> dict | None:
+    """config.json for the output: every scheme's own quantization entries removed, the layout's
+    added, and the model dtype keys (``dtype``/``torch_dtype``) set to the dtype most modules
+    compute in."""
+    if info.config is None:
         return None
-    out = json.loads(json.dumps(config))
+    out = thaw(info.config)
+    for entry in mgr.schemes():
+        out = mgr.call(entry, entry.obj.dequantized_config, out, returns=dict)
     dtype = plan.entry_dtype()
     for holder in (out, out.get("text_config")):
         if isinstance(holder, dict):
-            holder.pop("quantization_config", None)
-            holder.pop("compression_config", None)
             for key in ("dtype", "torch_dtype"):
-                if key in holder and isinstance(holder[key], str):
+                if isinstance(holder.get(key), str):
                     holder[key] = dtype
-    if _is_transformers(out) and "dtype" not in out and "torch_dtype" not in out:
-        out["dtype"] = dtype
-    if qc is not None:
-        out["quantization_config"] = qc
+    if layout is not None:
+        out = mgr.call(layout.scheme, layout.encoder.edit_config, out, plan, returns=dict)
     return out
 
 
@@ -411,13 +345,15 @@ def _assign_shards(units: list[Unit], max_bytes: int) -> list[list[Unit]]:
     return shards + [current] if current or not shards else shards
 
 
-def _file_names(info: CheckpointInfo, dst: Path, count: int) -> tuple[list[str], str | None]:
+def _file_names(info: CheckpointInfo, dst: Path, count: int, mgr: PluginManager) -> tuple[list[str], str | None]:
     if dst.suffix == ".safetensors":
         return [dst.name], None
-    stem = "diffusion_pytorch_model" if isinstance(info.config, dict) and "_class_name" in info.config else "model"
-    if count == 1:
-        return [f"{stem}.safetensors"], None
-    return [f"{stem}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)], f"{stem}.safetensors.index.json"
+    entry = mgr.get("formats", info.format)
+    if entry is None:
+        names, index = shard_names("model", count)
+    else:
+        names, index = mgr.call(entry, entry.obj.output_names, info, count, returns=tuple)
+    return list(names), index
 
 
 def _side_files(info: CheckpointInfo) -> list[Path]:
@@ -438,27 +374,19 @@ def _side_files(info: CheckpointInfo) -> list[Path]:
 
 
 def _produce(unit: Unit, job: Job) -> dict[str, torch.Tensor]:
-    """Read one source tensor and convert it into the unit's output tensors."""
+    """Read one source tensor and convert it into the unit's output tensors, as planned."""
     from .stream import convert_tensor
 
-    ckpt = job.plan.checkpoint
     raw = job.reader.get(unit.source)
     tp = unit.tp
-    first = unit.items[0]
     if tp is None:
-        return {first.name: raw}
-    if unit.granularity:
-        q, scale = _kernels().quantize(raw, to_torch(first.dtype), granularity=unit.granularity, block=BLOCK)
-        scale_item = unit.items[1]
-        out = {first.name: q, scale_item.name: scale.to(to_torch(scale_item.dtype)).reshape(scale_item.shape)}
-        if len(unit.items) > 2:
-            marker = _comfy_quant(first.dtype)
-            out[unit.items[2].name] = torch.frombuffer(bytearray(marker), dtype=torch.uint8)
-        return out
-    if tp.conversion == "quantize":  # planned fp8 but not a Linear weight: kept high precision
-        return {first.name: raw.to(to_torch(first.dtype))}
-    tensor, _ = convert_tensor(tp, raw, ckpt, job.reader, job.manager)
-    return {first.name: tensor}
+        return {unit.items[0].name: raw}
+    tensor, scale = convert_tensor(tp, raw, job.plan.checkpoint, job.reader, job.manager)
+    if tp.conversion != "quantize":
+        return {unit.items[0].name: tensor}
+    module = job.plan.modules[tp.key.rpartition(".")[0]]
+    lay = job.layout
+    return job.manager.call(lay.scheme, lay.encoder.encode, tp, module, tensor, scale, returns=dict)
 
 
 def _write_all(job: Job, out_dir: Path, update) -> None:
@@ -502,7 +430,8 @@ def _self_check(job: Job, output: Path) -> None:
     want = {i.name: (i.dtype, i.shape) for u in job.units for i in u.items}
     got = {k: (t.dtype, t.shape) for k, t in info.tensors.items()}
     scheme = info.quantization.scheme if info.quantization else None
-    if got != want or scheme != _EXPECTED_SCHEME[job.layout]:
+    expected = job.layout.scheme.name if job.layout is not None else None
+    if got != want or scheme != expected:
         raise ConvertError(f"the written copy of {job.src} does not read back as planned (scheme {scheme!r}, "
                            f"{len(got)} tensors for {len(want)}); this is a bug in loaderkit", path=job.dst)
 

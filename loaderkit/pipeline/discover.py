@@ -67,6 +67,19 @@ class Entry:
         return f"{kind} {self.name!r} of plugin {self.plugin!r}"
 
 
+@dataclass(frozen=True)
+class Layout:
+    """A registered fp8 on-disk layout: the :class:`~loaderkit.plugin.Encoder` a scheme returned,
+    and the scheme's entry (which reads the layout back)."""
+
+    encoder: Any
+    scheme: Entry
+
+    @property
+    def name(self) -> str:
+        return self.encoder.name
+
+
 @dataclass
 class PluginRecord:
     """How a plugin came to be registered (shown by ``loaderkit plugins``)."""
@@ -303,6 +316,29 @@ class PluginManager:
             names = ", ".join(e.name for e in self.strategies()) or "none"
             raise StrategyError(f"unknown strategy {name!r}; registered strategies: {names}")
         return entry
+
+    def layouts(self) -> list[Layout]:
+        """Every registered scheme's layout (:meth:`loaderkit.plugin.Scheme.encoder`), in scheme
+        priority order."""
+        from ..contract.bases import Encoder
+
+        out = []
+        for entry in self.schemes():
+            enc = self.call(entry, entry.obj.encoder, returns=(Encoder, type(None)))
+            if enc is not None:
+                out.append(Layout(enc, entry))
+        return out
+
+    def layout(self, name: str) -> Layout:
+        """The layout ``name``; an unknown name is a :class:`~loaderkit.errors.ConvertError`."""
+        found = self.layouts()
+        for lay in found:
+            if lay.name == name:
+                return lay
+        from ..errors import ConvertError
+
+        raise ConvertError(f"no fp8 layout named {name!r} is registered (layouts: "
+                           f"{', '.join(lay.name for lay in found) or 'none'})")
 
     def strategy_classes(self) -> dict[str, type]:
         """Registered strategy classes by name (what :class:`loaderkit.plugin.BuildContext` holds)."""

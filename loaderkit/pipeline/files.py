@@ -8,34 +8,19 @@ its destination and appears there only once complete.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..contract.bases import EncodedTensor
 from ..contract.dtypes import SAFETENSORS_DTYPES, to_torch
 from ..errors import ConvertError
 
 _ST_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-
-
-@dataclass
-class Item:
-    """One output tensor."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * to_torch(self.dtype).itemsize
-
 
 
 class ShardWriter:
@@ -46,7 +31,7 @@ class ShardWriter:
     every tensor is aligned to its dtype, as safetensors' own writer does.
     """
 
-    def __init__(self, path: Path, items: list[Item]) -> None:
+    def __init__(self, path: Path, items: list[EncodedTensor]) -> None:
         self.path = path
         order = sorted(items, key=lambda it: -to_torch(it.dtype).itemsize)
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..contract.bases import BuildContext, ModelContext, ModuleContext, ModuleDecision, Strategy
+from ..contract.bases import BuildContext, Encoder, ModelContext, ModuleContext, ModuleDecision, Strategy
 from ..contract.dtypes import dtype_name, is_float, is_fp8, to_torch
 from ..contract.layout import DEFAULT_BLOCK, block_problem, scale_numel
 from ..contract.modules import module_kind, read_by_parent
@@ -36,6 +36,23 @@ def resolve_strategy(arg: Any, mgr: PluginManager) -> tuple[Strategy, Entry]:
     raise StrategyError(
         f"strategy must be a name or a loaderkit.strategy(...) object, not {type(arg).__name__}"
     )
+
+
+def with_granularity(arg: Any, granularity: str, mgr: PluginManager) -> Any:
+    """``arg`` (a strategy name or object) made with ``granularity`` when its options have a
+    ``granularity`` the caller did not set; otherwise ``arg`` as it is. How a layout's default
+    scale granularity reaches a strategy that left it open (the plan records the result)."""
+    if isinstance(arg, str):
+        entry = mgr.strategy_entry(arg)
+        cls, given = entry.obj, {}
+    elif isinstance(arg, Strategy):
+        entry, cls, given = None, type(arg), arg.options.model_dump(exclude_unset=True)
+    else:
+        return arg
+    if "granularity" not in cls.Options.model_fields or "granularity" in given:
+        return arg
+    options = {**given, "granularity": granularity}
+    return cls(**options) if entry is None else mgr.call(entry, cls, **options)
 
 
 def device_caps(device: str | torch.device, mgr: PluginManager) -> DeviceCaps:
@@ -228,12 +245,18 @@ def negotiate(
     builder: str,
     manager: PluginManager,
     strict: bool = True,
+    layout: Encoder | None = None,
 ) -> Plan:
-    """Make the plan. Raises :class:`PlanError` or :class:`StateDictMismatchError` when impossible."""
+    """Make the plan. Raises :class:`PlanError` or :class:`StateDictMismatchError` when impossible.
+
+    :param layout: plan for writing this on-disk layout (``convert``): what it cannot hold in
+        fp8 is planned in the compute dtype, and the plan says so.
+    """
     slots = model_slots(model)
     source_of, also, ignored, kept, decisions = match_keys(checkpoint, slots, facts, strict)
     ctx = ModelContext(checkpoint=checkpoint, device=device, strategies=manager.strategy_classes(), facts=facts)
     state = manager.call(strategy_entry, strategy.prepare, ctx)
+    refits: dict[str, list[str]] = {}
     tensors: dict[str, TensorPlan] = {}
     modules: dict[str, ModulePlan] = {}
     by_module: dict[str, list[str]] = {}
@@ -253,6 +276,8 @@ def negotiate(
             skip_low_precision=facts.skips_low_precision(mname) or read_by_parent(mname, named),
         )
         decision = _decide(strategy, strategy_entry, mctx, state, manager)
+        if layout is not None:
+            decision = _fit_layout(layout, mctx, decision, refits)
         try:
             mplan, tplans = _plan_module(mctx, module, decision, keys, slots, source_of, also, checkpoint, device)
         except LoaderKitError as exc:
@@ -263,6 +288,11 @@ def negotiate(
         Decision(subject=s, choice=c, reason=r, by=f"strategy {strategy.name}") for s, c, r in ctx.notes
     )
     decisions.extend(_native_summary(modules))
+    decisions.extend(
+        Decision(subject=f"layout {layout.name}", choice=f"{len(names)} tensors kept in their compute dtype",
+                 reason=f"{why}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}", by=f"layout {layout.name}")
+        for why, names in refits.items()
+    )
     order = {k: i for i, k in enumerate(checkpoint.tensors)}
     tensors = dict(sorted(tensors.items(), key=lambda kv: order[kv[1].source]))
     return Plan(
@@ -298,6 +328,29 @@ def _decide(strategy: Strategy, entry: Entry, ctx: ModuleContext, state: Any, mg
     return decision
 
 
+def _fit_layout(layout: Encoder, ctx: ModuleContext, decision: ModuleDecision, refits: dict) -> ModuleDecision:
+    """The decision with fp8 storage the layout cannot hold moved to the compute dtype."""
+    storage = dict(decision.storage)
+    why = ""
+    for local, dtype in decision.storage.items():
+        if not is_fp8(dtype) or local not in ctx.tensors or is_fp8(ctx.tensors[local].dtype):
+            continue
+        problem = layout.holds(ctx, local, dtype)
+        if problem:
+            del storage[local]
+            why = problem
+            refits.setdefault(problem, []).append(f"{ctx.name}.{local}" if ctx.name else local)
+        elif decision.granularity not in layout.granularities:
+            raise PlanError(
+                f"the {layout.name} layout writes {'/'.join(layout.granularities)} scales; the strategy "
+                f"asks {decision.granularity} scales for {ctx.name!r}; choose one the layout writes",
+                module=ctx.name,
+            )
+    if not why:
+        return decision
+    return decision.replace(storage=storage, reason=f"{why} ({layout.name} layout)")
+
+
 def _plan_module(ctx, module, decision, keys, slots, source_of, also, checkpoint, device):
     compute = decision.compute
     q = checkpoint.quantization
@@ -327,6 +380,7 @@ def _plan_module(ctx, module, decision, keys, slots, source_of, also, checkpoint
         ModulePlan(
             name=ctx.name,
             type=ctx.type,
+            kind=ctx.kind,
             compute_dtype=compute,
             storage=storage,
             cast=needs_cast,

@@ -13,10 +13,21 @@ import math
 from collections import Counter
 from typing import Any
 
-from loaderkit.errors import CorruptCheckpointError, UnsupportedCheckpointError
-from loaderkit.plugin import CHANNEL, TENSOR, CheckpointInfo, QuantizationInfo, TensorInfo
+import torch
 
-from .common import Fp8Scheme, is_fp8_weight, make_info, module_of, scaled_weights, sibling
+from loaderkit.errors import CorruptCheckpointError, UnsupportedCheckpointError
+from loaderkit.plugin import CHANNEL, TENSOR, CheckpointInfo, EncodedTensor, Encoder, QuantizationInfo, TensorInfo
+
+from .common import (
+    Fp8Scheme,
+    is_fp8_weight,
+    is_transformers_config,
+    linear_weight_problem,
+    make_info,
+    module_of,
+    scaled_weights,
+    sibling,
+)
 
 
 class ComfyScaledFp8(Fp8Scheme):
@@ -29,6 +40,47 @@ class ComfyScaledFp8(Fp8Scheme):
         return detect_comfy_scaled(checkpoint, self.name, self.family)
 
 
+class ComfyMixedEncoder(Encoder):
+    """Writes ComfyUI's mixed-precision layout: ``<m>.weight`` fp8, ``<m>.weight_scale`` float32
+    (one per tensor), ``<m>.comfy_quant`` (uint8 JSON bytes naming the fp8 format); Linear
+    weights only. The layout for checkpoints without a transformers ``config.json``."""
+
+    name = "comfy-mixed"
+    granularities = ("tensor",)
+
+    def accepts(self, checkpoint: CheckpointInfo) -> bool:
+        return not is_transformers_config(checkpoint.config)
+
+    def holds(self, module, tensor: str, dtype: str) -> str:
+        if dtype not in COMFY_FP8_FORMATS:
+            return f"ComfyUI's mixed layout stores {' or '.join(sorted(COMFY_FP8_FORMATS))} only"
+        return linear_weight_problem(module, tensor, "ComfyUI mixed")
+
+    def outputs(self, tensor, module) -> tuple[EncodedTensor, ...]:
+        prefix = module_of(tensor.source)
+        return (
+            EncodedTensor(name=tensor.source, dtype=tensor.target_dtype, shape=tensor.shape),
+            EncodedTensor(name=sibling(prefix, "weight_scale"), dtype="float32", shape=()),
+            EncodedTensor(name=sibling(prefix, "comfy_quant"), dtype="uint8", shape=(len(comfy_quant(tensor.target_dtype)),)),
+        )
+
+    def encode(self, tensor, module, q, scale) -> dict[str, torch.Tensor]:
+        weight, scale_out, marker = self.outputs(tensor, module)
+        return {
+            weight.name: q,
+            scale_out.name: scale.to(torch.float32).reshape(()),
+            marker.name: torch.frombuffer(bytearray(comfy_quant(tensor.target_dtype)), dtype=torch.uint8),
+        }
+
+    def edit_config(self, config: dict[str, Any], plan) -> dict[str, Any]:
+        return config  # the layout is described by its tensors
+
+
+def comfy_quant(fp8: str) -> bytes:
+    """The bytes ComfyUI stores in ``<m>.comfy_quant`` (``json.dumps`` of the layer's config)."""
+    return json.dumps({"format": fp8}).encode("utf-8")
+
+
 class ComfyMixed(Fp8Scheme):
     name = "comfy-mixed"
     family = "ComfyUI mixed precision"
@@ -37,6 +89,9 @@ class ComfyMixed(Fp8Scheme):
 
     def detect(self, checkpoint: CheckpointInfo) -> QuantizationInfo | None:
         return detect_comfy_mixed(checkpoint, self.name, self.family)
+
+    def encoder(self) -> ComfyMixedEncoder:
+        return ComfyMixedEncoder()
 
 
 COMFY_FP8_FORMATS = frozenset({"float8_e4m3fn", "float8_e5m2"})

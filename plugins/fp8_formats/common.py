@@ -439,6 +439,15 @@ class Fp8Scheme(Scheme):
         """The scale of a weight kept as stored, as float32 (ue8m0 bytes as powers of two)."""
         return _decode_scale(q, scale)
 
+    def dequantized_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The config without ``quantization_config`` / ``compression_config`` (top level and
+        ``text_config``), as a dequantized copy must be described."""
+        for holder in (config, config.get("text_config")):
+            if isinstance(holder, dict):
+                holder.pop("quantization_config", None)
+                holder.pop("compression_config", None)
+        return config
+
 
 # -- transformers / vLLM config helpers ------------------------------------------------------
 
@@ -493,3 +502,18 @@ def any_ue8m0(weights: dict[str, QuantizedWeight]) -> bool:
     return any(q.scale_encoding == "ue8m0" for q in weights.values())
 
 
+
+
+def is_transformers_config(config: dict | None) -> bool:
+    """A transformers ``config.json`` (``architectures`` / ``model_type``, not diffusers' ``_class_name``)."""
+    return isinstance(config, dict) and "_class_name" not in config and bool(
+        config.get("architectures") or config.get("model_type")
+    )
+
+
+def linear_weight_problem(module: Any, tensor: str, what: str) -> str:
+    """Why a layout that stores 2-D ``nn.Linear`` weights only cannot hold this tensor ('' if it can)."""
+    info = module.tensors.get(tensor)
+    if tensor != "weight" or module.kind != "linear" or info is None or len(info.shape) != 2:
+        return f"the {what} layout stores fp8 only for Linear weights"
+    return ""

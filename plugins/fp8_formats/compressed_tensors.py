@@ -6,12 +6,27 @@ from __future__ import annotations
 
 from typing import Any
 
-from loaderkit.errors import UnsupportedCheckpointError
-from loaderkit.plugin import CHANNEL, TENSOR, CheckpointInfo, Layout, QuantizationInfo, describe_layout
+import torch
+
+from loaderkit.errors import ConvertError, UnsupportedCheckpointError
+from loaderkit.plugin import (
+    CHANNEL,
+    TENSOR,
+    CheckpointInfo,
+    EncodedTensor,
+    Encoder,
+    Layout,
+    QuantizationInfo,
+    block_grid,
+    describe_layout,
+    to_torch,
+)
 
 from .common import (
     Fp8Scheme,
     has_fp8_or_scales,
+    is_transformers_config,
+    linear_weight_problem,
     make_info,
     method_of,
     module_of,
@@ -22,6 +37,75 @@ from .common import (
 )
 
 
+class CompressedTensorsEncoder(Encoder):
+    """Writes compressed-tensors ``float-quantized`` fp8: what llm-compressor's data-free presets
+    write (FP8_DYNAMIC per channel, per tensor; FP8_BLOCK) and vLLM and transformers read —
+    ``<m>.weight`` float8_e4m3fn and ``<m>.weight_scale`` in the model's compute dtype, Linear
+    weights only, with a matching ``quantization_config``."""
+
+    name = "compressed-tensors"
+    granularities = ("channel", "tensor", "block")
+
+    def accepts(self, checkpoint: CheckpointInfo) -> bool:
+        return is_transformers_config(checkpoint.config)
+
+    def holds(self, module, tensor: str, dtype: str) -> str:
+        return linear_weight_problem(module, tensor, "compressed-tensors")
+
+    def check(self, plan) -> None:
+        quantized = [tp for tp in plan.tensors.values() if tp.conversion == "quantize"]
+        for tp in quantized:
+            if tp.target_dtype != "float8_e4m3fn":
+                raise ConvertError(f"compressed-tensors float-quantized weights are float8_e4m3fn; the plan "
+                                   f"stores {tp.source} as {tp.target_dtype}", tensor=tp.source)
+        computes = {plan.modules[module_of(tp.key)].compute_dtype for tp in quantized}
+        if len(computes) > 1:
+            raise ConvertError(
+                f"quantized Linear modules compute in different dtypes ({', '.join(sorted(computes))}); "
+                "compressed-tensors stores every weight_scale in the model dtype; pass a strategy whose "
+                "quantized modules share one compute dtype"
+            )
+        grans = {tp.granularity for tp in quantized}
+        if len(grans) > 1:
+            raise ConvertError(f"compressed-tensors writes one weight strategy here; the plan mixes {sorted(grans)}")
+
+    def outputs(self, tensor, module) -> tuple[EncodedTensor, ...]:
+        n, k = tensor.shape
+        shape = {"tensor": (1,), "channel": (n, 1)}.get(tensor.granularity) or block_grid(tensor.shape, tensor.block)
+        return (
+            EncodedTensor(name=tensor.source, dtype=tensor.target_dtype, shape=tensor.shape),
+            EncodedTensor(name=sibling(module_of(tensor.source), "weight_scale"), dtype=module.compute_dtype, shape=shape),
+        )
+
+    def encode(self, tensor, module, q, scale) -> dict[str, torch.Tensor]:
+        weight, scale_out = self.outputs(tensor, module)
+        return {weight.name: q, scale_out.name: scale.to(to_torch(scale_out.dtype)).reshape(scale_out.shape)}
+
+    def edit_config(self, config: dict[str, Any], plan) -> dict[str, Any]:
+        """The ``quantization_config`` llm-compressor writes for FP8_DYNAMIC (channel; also used
+        for tensor) and FP8_BLOCK (block) — dynamic activation scales; unquantized Linear modules
+        in ``ignore``."""
+        quantized = [tp for tp in plan.tensors.values() if tp.conversion == "quantize"]
+        gran, block = quantized[0].granularity, quantized[0].block
+        done = {module_of(tp.key) for tp in quantized}
+        ignore = sorted(m.name for m in plan.modules.values() if m.kind == "linear" and m.name not in done)
+        weights = {"dynamic": False, "group_size": None, "num_bits": 8, "strategy": gran,
+                   "symmetric": True, "type": "float"}
+        inputs = {"dynamic": True, "group_size": None, "num_bits": 8, "strategy": "token",
+                  "symmetric": True, "type": "float"}
+        if gran == "block":
+            weights["block_structure"] = list(block)
+            inputs.update(group_size=block[1], strategy="group")
+        group = {"format": "float-quantized", "input_activations": inputs, "output_activations": None,
+                 "targets": ["Linear"], "weights": weights}
+        config["quantization_config"] = {
+            "config_groups": {"group_0": group}, "format": "float-quantized", "global_compression_ratio": None,
+            "ignore": ignore, "kv_cache_scheme": None, "quant_method": "compressed-tensors",
+            "quantization_status": "compressed",
+        }
+        return config
+
+
 class CompressedTensorsFp8(Fp8Scheme):
     name = "compressed-tensors-fp8"
     family = "compressed-tensors float-quantized fp8"
@@ -30,6 +114,9 @@ class CompressedTensorsFp8(Fp8Scheme):
 
     def detect(self, checkpoint: CheckpointInfo) -> QuantizationInfo | None:
         return _detect_compressed_tensors(checkpoint, self.name, self.family)
+
+    def encoder(self) -> CompressedTensorsEncoder:
+        return CompressedTensorsEncoder()
 
 
 
