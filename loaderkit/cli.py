@@ -13,7 +13,8 @@ from typing import Sequence
 from .errors import LoaderKitError, UsageError
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``loaderkit`` command's argument parser."""
     p = argparse.ArgumentParser(
         prog="loaderkit",
         description="Load checkpoints with storage and compute dtypes negotiated into a checked plan.",
@@ -208,7 +209,7 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``loaderkit`` command; returns the exit status."""
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
         from . import __version__

@@ -1,4 +1,5 @@
-"""The orchestrator: inspect -> build -> negotiate -> place -> stream -> bind -> verify.
+"""The orchestrator: discover -> inspect -> build -> negotiate -> place -> stream -> finalize ->
+dispatch -> bind -> verify.
 
 Each stage lives in its own module under :mod:`loaderkit.pipeline`; this one only wires them in
 order. ``load``, ``plan`` and ``convert`` all start from one typed :class:`LoadRequest`.
@@ -64,7 +65,7 @@ class Prepared:
 
 
 def prepare(request: LoadRequest, mgr: PluginManager) -> Prepared:
-    """Stages 1-5: describe, build, negotiate and place (headers and config only)."""
+    """Stages 1-5: discover (the manager), inspect, build, negotiate and place — headers and config only."""
     placement = request.placement()
     layout = None if request.layout is None else mgr.layout(request.layout).encoder
     arg = request.strategy if layout is None else negotiate.with_granularity(request.strategy, layout.granularities[0], mgr)
@@ -84,7 +85,8 @@ def prepare(request: LoadRequest, mgr: PluginManager) -> Prepared:
 
 
 def execute(prep: Prepared, mgr: PluginManager) -> torch.nn.Module:
-    """Stages 6-8: stream, place, bind and verify. A failure leaves the model as it was."""
+    """Stages 6-10: stream (and check the assignment), finalize, dispatch, bind the runtime, verify.
+    A failure leaves the model as it was."""
     plan_, model_, request = prep.plan, prep.model, prep.request
     snapshot = _Snapshot(model_)
     try:
@@ -125,6 +127,7 @@ def _stream_into(prep: Prepared, mgr: PluginManager) -> place.DiskWriter | None:
         reader.close()
     with torch.no_grad():
         stream.assign(prep.model, plan_, loaded)
+    stream.check_assigned(prep.model, plan_)
     return writer
 
 

@@ -50,6 +50,7 @@ from .contract.layout import (
     block_grid,
     describe_layout,
     expected_scale_shapes,
+    looks_like_quantization_data,
     scale_fits,
 )
 from .contract.modules import KERNEL_LAYERS, STRICT_KERNELS, module_kind, read_by_parent
@@ -127,6 +128,7 @@ __all__ = [
     "hookspec",
     "is_float",
     "is_fp8",
+    "looks_like_quantization_data",
     "meta_init",
     "module_kind",
     "read_by_parent",

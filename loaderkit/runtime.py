@@ -182,17 +182,21 @@ def cast_rules(model: nn.Module) -> dict[str, CastRule]:
     return {n: r for n, m in model.named_modules() if (r := cast_rule_of(m)) is not None}
 
 
-def attach_input_cast(model: nn.Module, dtype: torch.dtype) -> InputCastHook:
+def attach_input_cast(model: nn.Module, dtype: torch.dtype, follow: torch.Tensor | None = None) -> InputCastHook:
     """Cast the floating-point tensors passed to ``model`` (positional and keyword, nested in
     lists, tuples and dicts) to ``dtype``. Integer and boolean tensors (token ids, masks) and
     non-tensors pass unchanged. Returns the hook; :func:`detach` removes it.
+
+    :param follow: a tensor of the model stored in ``dtype`` (a bias, a norm weight): when the
+        user re-casts the model (``model.to(torch.bfloat16)``), inputs follow that tensor's new
+        dtype instead of the one the model was loaded in.
     """
     if not dtype.is_floating_point or dtype.itemsize == 1:
         raise CastRuleError(f"input cast dtype {dtype} is not a compute dtype")
     for old in list(_hooks_of(model)):
         if isinstance(old, InputCastHook):
             _remove_hooks(model, lambda h, old=old: h is old)
-    hook = InputCastHook(dtype)
+    hook = InputCastHook(dtype, follow)
     add_hook_to_module(model, hook, append=True)
     return hook
 
@@ -243,7 +247,7 @@ def _caps_of(device: torch.device) -> DeviceCaps:
 def input_cast_of(module: nn.Module) -> torch.dtype | None:
     """The dtype :func:`attach_input_cast` casts ``module``'s inputs to, or ``None``."""
     hook = _find(getattr(module, "_hf_hook", None), InputCastHook)
-    return hook.dtype if hook is not None else None
+    return hook.current if hook is not None else None
 
 
 def native_fp8_available(device: torch.device | str | None = None) -> bool:
@@ -254,6 +258,12 @@ def native_fp8_available(device: torch.device | str | None = None) -> bool:
     if device.type != "cuda" or not hasattr(torch, "_scaled_mm") or not torch.cuda.is_available():
         return False
     return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def workspace() -> dict[tuple[tuple[int, ...], torch.dtype], int]:
+    """The CPU buffers kept for reuse, as ``{(shape, dtype): count}``."""
+    with _POOL.lock:
+        return {k: len(v) for k, v in _POOL.free.items() if v}
 
 
 def release_workspace() -> None:
@@ -373,13 +383,24 @@ class CastHook(ModelHook):
 
 
 class InputCastHook(ModelHook):
-    """Casts the floating tensors reaching a model's root to one dtype."""
+    """Casts the floating tensors reaching a model's root to its compute dtype: the dtype it was
+    loaded in, or — when it follows a tensor of the model — that tensor's current dtype."""
 
-    def __init__(self, dtype: torch.dtype) -> None:
+    def __init__(self, dtype: torch.dtype, follow: torch.Tensor | None = None) -> None:
         self.dtype = dtype
+        self._follow = weakref.ref(follow) if follow is not None else None
+
+    @property
+    def current(self) -> torch.dtype:
+        """The dtype inputs are cast to now."""
+        t = self._follow() if self._follow is not None else None
+        if t is not None and t.dtype.is_floating_point and t.dtype.itemsize > 1:
+            return t.dtype
+        return self.dtype
 
     def pre_forward(self, module: nn.Module, *args, **kwargs):
-        return _cast_tree(args, self.dtype), _cast_tree(kwargs, self.dtype)
+        dtype = self.current
+        return _cast_tree(args, dtype), _cast_tree(kwargs, dtype)
 
 
 @dataclass

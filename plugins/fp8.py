@@ -43,9 +43,11 @@ from loaderkit.plugin import (
 from loaderkit.errors import PlanError
 
 #: module-name regexes never quantized on load: positional / patch / time embeddings and output
-#: heads, whose precision matters most for the least memory.
+#: heads, whose precision matters most for the least memory. Embedding roles are matched as a
+#: word of a name component (``patch_embedding``, ``vace_patch_embedding``, ``time_embedder``),
+#: not only at its start.
 DEFAULT_SKIP: tuple[str, ...] = (
-    r"(^|\.)(pos|patch|time|timestep|position|positional)_?embed",
+    r"(^|[._])(pos|patch|time|timestep|position|positional)_?embed",
     r"(^|\.)(lm_head|head|proj_out|final_layer|norm_out|output)$",
 )
 

@@ -175,6 +175,15 @@ def _holds_tensors(v: object) -> bool:
 
 
 def _check_layout(t: torch.Tensor, name: str, path: object) -> None:
+    if type(t) not in (torch.Tensor, torch.nn.Parameter):
+        kind = f"{type(t).__module__}.{type(t).__qualname__}"
+        raise UnsupportedCheckpointError(
+            f"tensor {name!r} in {path} unpickles as a {kind}, a tensor subclass (another library's "
+            "quantized tensor, such as torchao's Float8Tensor), not a plain tensor; loaderkit does not "
+            "decode it. Dequantize the model with that library and save plain tensors (safetensors)",
+            path=path,
+            tensor=name,
+        )
     if t.layout != torch.strided:
         raise UnsupportedCheckpointError(
             f"tensor {name!r} in {path} has layout {t.layout}; only dense tensors are supported "

@@ -341,6 +341,9 @@ def _observe(w: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
         return w.amin(), w.amax()
     if args.strategy == "channel":
         return w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+    if args.strategy == "group":
+        groups = w.reshape(w.shape[0], -1, args.group_size)
+        return groups.amin(-1), groups.amax(-1)
     b0, b1 = args.block_structure
     n, k = w.shape
     padded = torch.zeros(math.ceil(n / b0) * b0, math.ceil(k / b1) * b1, dtype=w.dtype)
@@ -362,6 +365,9 @@ def _ct_reference(sd: dict[str, torch.Tensor], args) -> dict[str, torch.Tensor]:
             ref[k] = ref_tensor(v, scale)
         elif args.strategy == "channel":
             ref[k] = ref_channel(v, scale)
+        elif args.strategy == "group":  # MXFP8: uint8 e8m0 exponents, as compressed-tensors decodes them
+            s = 2.0 ** (scale.to(torch.int32) - 127).to(torch.bfloat16)
+            ref[k] = (v.to(torch.bfloat16).reshape(s.shape[0], s.shape[1], -1) * s[..., None]).reshape(v.shape).float()
         else:
             ref[k] = ref_block(v, scale, tuple(args.block_structure))
     return ref
@@ -449,6 +455,7 @@ ALL_WRITERS: dict[str, Callable[[Path], Written]] = {
     "ct-fp8": lambda d: write_compressed_tensors(d, "FP8"),
     "ct-fp8-dynamic": lambda d: write_compressed_tensors(d, "FP8_DYNAMIC"),
     "ct-fp8-block": lambda d: write_compressed_tensors(d, "FP8_BLOCK"),
+    "ct-mxfp8": lambda d: write_compressed_tensors(d, "MXFP8"),
     "comfy-scaled": write_comfy_scaled_fp8,
     "comfy-mixed": write_comfy_mixed,
     "comfy-mixed-metadata": lambda d: write_comfy_mixed(d, layout="metadata"),

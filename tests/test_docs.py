@@ -240,9 +240,9 @@ def _cli_surface() -> dict[str, list[str]]:
     """Subcommand -> its option strings (``""`` for the top-level options)."""
     import argparse
 
-    from loaderkit.cli import _parser
+    from loaderkit.cli import build_parser
 
-    parser = _parser()
+    parser = build_parser()
     out = {"": [s for a in parser._actions for s in a.option_strings if s not in ("-h", "--help")]}
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):

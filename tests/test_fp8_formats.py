@@ -539,9 +539,11 @@ def test_schemes_are_registered_by_the_builtin_plugin():
     names = [e.name for e in entries]
     assert set(names) == {
         "comfy-mixed", "comfy-scaled-fp8", "compressed-tensors-fp8", "fp8-block", "fp8-fbgemm",
-        "fp8-tensor", "modelopt-fp8", "fp8-keys", "fp8-plain",
+        "fp8-tensor", "modelopt-fp8", "fp8-keys", "fp8-plain", "refused-layouts",
     }
     assert names.index("comfy-scaled-fp8") < names.index("fp8-plain")
+    # layouts are refused after every scheme that decodes by config, before the key-driven ones
+    assert names.index("fp8-tensor") < names.index("refused-layouts") < names.index("fp8-keys")
     assert all(isinstance(e.obj, loaderkit.plugin.Scheme) and e.obj.description for e in entries)
 
 

@@ -87,3 +87,23 @@ def block_problem(shape: Sequence[int], granularity: str, block: Sequence[int] |
     if block is None or len(block) != 2 or min(block) < 1:
         return f"block shape {block!r} is not two positive integers"
     return ""
+
+
+#: key leaves that hold quantization data (scales, zero points, packing metadata) in some
+#: library's layout: never model tensors to drop quietly.
+QUANTIZATION_LEAVES = frozenset({
+    "weight_scale", "weight_scale_inv", "scale_weight", "input_scale", "scale_input", "activation_scale",
+    "weight_zero_point", "zero_point", "weight_global_scale", "weight_packed", "weight_shape", "qweight",
+    "qzeros", "scales", "g_idx", "SCB", "absmax", "quant_map", "quant_state", "nested_absmax", "_data", "_scale",
+    "comfy_quant", "scaled_fp8",
+})
+
+
+def looks_like_quantization_data(key: str, keys: "set[str] | dict | None" = None) -> bool:
+    """Whether a checkpoint key is named like quantization data of some weight (a scale, a zero
+    point, a packed payload) rather than a model tensor. With ``keys`` (the checkpoint's), a
+    leaf containing ``scale`` beside a ``weight`` of the same module counts too."""
+    module, _, leaf = key.rpartition(".")
+    if leaf in QUANTIZATION_LEAVES or leaf.endswith("_scale") or ".weight." in f".{key}":
+        return True
+    return keys is not None and "scale" in leaf and f"{module}.weight" in keys

@@ -185,6 +185,9 @@ class QuantizationInfo(Frozen):
     :ivar weights: quantized weight key -> how it decodes.
     :ivar auxiliary: keys that are not model tensors (markers) and are dropped on load.
     :ivar details: free-form facts shown by ``inspect`` (config excerpts, ignored layers).
+    :ivar refused: set when the scheme recognised a layout it cannot decode (another library's
+        quantization, a config no scheme understands): why, and what to do. ``inspect`` shows
+        it; ``plan``, ``load`` and ``convert`` refuse the checkpoint with it, before reading data.
     """
 
     scheme: str
@@ -193,6 +196,7 @@ class QuantizationInfo(Frozen):
     weights: ReadOnly[dict[str, QuantizedWeight]]
     auxiliary: tuple[str, ...] = ()
     details: FrozenJSON = Field(default_factory=dict)
+    refused: str = ""
 
     def companion_keys(self) -> set[str]:
         """Keys that travel with a weight (scales) rather than being model tensors themselves."""
@@ -256,6 +260,7 @@ class CheckpointInfo(Frozen):
                 "granularity": q.granularity,
                 "quantized_tensors": len(q.weights),
                 "details": thaw(q.details),
+                **({"refused": q.refused} if q.refused else {}),
             },
         }
 

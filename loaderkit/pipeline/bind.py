@@ -1,4 +1,4 @@
-"""Stage 6, bind: attach the runtime the plan prescribes, and remember which plan a model has.
+"""Stage 9, bind the runtime: attach the runtime the plan prescribes, and remember which plan a model has.
 
 Cast rules are bound from the plan alone — each module's compute dtype, the tensors it stores in
 another dtype, their scale buffers, granularities and block shapes, whether the kernel is native
@@ -45,9 +45,24 @@ def bind_runtime(model: torch.nn.Module, plan: Plan, cast_inputs: bool) -> None:
         if m.compute_dtype != entry and m.name and _computes(named[m.name]):
             # e.g. a module the library keeps in float32 inside a bf16 model: its kernel must
             # receive float32 activations (its output is left as it is)
-            runtime.attach_input_cast(named[m.name], to_torch(m.compute_dtype))
+            runtime.attach_input_cast(named[m.name], to_torch(m.compute_dtype), _follow(named, plan, m.name))
     if cast_inputs:
-        runtime.attach_input_cast(model, to_torch(entry))
+        runtime.attach_input_cast(model, to_torch(entry), _follow(named, plan, None, entry))
+
+
+def _follow(named: dict, plan: Plan, module: str | None, dtype: str | None = None) -> torch.Tensor | None:
+    """A tensor stored in its module's compute dtype (of ``module``, or of any module computing
+    in ``dtype``): an input cast follows its dtype when the user re-casts the model."""
+    for m in plan.modules.values():
+        if (module is not None and m.name != module) or (dtype is not None and m.compute_dtype != dtype):
+            continue
+        for local, stored in m.storage.items():
+            if stored == m.compute_dtype and not m.cast:
+                owner = named[m.name]
+                t = owner._parameters.get(local, owner._buffers.get(local))
+                if t is not None and t.is_floating_point() and t.device.type != "meta":
+                    return t
+    return None
 
 
 def _computes(module: torch.nn.Module) -> bool:

@@ -1,4 +1,4 @@
-"""Stage 2, build: the model skeleton, from ``model=`` or a builder plugin, on the meta device;
+"""Stage 3, build: the model skeleton, from ``model=`` or a builder plugin, on the meta device;
 and the facts its library declares about it (``loaderkit_model_facts``).
 
 A skeleton's parameters live on the meta device (no memory); its non-persistent buffers hold

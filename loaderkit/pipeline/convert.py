@@ -1,4 +1,4 @@
-"""Stage 8, convert: ``loaderkit convert`` writes a converted copy of a checkpoint, in a layout other tools read.
+"""Convert (a plan executed into files): ``loaderkit convert`` writes a converted copy of a checkpoint, in a layout other tools read.
 
 The conversion *is* a load plan executed into files instead of into a model: the checkpoint is
 described, a plan is negotiated with the strategy (skips, ``keep_fp32`` modules and library

@@ -1,4 +1,4 @@
-"""Stage 0, discover: plugin discovery and the registries of formats, schemes, strategies, builders.
+"""Stage 1, discover: plugin discovery and the registries of formats, schemes, strategies, builders.
 
 Built-in plugins are plain modules registered by name, through the same door as third-party
 plugins, which come from the ``loaderkit`` entry-point group or :func:`loaderkit.register`.

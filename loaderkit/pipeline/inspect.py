@@ -1,4 +1,4 @@
-"""Stage 1, inspect: find the format plugin that claims a path, read the config beside it, and let
+"""Stage 2, inspect: find the format plugin that claims a path, read the config beside it, and let
 the schemes recognise its quantization — headers only."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Stage 3, negotiate: a plan from the checkpoint, the skeleton, the strategy and the device.
+"""Stage 4, negotiate: a plan from the checkpoint, the skeleton, the strategy and the device.
 
 Everything here works on headers, shapes and dtypes: no tensor data is read. A configuration
 that cannot satisfy the invariant (every module's kernel sees its weights in its compute dtype)
@@ -16,11 +16,18 @@ import torch
 
 from ..contract.bases import BuildContext, Encoder, ModelContext, ModuleContext, ModuleDecision, Strategy
 from ..contract.dtypes import dtype_name, is_float, is_fp8, to_torch
-from ..contract.layout import DEFAULT_BLOCK, block_problem, scale_numel
+from ..contract.layout import DEFAULT_BLOCK, block_problem, looks_like_quantization_data, scale_numel
 from ..contract.modules import module_kind, read_by_parent
 from ..contract.plan import Decision, ModulePlan, Plan, TensorPlan
 from ..contract.records import CheckpointInfo, DeviceCaps, ModelFacts, TensorInfo
-from ..errors import LoaderKitError, PlanError, PluginError, StateDictMismatchError, StrategyError
+from ..errors import (
+    LoaderKitError,
+    PlanError,
+    PluginError,
+    StateDictMismatchError,
+    StrategyError,
+    UnsupportedCheckpointError,
+)
 from ..kernels.native import NATIVE_REASON, native_problem
 from .discover import Entry, PluginManager
 
@@ -146,7 +153,14 @@ def match_keys(
     ignored: dict[str, str] = {}
     if q:
         for k in q.auxiliary:
-            ignored[k] = f"{q.family} marker"
+            ignored[k] = f"{q.family}: an auxiliary tensor (a marker or a cache scale), not a model tensor"
+        for w in q.weights.values():
+            if w.input_scale:
+                ignored[w.input_scale] = (
+                    f"static activation scale of {w.weight}: not applied — loaderkit's kernels decode the "
+                    "weight and compute on unquantized activations (its native fp8 matmul scales "
+                    "activations dynamically)"
+                )
     groups = _tie_groups(slots, facts)
     source_of: dict[str, str] = {}
     also: dict[str, list[str]] = {}
@@ -183,6 +197,9 @@ def match_keys(
         if want != got:
             mismatched.append((ck, got, want))
     decisions = []
+    quantized = [k for k in unexpected if looks_like_quantization_data(k, checkpoint.tensors)]
+    if quantized:
+        raise _unread_quantization_error(checkpoint, quantized)
     if unexpected and not strict:
         for k in unexpected:
             ignored[k] = "not in the model (strict=False)"
@@ -192,6 +209,16 @@ def match_keys(
         unexpected = []
     if missing or unexpected or mismatched:
         raise _mismatch_error(checkpoint, missing, unexpected, mismatched)
+    dropped = [w.input_scale for w in q.weights.values() if w.input_scale] if q else []
+    if dropped:
+        decisions.append(
+            Decision(
+                subject="static activation scales",
+                choice=f"{len(dropped)} not applied",
+                reason="weights are decoded exactly; activations are not quantized with static scales "
+                       f"(e.g. {dropped[0]})",
+            )
+        )
     if kept:
         decisions.append(
             Decision(
@@ -201,6 +228,21 @@ def match_keys(
             )
         )
     return source_of, also, ignored, kept, decisions
+
+
+def _unread_quantization_error(checkpoint: CheckpointInfo, keys: list[str]) -> UnsupportedCheckpointError:
+    shown = ", ".join(keys[:5]) + (f" ... and {len(keys) - 5} more" if len(keys) > 5 else "")
+    q = checkpoint.quantization
+    known = f" ({q.family} does not account for them)" if q else ""
+    return UnsupportedCheckpointError(
+        f"{checkpoint.path}: {len(keys)} tensors are named like quantization data (scales, zero points, "
+        f"packed weights) that no installed scheme reads{known}: {shown}. Loading the weights without "
+        "them would load raw codes as weights, so the checkpoint is refused (strict=False does not "
+        "change this). Install a scheme plugin for this layout, or dequantize the checkpoint with "
+        "the tool that wrote it",
+        path=checkpoint.path,
+        tensor=keys[0],
+    )
 
 
 def _mismatch_error(checkpoint, missing, unexpected, mismatched) -> StateDictMismatchError:
@@ -252,6 +294,7 @@ def negotiate(
     :param layout: plan for writing this on-disk layout (``convert``): what it cannot hold in
         fp8 is planned in the compute dtype, and the plan says so.
     """
+    refuse_unreadable(checkpoint)
     slots = model_slots(model)
     source_of, also, ignored, kept, decisions = match_keys(checkpoint, slots, facts, strict)
     ctx = ModelContext(checkpoint=checkpoint, device=device, strategies=manager.strategy_classes(), facts=facts)
@@ -309,6 +352,16 @@ def negotiate(
         library_ignored=tuple(k for k, why in ignored.items() if why == LIBRARY_IGNORES),
         kept=tuple(kept),
     )
+
+
+def refuse_unreadable(checkpoint: CheckpointInfo) -> None:
+    """A checkpoint whose quantization a scheme recognised but cannot decode fails here, before
+    any decision is made: loading its raw codes as weights would be silently wrong."""
+    q = checkpoint.quantization
+    if q is not None and q.refused:
+        raise UnsupportedCheckpointError(
+            f"{checkpoint.path}: {q.family}: {q.refused}", path=checkpoint.path, plugin=None,
+        )
 
 
 def _decide(strategy: Strategy, entry: Entry, ctx: ModuleContext, state: Any, mgr: PluginManager) -> ModuleDecision:

@@ -1,4 +1,4 @@
-"""Stage 5, place: placement and offloading, through accelerate.
+"""Stages 5 and 8, place and dispatch: placement and offloading, through accelerate.
 
 ``device_map`` is a device string (``"cpu"``, ``"cuda:0"``), one of accelerate's policies
 (``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``) or an explicit
@@ -127,8 +127,8 @@ def _sized_as_planned(model: torch.nn.Module, plan: Plan):
                 continue
             mod_name, _, local = key.rpartition(".")
             module = named[mod_name]
-            name = f"{local}_scale"
-            if name not in module._buffers:
+            name = tp.scale
+            if name is not None and name not in module._buffers:
                 module.register_buffer(name, torch.empty(scale_bytes // 4, device="meta"), persistent=False)
                 added.append((module, name))
         yield

@@ -1,4 +1,4 @@
-"""Stage 4, stream: read tensors from the checkpoint, converting each one as the plan says, and
+"""Stages 6 and 7, stream and finalize: read tensors from the checkpoint, converting each one as the plan says, and
 assign them to the model once all are read.
 
 Tensors are read one at a time from the format's reader (a lazy mmap view for safetensors), so a
@@ -131,10 +131,11 @@ class Source:
                 tensor=key,
                 plugin=self.plugin,
             ) from exc
-        if not isinstance(raw, torch.Tensor):
+        if type(raw) not in (torch.Tensor, torch.nn.Parameter):
             raise PluginError(
                 f"format plugin {self.plugin!r} returned {type(raw).__name__} for tensor {key!r} of "
-                f"{ckpt.path}, not a torch.Tensor",
+                f"{ckpt.path}, not a plain torch.Tensor (tensor subclasses are refused: their values "
+                "are not what their storage holds)",
                 plugin=self.plugin,
                 path=ckpt.path,
                 tensor=key,
@@ -266,6 +267,42 @@ def assign(model: torch.nn.Module, plan: Plan, loaded: Loaded) -> None:
             module._buffers.pop(name, None)
             module._parameters.pop(name, None)
         module.register_buffer(name, scale, persistent=True)
+
+
+def check_assigned(model: torch.nn.Module, plan: Plan) -> None:
+    """Every planned tensor, read back from the model after assignment, is what the plan says:
+    its dtype, its shape, and (unless offloaded) its device. A module whose tensors are managed
+    by someone else (an offload cache, a custom parameter store) could turn an fp8 assignment
+    into something else; that is an error naming the tensor, never a silent change."""
+    named = dict(model.named_modules(remove_duplicate=False))
+    for tp in plan.tensors.values():
+        for key in (tp.key, *tp.also):
+            mod_name, _, local = key.rpartition(".")
+            module = named[mod_name]
+            t = module._parameters.get(local) if local in module._parameters else module._buffers.get(local)
+            want_device = None if tp.device in ("disk", "cpu") and t is not None and t.device.type == "meta" else tp.device
+            problem = _assignment_problem(t, tp, want_device)
+            if problem:
+                raise BuildError(
+                    f"{plan.checkpoint.path}: after assignment, {key!r} {problem}; something other than "
+                    f"loaderkit manages {type(module).__name__}'s tensors (an offload cache, a custom parameter "
+                    "store). Load into a plain module, or let that library load it",
+                    path=plan.checkpoint.path,
+                    tensor=key,
+                    module=mod_name,
+                )
+
+
+def _assignment_problem(t: torch.Tensor | None, tp: TensorPlan, device: str | None) -> str:
+    if t is None:
+        return "is missing from its module"
+    if t.dtype != to_torch(tp.target_dtype):
+        return f"is {str(t.dtype).removeprefix('torch.')}, but the plan stores it as {tp.target_dtype}"
+    if tuple(t.shape) != tp.shape:
+        return f"has shape {list(t.shape)}, but the plan says {list(tp.shape)}"
+    if device is not None and device != "disk" and t.device != torch.device(device):
+        return f"is on {t.device}, but the plan puts it on {device}"
+    return ""
 
 
 def meta_leftovers(model: torch.nn.Module) -> list[str]:

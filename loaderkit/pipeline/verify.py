@@ -1,4 +1,4 @@
-"""Stage 7, verify: check that a model's dtypes are consistent — statically, and with example inputs.
+"""Stage 10, verify: check that a model's dtypes are consistent — statically, and with example inputs.
 
 :func:`verify` works on any module, loaded by loaderkit or not. Statically, every module that
 owns floating-point parameters must hand its kernel those parameters in one compute dtype: either
@@ -41,12 +41,14 @@ class VerifyReport:
     :ivar modules_checked: how many modules owning tensors were checked.
     :ivar compute_dtypes: compute dtype name -> number of modules computing in it.
     :ivar ran_forward: whether a forward pass with example inputs was checked.
+    :ivar notes: facts that are not problems (a model re-cast as a whole after loading).
     """
 
     problems: list[Problem] = field(default_factory=list)
     modules_checked: int = 0
     compute_dtypes: dict[str, int] = field(default_factory=dict)
     ran_forward: bool = False
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -59,7 +61,7 @@ class VerifyReport:
             + ", ".join(f"{k}: {v}" for k, v in sorted(self.compute_dtypes.items()))
             + ("; forward checked" if self.ran_forward else "")
         )
-        return "\n".join([head, *(f"  - {p}" for p in self.problems)])
+        return "\n".join([head, *(f"  - {p}" for p in self.problems), *(f"  note: {n}" for n in self.notes)])
 
 
 def cast_rule_of(module: torch.nn.Module):
@@ -226,6 +228,9 @@ def verify(
                 report.problems.append(
                     Problem(name, "plan", f"computes in {dtype_name(compute)} but the plan says {want}")
                 )
+    if plan is not None and plan is plan_of(model):
+        # only the model's own plan can have been re-cast away from, and only as a whole
+        _recast_note(report, sum(1 for n in computes if n in plan.modules and computes[n] is not None))
     if example_inputs is not None or example_kwargs:
         report.ran_forward = True
         _check_forward(model, example_inputs, example_kwargs or {}, computes, report)
@@ -233,6 +238,23 @@ def verify(
         first = report.problems[0]
         raise VerifyError(str(report), module=first.module)
     return report
+
+
+def _recast_note(report: VerifyReport, planned: int) -> None:
+    """Plan mismatches that are one uniform re-cast (every module the plan said computes in X
+    now computes in Y: ``model.to(Y)`` after loading) are a note, not problems: the model is
+    consistent, and its inputs follow it (see :func:`loaderkit.runtime.attach_input_cast`)."""
+    plan_problems = [p for p in report.problems if p.kind == "plan"]
+    if not plan_problems or len(plan_problems) != len(report.problems) or len(plan_problems) != planned:
+        return
+    shifts = {p.message for p in plan_problems}
+    if len(shifts) != 1:
+        return
+    report.problems = []
+    report.notes.append(
+        f"{len(plan_problems)} modules {plan_problems[0].message.replace('computes in', 'compute in', 1)}: "
+        "the model was re-cast as a whole after loading; its dtypes are consistent"
+    )
 
 
 def _check_forward(model, inputs, kwargs, computes, report) -> None:

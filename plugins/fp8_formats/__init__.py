@@ -16,6 +16,8 @@ scheme                     family
 ``modelopt-fp8``           NVIDIA ModelOpt ``quant_algo`` FP8 / FP8_PER_CHANNEL_PER_TOKEN
 ``fp8-keys``               scaled fp8 without a quantization config, recognised from key names
 ``fp8-plain``              unscaled fp8 weights (flux1-dev-fp8, ``*_fp8_e4m3fn`` files)
+``refused-layouts``        layouts recognised and refused by name (quanto, bitsandbytes, GPTQ/AWQ,
+                           quantization configs no scheme understands): see :mod:`.foreign`
 =========================  ===================================================================
 """
 
@@ -27,17 +29,18 @@ from .comfy import ComfyMixed, ComfyScaledFp8
 from .common import Fp8Scheme, dequantize
 from .compressed_tensors import CompressedTensorsFp8
 from .fbgemm import FbgemmFp8
+from .foreign import RefusedLayouts
 from .hf_config import BlockFp8, ModelOptFp8, PerTensorFp8
 from .plain import KeysOnlyFp8, PlainFp8
 
 SCHEMES: tuple[type[Fp8Scheme], ...] = (
     ComfyMixed, ComfyScaledFp8, CompressedTensorsFp8, BlockFp8, FbgemmFp8, PerTensorFp8, ModelOptFp8,
-    KeysOnlyFp8, PlainFp8,
+    RefusedLayouts, KeysOnlyFp8, PlainFp8,
 )
 
 __all__ = [
     "SCHEMES", "BlockFp8", "ComfyMixed", "ComfyScaledFp8", "CompressedTensorsFp8", "FbgemmFp8",
-    "Fp8Scheme", "KeysOnlyFp8", "ModelOptFp8", "PerTensorFp8", "PlainFp8", "dequantize",
+    "Fp8Scheme", "KeysOnlyFp8", "ModelOptFp8", "PerTensorFp8", "PlainFp8", "RefusedLayouts", "dequantize",
 ]
 
 

@@ -102,8 +102,10 @@ def detect_comfy_scaled(ckpt: CheckpointInfo, scheme: str, family: str) -> Quant
     dtype (float32 means e4m3fn), ``<m>.scale_weight`` and optional ``<m>.scale_input``.
 
     As in ComfyUI, every ``scale_weight`` multiplies its weight (also a high-precision one), and an
-    fp8 weight without one is unscaled. A file with ``_quantization_metadata`` is left to
-    ``comfy-mixed``, which ComfyUI prefers too.
+    fp8 weight without one is unscaled — when no fp8 weight has one. A file where some fp8 weights
+    have a ``scale_weight`` and others do not is refused: ComfyUI's writers scale every fp8
+    weight, so a missing one is a lost tensor, and decoding it unscaled would be silently wrong.
+    A file with ``_quantization_metadata`` is left to ``comfy-mixed``, which ComfyUI prefers too.
     """
     tensors = ckpt.tensors
     markers = [k for k in tensors if k == "scaled_fp8" or k.endswith(".scaled_fp8")]
@@ -114,6 +116,14 @@ def detect_comfy_scaled(ckpt: CheckpointInfo, scheme: str, family: str) -> Quant
         ckpt, family=family, layouts=[TENSOR, CHANNEL], scale_leaves=("scale_weight",),
         input_leaves=("scale_input",), scale_required=False, high_precision_ok=True, exclude=markers,
     )
+    unscaled = sorted(w for w, q in weights.items() if q.scale is None and is_fp8_weight(tensors[w]))
+    if unscaled and any(q.scale for w, q in weights.items() if is_fp8_weight(tensors[w])):
+        raise CorruptCheckpointError(
+            f"fp8 weight {unscaled[0]} has no {sibling(module_of(unscaled[0]), 'scale_weight')}, while other fp8 "
+            f"weights of this {family} checkpoint have one ({len(unscaled)} without); the file lost tensors "
+            "or is corrupt, and decoding those weights unscaled would be wrong",
+            tensor=unscaled[0],
+        )
     details: dict[str, Any] = {
         "markers": {m: {"dtype": tensors[m].dtype, "numel": math.prod(tensors[m].shape)} for m in markers},
         "prefixes": list(storage),

@@ -120,7 +120,7 @@ class CompressedTensorsFp8(Fp8Scheme):
 
 
 
-_CT_FORMATS = frozenset({"float-quantized", "naive-quantized"})
+_CT_FORMATS = frozenset({"float-quantized", "naive-quantized", "mxfp8-quantized"})
 
 
 def _detect_compressed_tensors(ckpt: CheckpointInfo, scheme: str, family: str) -> QuantizationInfo | None:
@@ -133,9 +133,10 @@ def _detect_compressed_tensors(ckpt: CheckpointInfo, scheme: str, family: str) -
     if not fp8 or not has_fp8_or_scales(ckpt):
         return None
     names, regexes, classes = split_name_patterns(qc.get("ignore") or [])
+    mx = any((g.get("format") or qc.get("format")) == "mxfp8-quantized" for g in fp8.values())
     weights = scaled_weights(
-        ckpt, family=family, layouts=_ct_layouts(ckpt, fp8), scale_leaves=("weight_scale",),
-        input_leaves=("input_scale",),
+        ckpt, family=family + (" (MXFP8: group-32 ue8m0 scales)" if mx else ""), layouts=_ct_layouts(ckpt, fp8),
+        scale_leaves=("weight_scale",), input_leaves=("input_scale",), ue8m0_bytes=mx,
     )
     modules = [module_of(w) for w, q in weights.items() if q.scale]
     details: dict[str, Any] = {
@@ -149,7 +150,7 @@ def _detect_compressed_tensors(ckpt: CheckpointInfo, scheme: str, family: str) -
     clash = sorted(m for m in modules if name_matches(m, names, regexes))
     if clash:
         details["ignored_but_quantized"] = clash
-    return make_info(ckpt, scheme, family, weights, details)
+    return make_info(ckpt, scheme, family + (" (MXFP8: group-32 ue8m0 scales)" if mx else ""), weights, details)
 
 
 def _ct_fp8_groups(ckpt: CheckpointInfo, qc: dict[str, Any]) -> dict[str, dict]:

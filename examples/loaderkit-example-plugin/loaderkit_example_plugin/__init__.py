@@ -24,9 +24,7 @@ from typing import Literal
 
 import torch
 
-import loaderkit
-from loaderkit import PlanError
-from loaderkit.plugin import ModuleContext, ModuleDecision, Strategy, StrategyOptions
+from loaderkit.plugin import ModuleContext, ModuleDecision, PlanError, Strategy, StrategyOptions, hookimpl
 
 __version__ = "0.1.0"
 
@@ -69,12 +67,12 @@ class FP32Norms(Strategy):
         return ModuleDecision(compute=self.options.dtype)
 
 
-@loaderkit.hookimpl
+@hookimpl
 def loaderkit_register_strategies(register):
     register(FP32Norms)
 
 
-@loaderkit.hookimpl
+@hookimpl
 def loaderkit_plan_ready(plan):
     """Refuse a plan that needs more than ``LOADERKIT_EXAMPLE_MAX_BYTES`` on any device."""
     raw = os.environ.get(BUDGET_ENV, "").strip()
@@ -100,7 +98,7 @@ def _to(dtype: torch.dtype):
     return cast
 
 
-@loaderkit.hookimpl
+@hookimpl
 def loaderkit_model_loaded(model, plan):
     """Cast activations into and out of the float32 normalisation layers of our strategy's loads."""
     if plan.strategy != FP32Norms.name:
