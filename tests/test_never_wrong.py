@@ -263,3 +263,54 @@ def test_the_vace_patch_embedding_is_skipped_like_the_patch_embedding(tmp_path):
         assert plan.modules[name].storage["weight"] == "bfloat16", name
         assert "skip pattern" in plan.modules[name].reason
     assert plan.modules["proj"].storage["weight"] == "float8_e4m3fn"
+
+
+# -- 6. verify observes what kernels receive, and names what it does not cover -----------------------
+
+
+class WrappedLinear(nn.Linear):
+    """Another library's VRAM-managed layer (DiffSynth's AutoWrappedLinear does this): fp8
+    storage, and a forward that casts the weight to the activations' dtype itself."""
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
+
+
+class Managed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = WrappedLinear(8, 16)
+        self.fc2 = WrappedLinear(16, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_verify_reports_another_librarys_working_wrapper_as_not_covered():
+    model = Managed().to(torch.bfloat16)
+    for m in (model.fc1, model.fc2):
+        m.weight.data = m.weight.data.to(E4M3)
+    static = loaderkit.verify(model)
+    assert not static.ok and {p.module for p in static.problems} == {"fc1", "fc2"}
+    x = torch.randn(2, 8, dtype=torch.bfloat16)
+    report = loaderkit.verify(model, x)
+    assert report.ok, str(report)
+    assert len(report.notes) == 2 and all("not covered by loaderkit" in n for n in report.notes)
+    assert report.observed["fc1"] == ["linear: input bfloat16, weight bfloat16"]
+
+
+def test_verify_keeps_the_problem_when_the_kernel_really_sees_fp8(tiny_ckpt):
+    model = TinyNet().to(torch.bfloat16)
+    model.proj.weight.data = model.proj.weight.data.to(E4M3)
+    report = loaderkit.verify(model, torch.randn(2, 8, dtype=torch.bfloat16))
+    assert not report.ok
+    assert {p.kind for p in report.problems} >= {"storage", "forward"}
+    assert not report.notes
+
+
+def test_verify_observes_every_kernel_of_a_loaded_model(tiny_ckpt):
+    model = loaderkit.load(tiny_ckpt[0], "fp8", model=TinyNet)
+    report = loaderkit.verify(model, torch.randn(2, 8))
+    assert report.ok
+    assert report.observed["proj"] == ["linear: input bfloat16, weight bfloat16"]  # decoded by the cast rule
+    assert report.observed["norm"] == ["layer_norm: input bfloat16, weight bfloat16"]

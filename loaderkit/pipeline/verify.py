@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from ..contract.dtypes import dtype_name, is_fp8
 from ..contract.modules import STRICT_KERNELS
@@ -41,7 +43,10 @@ class VerifyReport:
     :ivar modules_checked: how many modules owning tensors were checked.
     :ivar compute_dtypes: compute dtype name -> number of modules computing in it.
     :ivar ran_forward: whether a forward pass with example inputs was checked.
-    :ivar notes: facts that are not problems (a model re-cast as a whole after loading).
+    :ivar notes: facts that are not problems (a model re-cast as a whole after loading; modules
+        another library's wrapper covers, as the forward check observed).
+    :ivar observed: with example inputs, what each module's kernels actually received, as
+        ``"linear: input bfloat16, weight bfloat16"`` strings (module name -> kernel calls).
     """
 
     problems: list[Problem] = field(default_factory=list)
@@ -49,6 +54,7 @@ class VerifyReport:
     compute_dtypes: dict[str, int] = field(default_factory=dict)
     ran_forward: bool = False
     notes: list[str] = field(default_factory=list)
+    observed: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -285,14 +291,96 @@ def _check_forward(model, inputs, kwargs, computes, report) -> None:
     for name, module in model.named_modules():
         if isinstance(module, STRICT_KERNELS) and name in computes:
             handles.append(module.register_forward_pre_hook(make_hook(name), with_kwargs=True))
+    watch = _KernelWatch()
+    handles += watch.attach(model)
     args = inputs if isinstance(inputs, (tuple, list)) else (() if inputs is None else (inputs,))
+    raised = False
     try:
-        with torch.no_grad():
+        with torch.no_grad(), watch:
             model(*args, **kwargs)
     except Exception as exc:  # the crash verify exists to predict
+        raised = True
         report.problems.append(
             Problem("", "forward", f"forward pass raised {type(exc).__name__}: {exc}")
         )
     finally:
         for h in handles:
             h.remove()
+    report.observed = {n: sorted(set(calls)) for n, calls in watch.calls.items()}
+    _judge_observed(model, report, watch, raised)
+
+
+#: functional kernels watched during the forward check: function -> (input index, weight index
+#: or keyword). Their weights are what the kernel computes with, whoever handed them over.
+_KERNELS = {
+    F.linear: ("linear", 0, 1), F.conv1d: ("conv1d", 0, 1), F.conv2d: ("conv2d", 0, 1),
+    F.conv3d: ("conv3d", 0, 1), F.conv_transpose1d: ("conv_transpose1d", 0, 1),
+    F.conv_transpose2d: ("conv_transpose2d", 0, 1), F.conv_transpose3d: ("conv_transpose3d", 0, 1),
+    F.layer_norm: ("layer_norm", 0, 2), F.group_norm: ("group_norm", 0, 2), F.embedding: ("embedding", None, 1),
+}  # fmt: skip
+
+
+class _KernelWatch(TorchFunctionMode):
+    """Records, per module being run, the dtypes each functional kernel actually receives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.calls: dict[str, list[str]] = {}
+
+    def attach(self, model: torch.nn.Module) -> list:
+        def enter(name: str):
+            def hook(module, args) -> None:
+                self.stack.append(name)
+
+            return hook
+
+        def leave(module, args, output) -> None:
+            if self.stack:
+                self.stack.pop()
+
+        handles = []
+        for name, module in model.named_modules():
+            handles.append(module.register_forward_pre_hook(enter(name)))
+            handles.append(module.register_forward_hook(leave, always_call=True))
+        return handles
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        spec = _KERNELS.get(func)
+        if spec is not None and self.stack:
+            what, i, w = spec
+            x = args[i] if i is not None and len(args) > i else None
+            weight = args[w] if len(args) > w else kwargs.get("weight")
+            if isinstance(weight, torch.Tensor):
+                seen = f"{what}: " + (f"input {dtype_name(x.dtype)}, " if isinstance(x, torch.Tensor) else "")
+                self.calls.setdefault(self.stack[-1], []).append(seen + f"weight {dtype_name(weight.dtype)}")
+        return func(*args, **kwargs)
+
+
+def _judge_observed(model: torch.nn.Module, report: VerifyReport, watch: _KernelWatch, raised: bool) -> None:
+    """After a forward that ran: a module the static check flagged (fp8 storage, no loaderkit
+    cast rule) whose kernels were all seen receiving compute-dtype weights is covered by
+    something else (another library's wrapper): a note naming what was observed, not a problem.
+    Any kernel seen receiving fp8 activations is a problem (a storage-only dtype reached it)."""
+    for name, calls in watch.calls.items():
+        fp8_inputs = [c for c in calls if "input float8" in c]
+        if fp8_inputs:
+            report.problems.append(Problem(name, "activation", f"a kernel received fp8 activations ({fp8_inputs[0]}): "
+                                           "a storage-only dtype reached a kernel; fp8 is a storage format"))
+    if raised:
+        return
+    named = dict(model.named_modules())
+    kept = []
+    for p in report.problems:
+        calls = watch.calls.get(p.module, [])
+        weights = {c.rpartition("weight ")[2] for c in calls}
+        if p.kind == "storage" and "with no cast rule" in p.message and calls and not any(is_fp8(w) for w in weights):
+            report.notes.append(
+                f"{p.module} ({type(named[p.module]).__name__}): not covered by loaderkit — it stores fp8 weights "
+                f"without a loaderkit cast rule, but its own forward handed its kernels {', '.join(sorted(weights))} "
+                f"weights (observed: {calls[0]})"
+            )
+            continue
+        kept.append(p)
+    report.problems = kept
