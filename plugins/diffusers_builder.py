@@ -11,6 +11,7 @@ the import, and without diffusers installed this plugin contributes nothing.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 import importlib.util
 import sys
 from typing import Any
@@ -46,6 +47,14 @@ class DiffusersBuilder(Builder):
         ckpt = request.checkpoint
         cfg = thaw(ckpt.config) or {}
         cls = getattr(diffusers, str(cfg["_class_name"]), None)
+        if isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin) and (Path(ckpt.root) / "config.json").is_file():
+            try:  # the library's own reader, as from_pretrained reads it
+                cfg = cls.load_config(str(ckpt.root), local_files_only=True)
+            except Exception as exc:
+                raise BuildError(
+                    f"diffusers could not read the config.json of {ckpt.path}: {type(exc).__name__}: {exc}",
+                    path=ckpt.path,
+                ) from exc
         if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
             raise BuildError(
                 f"config.json of {ckpt.path} names _class_name {cfg['_class_name']!r}, which is "

@@ -164,8 +164,11 @@ class FP8(Strategy):
     def _skipped(self, module: ModuleContext, state: FP8State) -> str | None:
         if self._keeps_fp32(module):
             return "kept in float32 by the model's library"
+        if module.keep_fp32_fp16:
+            return ("the model's library keeps it in float32 under float16 (_keep_in_fp32_modules): "
+                    "precision-sensitive, so never stored in fp8")
         if module.skip_low_precision:
-            return "the model's library never stores it in low precision"
+            return module.skip_reason or "the model's library never stores it in low precision"
         if module.type in self.options.skip_types:
             return f"{module.type} is in skip_types"
         for pat in state.skips:

@@ -58,7 +58,7 @@ class TransformersBuilder(Builder):
 
         ckpt = request.checkpoint
         dtype = to_torch(request.dtype)
-        model_cls, config = _resolve(transformers, _dense_config(thaw(ckpt.config) or {}), ckpt.path)
+        model_cls, config = _resolve(transformers, _dense_config(_config_dict(transformers, ckpt)), ckpt.path)
         _set_config_dtype(config, dtype)
         config.name_or_path = ckpt.root
         try:
@@ -73,6 +73,23 @@ class TransformersBuilder(Builder):
             ) from exc
         _load_generation_config(model, ckpt.root)
         return model
+
+
+def _config_dict(transformers: Any, ckpt) -> dict[str, Any]:
+    """config.json as transformers itself reads it (``PretrainedConfig.get_config_dict``: its
+    special encodings decoded, such as ``{"__float__": "Infinity"}``); the described config
+    when the checkpoint's config did not come from a file beside it."""
+    path = Path(ckpt.root) / "config.json"
+    if not path.is_file():
+        return thaw(ckpt.config) or {}
+    try:
+        cfg, _ = transformers.PretrainedConfig.get_config_dict(str(ckpt.root), local_files_only=True)
+    except Exception as exc:
+        raise BuildError(
+            f"transformers could not read the config.json of {ckpt.path}: {type(exc).__name__}: {exc}",
+            path=ckpt.path,
+        ) from exc
+    return cfg
 
 
 def _dense_config(cfg: dict[str, Any]) -> dict[str, Any]:

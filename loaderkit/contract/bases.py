@@ -295,8 +295,10 @@ class ModuleContext(Frozen):
         tensor that will fill it, or of the planned tensor when the checkpoint lacks it).
     :ivar keep_fp32: the model library asks for this module to stay in float32.
     :ivar keep_fp32_fp16: the library asks for it to stay in float32 when computing in float16.
-    :ivar skip_low_precision: the library or user asks this module not to be stored in a
-        low-precision format (``_skip_layerwise_casting_patterns`` and the strategy's skips).
+    :ivar skip_low_precision: the module must not be stored in a low-precision format: its
+        library declares it (``_skip_layerwise_casting_patterns``), or its parent reads its
+        tensors or their dtype itself.
+    :ivar skip_reason: why, when :attr:`skip_low_precision` is set.
     """
 
     name: str
@@ -306,6 +308,7 @@ class ModuleContext(Frozen):
     keep_fp32: bool = False
     keep_fp32_fp16: bool = False
     skip_low_precision: bool = False
+    skip_reason: str = ""
 
 
 class ModuleDecision(Frozen):

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
 from typing import Literal
 
@@ -47,8 +49,37 @@ def module_kind(module: nn.Module) -> ModuleKind:
     return "other"
 
 
-def read_by_parent(name: str, named: dict[str, nn.Module]) -> bool:
-    """True for a module whose parent reads its tensors without calling it (so a cast rule on
-    the module itself would never run): ``nn.MultiheadAttention.out_proj``."""
-    parent, _, _ = name.rpartition(".")
-    return bool(name) and isinstance(named.get(parent), nn.MultiheadAttention)
+def read_by_parent(name: str, named: dict[str, nn.Module]) -> str:
+    """Why a module's tensors must stay in its compute dtype because its *parent* reads them
+    ('' when it does not): a parent that reads the child's tensors without calling it (so a cast
+    rule on the child never runs: ``nn.MultiheadAttention.out_proj``), or one whose ``forward``
+    reads ``self.<child>.weight.dtype`` — T5's feed-forward casts its activations to
+    ``self.wo.weight.dtype``; with ``wo`` stored in fp8 the activations would become fp8."""
+    if not name:
+        return ""
+    parent_name, _, child = name.rpartition(".")
+    parent = named.get(parent_name)
+    if parent is None:
+        return ""
+    if isinstance(parent, nn.MultiheadAttention):
+        return "its parent nn.MultiheadAttention reads its tensors without calling it"
+    if child in _children_whose_dtype_is_read(type(parent)):
+        return (f"its parent {type(parent).__name__}.forward reads self.{child}.weight.dtype (it casts "
+                "activations to it): a storage-only dtype there would reach the kernels as activations")
+    return ""
+
+
+_READS_DTYPE = re.compile(r"self\.(\w+)\.weight\.dtype")
+
+
+@functools.lru_cache(maxsize=None)
+def _children_whose_dtype_is_read(cls: type) -> frozenset[str]:
+    """Child attribute names whose ``weight.dtype`` the class's ``forward`` reads."""
+    forward = getattr(cls, "forward", None)
+    if forward is None or forward is nn.Module.forward:
+        return frozenset()
+    try:
+        source = inspect.getsource(forward)
+    except (OSError, TypeError):
+        return frozenset()
+    return frozenset(_READS_DTYPE.findall(source))

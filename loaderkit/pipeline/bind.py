@@ -42,7 +42,7 @@ def bind_runtime(model: torch.nn.Module, plan: Plan, cast_inputs: bool) -> None:
         )
     entry = plan.entry_dtype()
     for m in plan.modules.values():
-        if m.compute_dtype != entry and m.name and _computes(named[m.name]):
+        if m.compute_dtype != entry and m.name and _computes(named[m.name]) and _is_leaf(named[m.name]):
             # e.g. a module the library keeps in float32 inside a bf16 model: its kernel must
             # receive float32 activations (its output is left as it is)
             runtime.attach_input_cast(named[m.name], to_torch(m.compute_dtype), _follow(named, plan, m.name))
@@ -63,6 +63,13 @@ def _follow(named: dict, plan: Plan, module: str | None, dtype: str | None = Non
                 if t is not None and t.is_floating_point() and t.device.type != "meta":
                     return t
     return None
+
+
+def _is_leaf(module: torch.nn.Module) -> bool:
+    """No child holds parameters: casting this module's inputs reaches only its own kernel. (A
+    container that owns an fp32 parameter — Wan's ``scale_shift_table`` — uses it in its own
+    code; its children keep the model's dtype, so its inputs are left alone.)"""
+    return not any(p is not None for c in module.children() for p in c.parameters())
 
 
 def _computes(module: torch.nn.Module) -> bool:

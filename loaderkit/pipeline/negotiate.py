@@ -309,14 +309,19 @@ def negotiate(
     for mname, keys in by_module.items():
         module = named[mname]
         infos = {slots[k].local: checkpoint.tensors[source_of[k]] for k in keys}
+        skip_reason = (
+            "the model's library never stores it in low precision" if facts.skips_low_precision(mname)
+            else read_by_parent(mname, named)
+        )
         mctx = ModuleContext(
             name=mname,
             type=type(module).__name__,
             kind=module_kind(module),
             tensors=infos,
-            keep_fp32=facts.keeps_fp32(mname),
-            keep_fp32_fp16=facts.keeps_fp32(mname, fp16=True),
-            skip_low_precision=facts.skips_low_precision(mname) or read_by_parent(mname, named),
+            keep_fp32=_keeps_fp32(facts, mname, infos),
+            keep_fp32_fp16=_keeps_fp32(facts, mname, infos, fp16=True),
+            skip_low_precision=bool(skip_reason),
+            skip_reason=skip_reason,
         )
         decision = _decide(strategy, strategy_entry, mctx, state, manager)
         if layout is not None:
@@ -352,6 +357,15 @@ def negotiate(
         library_ignored=tuple(k for k, why in ignored.items() if why == LIBRARY_IGNORES),
         kept=tuple(kept),
     )
+
+
+def _keeps_fp32(facts: ModelFacts, module: str, tensors: dict, fp16: bool = False) -> bool:
+    """The library keeps this module in float32: by its name, or — as diffusers matches its
+    ``_keep_in_fp32_modules`` against every component of a *parameter's* name — by the name of
+    one of its own tensors (Wan's ``scale_shift_table`` is a parameter, not a module)."""
+    if facts.keeps_fp32(module, fp16=fp16):
+        return True
+    return any(facts.keeps_fp32(f"{module}.{local}" if module else local, fp16=fp16) for local in tensors)
 
 
 def refuse_unreadable(checkpoint: CheckpointInfo) -> None:

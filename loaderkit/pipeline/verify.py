@@ -275,13 +275,18 @@ def _check_forward(model, inputs, kwargs, computes, report) -> None:
             for a in (*args, *kw.values()):
                 if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != want:
                     seen.add(name)
+                    fix = (
+                        "fp8 is a storage dtype: something before it cast the activations to a stored "
+                        "dtype (a parent reading a child's weight dtype?)" if is_fp8(dtype_name(a.dtype))
+                        else "cast the input (loaderkit casts inputs at the model's entry when loaded "
+                        "with cast_inputs=True)"
+                    )
                     report.problems.append(
                         Problem(
                             name,
                             "activation",
                             f"receives {dtype_name(a.dtype)} activations but its kernel computes in "
-                            f"{dtype_name(want)}; cast the input (loaderkit casts inputs at the model's "
-                            "entry when loaded with cast_inputs=True)",
+                            f"{dtype_name(want)}; {fix}",
                         )
                     )
                     return
@@ -363,11 +368,12 @@ def _judge_observed(model: torch.nn.Module, report: VerifyReport, watch: _Kernel
     cast rule) whose kernels were all seen receiving compute-dtype weights is covered by
     something else (another library's wrapper): a note naming what was observed, not a problem.
     Any kernel seen receiving fp8 activations is a problem (a storage-only dtype reached it)."""
+    flagged = {p.module for p in report.problems if p.kind == "activation"}
     for name, calls in watch.calls.items():
         fp8_inputs = [c for c in calls if "input float8" in c]
-        if fp8_inputs:
+        if fp8_inputs and name not in flagged:
             report.problems.append(Problem(name, "activation", f"a kernel received fp8 activations ({fp8_inputs[0]}): "
-                                           "a storage-only dtype reached a kernel; fp8 is a storage format"))
+                                           "fp8 is a storage dtype, and it reached a kernel as activations"))
     if raised:
         return
     named = dict(model.named_modules())
