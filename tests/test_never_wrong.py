@@ -7,8 +7,6 @@ optimum-quanto); the others are written in the exact key layout their writers pr
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
