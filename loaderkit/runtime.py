@@ -182,7 +182,9 @@ def cast_rules(model: nn.Module) -> dict[str, CastRule]:
     return {n: r for n, m in model.named_modules() if (r := cast_rule_of(m)) is not None}
 
 
-def attach_input_cast(model: nn.Module, dtype: torch.dtype, follow: torch.Tensor | None = None) -> InputCastHook:
+def attach_input_cast(
+    model: nn.Module, dtype: torch.dtype, follow: torch.Tensor | None = None, *, entry_of: nn.Module | None = None
+) -> InputCastHook:
     """Cast the floating-point tensors passed to ``model`` (positional and keyword, nested in
     lists, tuples and dicts) to ``dtype``. Integer and boolean tensors (token ids, masks) and
     non-tensors pass unchanged. Returns the hook; :func:`detach` removes it.
@@ -190,14 +192,29 @@ def attach_input_cast(model: nn.Module, dtype: torch.dtype, follow: torch.Tensor
     :param follow: a tensor of the model stored in ``dtype`` (a bias, a norm weight): when the
         user re-casts the model (``model.to(torch.bfloat16)``), inputs follow that tensor's new
         dtype instead of the one the model was loaded in.
+    :param entry_of: ``model`` is a sub-module libraries also call directly (a VAE's decoder,
+        Whisper's encoder) of this root, which has an input cast: inputs are cast only when the
+        sub-module is called from outside the root's forward; inside it, the model's own dtype
+        choices are left alone.
     """
     if not dtype.is_floating_point or dtype.itemsize == 1:
         raise CastRuleError(f"input cast dtype {dtype} is not a compute dtype")
     for old in list(_hooks_of(model)):
         if isinstance(old, InputCastHook):
             _remove_hooks(model, lambda h, old=old: h is old)
-    hook = InputCastHook(dtype, follow)
+    scope = None
+    if entry_of is not None:
+        root = _find(getattr(entry_of, "_hf_hook", None), InputCastHook)
+        if root is None:
+            raise CastRuleError("entry_of= names a module without an input cast; attach the root's first")
+        scope = root.scope
+    hook = InputCastHook(dtype, follow, scope)
     add_hook_to_module(model, hook, append=True)
+    if scope is None:
+        # the root's forwards are counted by torch's own hooks, which fire only for real forward
+        # calls (diffusers' encode/decode call an accelerate hook's pre_forward without one)
+        hook.handles = [model.register_forward_pre_hook(hook.forward_enter),
+                        model.register_forward_hook(hook.forward_exit, always_call=True)]
     return hook
 
 
@@ -382,13 +399,37 @@ class CastHook(ModelHook):
                 _POOL.give(s.pooled)
 
 
+class _Scope:
+    """How many forwards of a root with an input cast are running (entry casts stand down then)."""
+
+    depth = 0
+
+
 class InputCastHook(ModelHook):
     """Casts the floating tensors reaching a model's root to its compute dtype: the dtype it was
-    loaded in, or — when it follows a tensor of the model — that tensor's current dtype."""
+    loaded in, or — when it follows a tensor of the model — that tensor's current dtype. An entry
+    cast (of a sub-module also called directly) casts only outside its root's forward."""
 
-    def __init__(self, dtype: torch.dtype, follow: torch.Tensor | None = None) -> None:
+    def __init__(self, dtype: torch.dtype, follow: torch.Tensor | None = None, scope: _Scope | None = None) -> None:
         self.dtype = dtype
         self._follow = weakref.ref(follow) if follow is not None else None
+        self.entry = scope is not None
+        self.scope = scope if scope is not None else _Scope()
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def forward_enter(self, module: nn.Module, args) -> None:
+        """Forward pre-hook of a root: one more of its forwards is running."""
+        self.scope.depth += 1
+
+    def forward_exit(self, module: nn.Module, args, output) -> None:
+        """Always-called forward hook of a root: its forward is over (also when it raised)."""
+        self.scope.depth = max(0, self.scope.depth - 1)
+
+    def detach_hook(self, module: nn.Module) -> nn.Module:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        return module
 
     @property
     def current(self) -> torch.dtype:
@@ -399,6 +440,8 @@ class InputCastHook(ModelHook):
         return self.dtype
 
     def pre_forward(self, module: nn.Module, *args, **kwargs):
+        if self.entry and self.scope.depth:
+            return args, kwargs  # called by the root's own forward: its dtypes are the model's
         dtype = self.current
         return _cast_tree(args, dtype), _cast_tree(kwargs, dtype)
 

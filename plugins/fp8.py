@@ -45,10 +45,12 @@ from loaderkit.errors import PlanError
 #: module-name regexes never quantized on load: positional / patch / time embeddings and output
 #: heads, whose precision matters most for the least memory. Embedding roles are matched as a
 #: word of a name component (``patch_embedding``, ``vace_patch_embedding``, ``time_embedder``),
-#: not only at its start.
+#: not only at its start. Output heads only outside the repeated blocks: the model's own
+#: ``proj_out`` (also under a wrapper prefix such as ``model.diffusion_model.``), never
+#: ``single_transformer_blocks.3.proj_out``.
 DEFAULT_SKIP: tuple[str, ...] = (
     r"(^|[._])(pos|patch|time|timestep|position|positional)_?embed",
-    r"(^|\.)(lm_head|head|proj_out|final_layer|norm_out|output)$",
+    r"^(?!.*\.\d+\.)(.*\.)?(lm_head|head|proj_out|final_layer|norm_out|output)$",
 )
 
 
@@ -75,6 +77,13 @@ class FP8Options(StrategyOptions):
         or ``"always"`` (fail at plan time where it does not).
     :ivar resident: keep a compute-dtype copy of every fp8 weight resident: the forward costs no
         upcast but memory grows by the compute-dtype size of those weights.
+    :ivar library_skips: honour the model library's "never store in low precision" patterns
+        (``_skip_layerwise_casting_patterns``; default on). ``False`` stores those modules in fp8
+        too (diffusers skips every ``norm`` module, which in Flux-style models holds the AdaLN
+        projections: a large share of the bytes). Modules that must stay in their compute dtype
+        for the model to run (``ModuleContext.locked``) are never stored in fp8.
+    :ivar quantize_sensitive: store in fp8 even a model its library marks as sensitive to
+        low-precision storage as a whole (VAEs; default off: they stay in the compute dtype).
     """
 
     storage_dtype: str = "float8_e4m3fn"
@@ -86,6 +95,8 @@ class FP8Options(StrategyOptions):
     default_skips: bool = True
     native: Literal["never", "auto", "always"] = "never"
     resident: bool = False
+    library_skips: bool = True
+    quantize_sensitive: bool = False
 
     @field_validator("storage_dtype", mode="before")
     @classmethod
@@ -111,6 +122,7 @@ class FP8State:
 
     skips: tuple[re.Pattern, ...]
     native: bool
+    keep_all: str = ""  # the reason the whole model stays in the compute dtype, if it does
 
 
 class FP8(Strategy):
@@ -156,7 +168,14 @@ class FP8(Strategy):
             + ("" if ctx.device.is_fast(o.compute_dtype) else f"; note {ctx.device.device} computes "
                f"{o.compute_dtype} slowly — compute_dtype=torch.float32 may be faster"),
         )
-        return FP8State(skips=skips, native=native)
+        keep_all = ""
+        if ctx.facts.low_precision_advice and not o.quantize_sensitive:
+            keep_all = f"{ctx.facts.low_precision_advice}; pass quantize_sensitive=True to store it in fp8 anyway"
+            ctx.note("whole model", f"kept in {o.compute_dtype}", keep_all)
+        if not o.library_skips and ctx.facts.skip_low_precision:
+            ctx.note("library skips", "not applied", "library_skips=False: modules the library never stores "
+                     f"in low precision ({', '.join(ctx.facts.skip_low_precision)}) are stored in fp8 too")
+        return FP8State(skips=skips, native=native, keep_all=keep_all)
 
     def _keeps_fp32(self, module: ModuleContext) -> bool:
         return module.keep_fp32 or (self.options.compute_dtype == "float16" and module.keep_fp32_fp16)
@@ -167,8 +186,12 @@ class FP8(Strategy):
         if module.keep_fp32_fp16:
             return ("the model's library keeps it in float32 under float16 (_keep_in_fp32_modules): "
                     "precision-sensitive, so never stored in fp8")
-        if module.skip_low_precision:
-            return module.skip_reason or "the model's library never stores it in low precision"
+        if module.locked:
+            return module.locked
+        if state.keep_all:
+            return state.keep_all
+        if module.skip_low_precision and self.options.library_skips:
+            return "the model's library never stores it in low precision (library_skips=False overrides)"
         if module.type in self.options.skip_types:
             return f"{module.type} is in skip_types"
         for pat in state.skips:
@@ -182,7 +205,9 @@ class FP8(Strategy):
         storage: dict[str, str] = {}
         weight = module.tensors.get("weight")
         reason = ""
-        if weight is not None and is_fp8(weight.dtype):
+        if weight is not None and is_fp8(weight.dtype) and module.locked:
+            reason = f"fp8 in the checkpoint, decoded to {compute}: {module.locked}"
+        elif weight is not None and is_fp8(weight.dtype):
             storage["weight"] = weight.dtype  # stored fp8 stays fp8, whatever the module
             reason = "fp8 in the checkpoint, kept"
         elif weight is not None and module.kind in ("linear", "conv"):
@@ -192,6 +217,8 @@ class FP8(Strategy):
                 reason = f"quantized on load, {o.granularity} scales"
             else:
                 reason = skipped
+        elif weight is not None and weight.torch_dtype.is_floating_point:
+            reason = f"a {module.type} ({module.kind}), not a Linear or convolution: stored in {compute}"
         native = state.native and module.kind == "linear" and "weight" in storage
         granularity = o.granularity
         if granularity == "block" and (weight is None or len(weight.shape) != 2):

@@ -288,8 +288,25 @@ def facts_for(model: torch.nn.Module) -> ModelFacts:
         tied=_tied(model),
         no_split=_patterns(getattr(model, "_no_split_modules", None)),
         finalize=(tie_weights,),
+        dtype_source=_dtype_source(model),
+        linear_types=_linear_types(model),
         source=("transformers",),
     )
+
+
+def _dtype_source(model: torch.nn.Module) -> tuple[str, ...]:
+    """The module whose parameter ``PreTrainedModel.dtype`` reports: the first floating one."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point():
+            return (name.rpartition(".")[0],)
+    return ()
+
+
+def _linear_types(model: torch.nn.Module) -> tuple[str, ...]:
+    """transformers' ``Conv1D`` (GPT-2 and kin): a Linear whose weight is stored transposed."""
+    from transformers.pytorch_utils import Conv1D
+
+    return ("Conv1D",) if any(isinstance(m, Conv1D) for m in model.modules()) else ()
 
 
 # -------------------------------------------------------------------------------------------

@@ -295,10 +295,12 @@ class ModuleContext(Frozen):
         tensor that will fill it, or of the planned tensor when the checkpoint lacks it).
     :ivar keep_fp32: the model library asks for this module to stay in float32.
     :ivar keep_fp32_fp16: the library asks for it to stay in float32 when computing in float16.
-    :ivar skip_low_precision: the module must not be stored in a low-precision format: its
-        library declares it (``_skip_layerwise_casting_patterns``), or its parent reads its
-        tensors or their dtype itself.
-    :ivar skip_reason: why, when :attr:`skip_low_precision` is set.
+    :ivar skip_low_precision: the model's library asks for this module not to be stored in a
+        low-precision format (``_skip_layerwise_casting_patterns``): a preference a strategy may
+        let the user override.
+    :ivar locked: non-empty when the module *must* stay in its compute dtype for the model to
+        run correctly — its parent reads its tensors or their dtype, or the library reads the
+        model's dtype from it — and why. Never overridable.
     """
 
     name: str
@@ -308,7 +310,7 @@ class ModuleContext(Frozen):
     keep_fp32: bool = False
     keep_fp32_fp16: bool = False
     skip_low_precision: bool = False
-    skip_reason: str = ""
+    locked: str = ""
 
 
 class ModuleDecision(Frozen):

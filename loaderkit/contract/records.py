@@ -312,6 +312,14 @@ class ModelFacts(Frozen):
     :ivar tied: target key -> source key of tied parameters (the target is not loaded; it is tied).
     :ivar no_split: module class names accelerate must not split across devices.
     :ivar finalize: callables run on the loaded model (``tie_weights`` and the like).
+    :ivar dtype_source: modules the library reads the model's dtype from (``model.dtype`` is
+        the dtype of the first floating parameter in transformers and diffusers): they are never
+        stored in a storage-only dtype, so ``model.dtype`` stays the compute dtype.
+    :ivar linear_types: class names the library uses as linear layers (transformers' GPT-2
+        ``Conv1D``, a Linear with a transposed weight): strategies see them as ``"linear"``.
+    :ivar low_precision_advice: non-empty when the library's model is sensitive to low-precision
+        storage as a whole (a VAE): why. fp8 strategies keep such a model in its compute dtype
+        unless asked otherwise, and say so in the plan.
     :ivar source: who declared these facts.
     """
 
@@ -323,6 +331,9 @@ class ModelFacts(Frozen):
     tied: ReadOnly[dict[str, str]] = Field(default_factory=dict)
     no_split: tuple[str, ...] = ()
     finalize: tuple[Callable[[torch.nn.Module], Any], ...] = ()
+    dtype_source: tuple[str, ...] = ()
+    linear_types: tuple[str, ...] = ()
+    low_precision_advice: str = ""
     source: tuple[str, ...] = ()
 
     def merge(self, other: "ModelFacts") -> "ModelFacts":
@@ -340,6 +351,9 @@ class ModelFacts(Frozen):
             tied={**self.tied, **other.tied},
             no_split=cat(self.no_split, other.no_split),
             finalize=cat(self.finalize, other.finalize),
+            dtype_source=cat(self.dtype_source, other.dtype_source),
+            linear_types=cat(self.linear_types, other.linear_types),
+            low_precision_advice=self.low_precision_advice or other.low_precision_advice,
             source=cat(self.source, other.source),
         )
 

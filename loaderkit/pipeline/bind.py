@@ -47,7 +47,10 @@ def bind_runtime(model: torch.nn.Module, plan: Plan, cast_inputs: bool) -> None:
             # receive float32 activations (its output is left as it is)
             runtime.attach_input_cast(named[m.name], to_torch(m.compute_dtype), _follow(named, plan, m.name))
     if cast_inputs:
-        runtime.attach_input_cast(model, to_torch(entry), _follow(named, plan, None, entry))
+        follow = _follow(named, plan, None, entry)
+        runtime.attach_input_cast(model, to_torch(entry), follow)
+        for sub in _entry_points(model, plan, entry):
+            runtime.attach_input_cast(named[sub], to_torch(entry), follow, entry_of=model)
 
 
 def _follow(named: dict, plan: Plan, module: str | None, dtype: str | None = None) -> torch.Tensor | None:
@@ -63,6 +66,35 @@ def _follow(named: dict, plan: Plan, module: str | None, dtype: str | None = Non
                 if t is not None and t.is_floating_point() and t.device.type != "meta":
                     return t
     return None
+
+
+def _entry_points(model: torch.nn.Module, plan: Plan, entry: str) -> list[str]:
+    """Sub-models libraries call directly instead of the root's ``forward``: a VAE's
+    ``encode``/``decode`` run ``encoder``/``decoder``/``post_quant_conv``; Whisper's ``generate``
+    runs ``model.encoder``. The children and grandchildren of the root that hold parameters
+    (and are not plain containers) get the same input cast as the root, so floating inputs fed
+    through those entry points are cast too. Inside the model, activations arrive in the entry
+    dtype already and the cast does nothing."""
+    out = []
+    for name, module in model.named_modules():
+        depth = name.count(".") + 1 if name else 0
+        if not 1 <= depth <= 2 or isinstance(module, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+            continue
+        if not any(True for _ in module.parameters()):
+            continue
+        m = plan.modules.get(name)
+        if m is not None and (m.cast or m.compute_dtype != entry):
+            continue  # a cast rule or its own input cast already handles it
+        if runtime_has_input_cast(module):
+            continue
+        out.append(name)
+    return out
+
+
+def runtime_has_input_cast(module: torch.nn.Module) -> bool:
+    from .. import runtime
+
+    return runtime.input_cast_of(module) is not None
 
 
 def _is_leaf(module: torch.nn.Module) -> bool:

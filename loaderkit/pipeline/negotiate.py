@@ -309,19 +309,19 @@ def negotiate(
     for mname, keys in by_module.items():
         module = named[mname]
         infos = {slots[k].local: checkpoint.tensors[source_of[k]] for k in keys}
-        skip_reason = (
-            "the model's library never stores it in low precision" if facts.skips_low_precision(mname)
-            else read_by_parent(mname, named)
+        locked = read_by_parent(mname, named) or (
+            "the model's library reads model.dtype from its first floating parameter, which is this "
+            "module's: a storage-only dtype here would make model.dtype report it" if mname in facts.dtype_source else ""
         )
         mctx = ModuleContext(
             name=mname,
             type=type(module).__name__,
-            kind=module_kind(module),
+            kind="linear" if type(module).__name__ in facts.linear_types else module_kind(module),
             tensors=infos,
             keep_fp32=_keeps_fp32(facts, mname, infos),
             keep_fp32_fp16=_keeps_fp32(facts, mname, infos, fp16=True),
-            skip_low_precision=bool(skip_reason),
-            skip_reason=skip_reason,
+            skip_low_precision=facts.skips_low_precision(mname),
+            locked=locked,
         )
         decision = _decide(strategy, strategy_entry, mctx, state, manager)
         if layout is not None:
@@ -336,6 +336,7 @@ def negotiate(
         Decision(subject=s, choice=c, reason=r, by=f"strategy {strategy.name}") for s, c, r in ctx.notes
     )
     decisions.extend(_native_summary(modules))
+    decisions.extend(_kept_summary(modules))
     decisions.extend(
         Decision(subject=f"layout {layout.name}", choice=f"{len(names)} tensors kept in their compute dtype",
                  reason=f"{why}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}", by=f"layout {layout.name}")
@@ -480,6 +481,25 @@ def _kernel(ctx, decision, needs_cast, storage, tplans, compute, device) -> tupl
         caps=device,
     )
     return ("cast", problem) if problem else ("native", NATIVE_REASON)
+
+
+def _kept_summary(modules: dict[str, ModulePlan]) -> list[Decision]:
+    """When some weights are stored in fp8: the Linear/conv weights kept in their compute dtype,
+    grouped by reason, with their bytes — what each skip rule costs."""
+    if not any(is_fp8(d) for m in modules.values() for d in m.storage.values()):
+        return []
+    groups: dict[str, list[ModulePlan]] = {}
+    for m in modules.values():
+        if m.kind in ("linear", "conv") and not is_fp8(m.storage.get("weight", "")) and "weight" in m.storage:
+            groups.setdefault(m.reason or "not stored in fp8 by the strategy", []).append(m)
+    out = []
+    for reason, ms in sorted(groups.items(), key=lambda kv: -sum(m.nbytes for m in kv[1])):
+        out.append(Decision(
+            subject="kept in compute dtype",
+            choice=f"{len(ms)} modules, {sum(m.nbytes for m in ms):,} bytes",
+            reason=f"{reason} (e.g. {ms[0].name})",
+        ))
+    return out
 
 
 def _native_summary(modules: dict[str, ModulePlan]) -> list[Decision]:
