@@ -40,7 +40,7 @@ from .contract.bases import (
 from .contract.dtypes import FP8_NAMES, SAFETENSORS_DTYPES, dtype_name, is_float, is_fp8, to_torch
 from .contract.env import env_flag
 from .contract.hookspecs import hookimpl, hookspec
-from .contract.io import read_json
+from .contract.io import contained, escapes, read_json
 from .contract.layout import (
     CHANNEL,
     DEFAULT_BLOCK,
@@ -133,6 +133,8 @@ __all__ = [
     "module_kind",
     "read_by_parent",
     "read_json",
+    "contained",
+    "escapes",
     "scale_fits",
     "shard_names",
     "thaw",

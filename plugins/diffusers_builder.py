@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from loaderkit.plugin import Builder, BuildRequest, hookimpl, meta_init, ModelFacts, thaw, to_torch
+from loaderkit.plugin import Builder, BuildRequest, contained, hookimpl, meta_init, ModelFacts, thaw, to_torch
 from loaderkit.errors import BuildError
 
 #: Patterns diffusers' ``enable_layerwise_casting`` skips by default, besides a model's own
@@ -48,6 +48,7 @@ class DiffusersBuilder(Builder):
         cfg = thaw(ckpt.config) or {}
         cls = getattr(diffusers, str(cfg["_class_name"]), None)
         if isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin) and (Path(ckpt.root) / "config.json").is_file():
+            contained(Path(ckpt.root), Path(ckpt.root) / "config.json", "config")
             try:  # the library's own reader, as from_pretrained reads it
                 cfg = cls.load_config(str(ckpt.root), local_files_only=True)
             except Exception as exc:

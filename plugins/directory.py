@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from loaderkit.errors import UnsupportedCheckpointError
+from loaderkit.plugin import contained
 
 INDEX_RE = re.compile(r"^(?P<stem>.+)\.(?P<kind>safetensors|bin)\.index(?:\.(?P<variant>[^.]+))?\.json$")
 _SINGLE_RE = re.compile(
@@ -82,13 +83,14 @@ def claims_directory(path: Path, fmt: str) -> bool:
 
 
 def checkpoint_file(path: Path, fmt: str) -> Path:
-    """The file a format describes for ``path``: the path itself, or the file a directory holds."""
+    """The file a format describes for ``path``: the path itself, or the file a directory holds
+    (which must stay inside it: the containment rule of :func:`loaderkit.plugin.contained`)."""
     if not path.is_dir():
         return path
     picked = pick_in_directory(path)
     if picked is None or picked[0] != fmt:
         raise UnsupportedCheckpointError(f"directory {path} holds no {WANTS[fmt]}", path=path)
-    return picked[1]
+    return contained(path, picked[1], "checkpoint file")
 
 
 def output_names(checkpoint, count: int) -> tuple[tuple[str, ...], str | None]:

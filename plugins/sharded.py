@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from loaderkit.plugin import CheckpointInfo, Format, hookimpl, TensorInfo
+from loaderkit.plugin import escapes, CheckpointInfo, Format, hookimpl, TensorInfo
 from loaderkit.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -94,9 +94,9 @@ def shard_path(root: Path, name: str, index: Path) -> Path:
     elif ".." in parts:
         unsafe = "has a '..' component"
     else:
-        real_root, real = root.resolve(), (root / name).resolve()
-        if not (real.is_relative_to(real_root) or _hf_blob(real_root, real)):
-            unsafe = f"resolves (through a symbolic link) to {real}, outside {real_root}"
+        real = escapes(root, root / name)
+        if real is not None:
+            unsafe = f"resolves (through a symbolic link) to {real}, outside {root.resolve()}"
     if unsafe:
         raise UnsafeCheckpointError(
             f"index {index} names shard {name!r}, which {unsafe}; shards must be files inside the "
@@ -111,11 +111,6 @@ def shard_path(root: Path, name: str, index: Path) -> Path:
             path=path,
         )
     return path
-
-
-def _hf_blob(real_root: Path, real: Path) -> bool:
-    """True for the Hugging Face cache layout: ``<repo>/snapshots/<rev>/f`` -> ``<repo>/blobs/<hash>``."""
-    return real_root.parent.name == "snapshots" and real.parent == real_root.parent.parent / "blobs"
 
 
 def _describe_shard(path: Path, name: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:

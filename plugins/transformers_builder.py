@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from loaderkit.plugin import Builder, BuildRequest, hookimpl, meta_init, ModelFacts, thaw, to_torch
+from loaderkit.plugin import Builder, BuildRequest, contained, hookimpl, meta_init, ModelFacts, thaw, to_torch
 from loaderkit.errors import BuildError
 
 #: Config keys describing a quantized checkpoint; loaderkit decodes such weights itself, so the
@@ -82,6 +82,7 @@ def _config_dict(transformers: Any, ckpt) -> dict[str, Any]:
     path = Path(ckpt.root) / "config.json"
     if not path.is_file():
         return thaw(ckpt.config) or {}
+    contained(Path(ckpt.root), path, "config")
     try:
         cfg, _ = transformers.PretrainedConfig.get_config_dict(str(ckpt.root), local_files_only=True)
     except Exception as exc:
@@ -193,6 +194,8 @@ def _patch_output_recorders(model: torch.nn.Module) -> None:
 
 def _load_generation_config(model: Any, root: str) -> None:
     """Use ``generation_config.json`` beside the weights, as ``from_pretrained`` does (local only)."""
+    if (Path(root) / "generation_config.json").is_file():
+        contained(Path(root), Path(root) / "generation_config.json", "generation config")
     if not (Path(root) / "generation_config.json").is_file():
         return
     if not (hasattr(model, "can_generate") and model.can_generate()):

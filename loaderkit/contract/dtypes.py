@@ -82,3 +82,13 @@ def is_float(name: str) -> bool:
 def is_fp8(name: str) -> bool:
     """True for the 8-bit float dtypes."""
     return name in FP8_NAMES
+
+
+#: float dtypes that cannot hold weights: power-of-two scale bytes and packed 4-bit pairs.
+NOT_WEIGHTS = frozenset({"float8_e8m0fnu", "float4_e2m1fn_x2"})
+
+
+def holds_weights(name: str) -> bool:
+    """True for floating dtypes a weight can be stored in (fp8 values included, not e8m0 scales
+    or packed fp4 pairs)."""
+    return is_float(name) and name not in NOT_WEIGHTS and not to_torch(name).is_complex

@@ -6,17 +6,53 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import CorruptCheckpointError
+from ..errors import CorruptCheckpointError, UnsafeCheckpointError
+
+#: the largest JSON side file (config.json, an index) read; real ones are kilobytes to a few MB.
+MAX_JSON_BYTES = 100_000_000
 
 
 def read_json(path: Path, what: str = "JSON file") -> Any:
     """Parse a JSON file, raising :class:`CorruptCheckpointError` that names it on failure."""
     try:
         with open(path, "rb") as f:
-            return json.loads(f.read().decode("utf-8"))
+            data = f.read(MAX_JSON_BYTES + 1)
+        if len(data) > MAX_JSON_BYTES:
+            raise CorruptCheckpointError(
+                f"{what} {path} is larger than {MAX_JSON_BYTES:,} bytes; no real {what} is, so it was not parsed",
+                path=path,
+            )
+        return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CorruptCheckpointError(f"{what} {path} is not valid UTF-8 JSON: {exc}", path=path) from exc
     except RecursionError:
         raise CorruptCheckpointError(f"{what} {path} nests JSON too deeply to be a real file", path=path) from None
     except OSError as exc:
         raise CorruptCheckpointError(f"cannot read {what} {path}: {exc}", path=path) from exc
+
+
+def hf_cache_blob(real_root: Path, real: Path) -> bool:
+    """True for the Hugging Face cache layout: ``<repo>/snapshots/<rev>/f`` -> ``<repo>/blobs/<hash>``."""
+    return real_root.parent.name == "snapshots" and real.parent == real_root.parent.parent / "blobs"
+
+
+def escapes(root: Path, path: Path) -> Path | None:
+    """Where ``path`` really is, when (through symbolic links) that is outside ``root`` — the one
+    containment rule for every file read from inside a checkpoint directory; ``None`` when it
+    stays inside (the Hugging Face cache's snapshot -> blob links are inside)."""
+    real_root, real = Path(root).resolve(), Path(path).resolve()
+    if real.is_relative_to(real_root) or hf_cache_blob(real_root, real):
+        return None
+    return real
+
+
+def contained(root: Path, path: Path, what: str) -> Path:
+    """``path`` if it stays inside ``root``; else an :class:`UnsafeCheckpointError` naming both."""
+    real = escapes(root, path)
+    if real is not None:
+        raise UnsafeCheckpointError(
+            f"{what} {path} resolves (through a symbolic link) to {real}, outside the checkpoint "
+            f"directory {Path(root).resolve()}; files of a checkpoint must be inside it, so it was not read",
+            path=path,
+        )
+    return path

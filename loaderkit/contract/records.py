@@ -15,7 +15,7 @@ import re
 from typing import Annotated, Any, Callable, Literal
 
 import torch
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from .dtypes import to_torch
 
@@ -335,6 +335,16 @@ class ModelFacts(Frozen):
     linear_types: tuple[str, ...] = ()
     low_precision_advice: str = ""
     source: tuple[str, ...] = ()
+
+    @field_validator("skip_low_precision", "ignore_unexpected", "ignore_missing")
+    @classmethod
+    def _regexes(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        for p in patterns:
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise ValueError(f"{p!r} is not a valid regular expression: {exc}") from None
+        return patterns
 
     def merge(self, other: "ModelFacts") -> "ModelFacts":
         """Union of two fact sets (tuples concatenated without duplicates, dicts merged)."""

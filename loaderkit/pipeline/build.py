@@ -9,6 +9,7 @@ those never come from a checkpoint.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from typing import Any
 
@@ -112,7 +113,9 @@ def skeleton(model: Any, manager: PluginManager, checkpoint: CheckpointInfo, dty
 def collect_facts(model: nn.Module, manager: PluginManager) -> ModelFacts:
     """Every plugin's :class:`ModelFacts` about ``model``, merged."""
     facts = ModelFacts()
-    for _plugin, f in manager.hook.loaderkit_model_facts(model=model, returns=ModelFacts):
+    for plugin, f in manager.hook.loaderkit_model_facts(model=model, returns=ModelFacts):
+        # a plugin's finalize steps run later, outside the hook: they still fail naming it
+        f = f.replace(finalize=tuple(functools.partial(manager.invoke, plugin, fn) for fn in f.finalize))
         facts = facts.merge(f)
     return facts
 

@@ -37,6 +37,7 @@ from torch import nn
 from ..contract.bases import EncodedTensor, Strategy, shard_names
 from ..contract.dtypes import is_fp8
 from ..contract.plan import Plan, TensorPlan
+from ..contract.io import escapes
 from ..contract.records import CheckpointInfo, thaw
 from ..errors import CheckpointNotFoundError, ConvertError, LoaderKitError
 from .build import infer_model
@@ -366,6 +367,8 @@ def _side_files(info: CheckpointInfo) -> list[Path]:
         if (not p.is_file() or name.startswith(".") or name in weights or ".index." in name
                 or not name.endswith(SIDE_SUFFIXES) or Path(info.path).name == name):
             continue
+        if escapes(root, p) is not None:
+            continue  # a link out of the checkpoint (notes.txt -> ~/.ssh/id_rsa) is never copied
         out.append(p)
     return out
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..contract.io import read_json
+from ..contract.io import contained, read_json
 from ..contract.records import CheckpointInfo, QuantizationInfo, freeze
 from ..errors import CheckpointNotFoundError, LoaderKitError, UnsupportedCheckpointError
 from .discover import PluginManager
@@ -30,6 +30,7 @@ def describe(path: str | os.PathLike, manager: PluginManager, format: str | None
     if info.config is None:
         cfg = Path(info.root) / "config.json"
         if cfg.is_file():
+            contained(Path(info.root), cfg, "config")
             config = read_json(cfg, "config")
             if isinstance(config, dict):
                 info = info.model_copy(update={"config": freeze(config)})

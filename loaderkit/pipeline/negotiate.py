@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..contract.bases import BuildContext, Encoder, ModelContext, ModuleContext, ModuleDecision, Strategy
-from ..contract.dtypes import dtype_name, is_float, is_fp8, to_torch
+from ..contract.dtypes import dtype_name, holds_weights, is_float, is_fp8, to_torch
 from ..contract.layout import DEFAULT_BLOCK, block_problem, looks_like_quantization_data, scale_numel
 from ..contract.modules import module_kind, read_by_parent
 from ..contract.plan import Decision, ModulePlan, Plan, TensorPlan
@@ -385,6 +385,16 @@ def _decide(strategy: Strategy, entry: Entry, ctx: ModuleContext, state: Any, mg
         decision = mgr.call(entry, strategy.decide, ctx, state, returns=ModuleDecision)
     except LoaderKitError as exc:
         raise exc.with_context(module=ctx.name, plugin=entry.plugin)
+    bad = {k: d for k, d in decision.storage.items() if is_float(d) and not holds_weights(d)}
+    if bad:
+        local, dtype = next(iter(bad.items()))
+        raise PlanError(
+            f"strategy {entry.name!r} asks module {ctx.name!r} to store {local} as {dtype}, which cannot hold "
+            "weights (float8_e8m0fnu holds power-of-two scales, float4_e2m1fn_x2 packed pairs); store weights "
+            "in float8_e4m3fn, float8_e5m2 or a wider float",
+            module=ctx.name,
+            plugin=entry.plugin,
+        )
     if is_fp8(decision.compute) or not is_float(decision.compute):
         raise PlanError(
             f"strategy {entry.name!r} asks module {ctx.name!r} ({ctx.type}) to compute in "
@@ -541,6 +551,14 @@ def _tensor_plan(info, qw, slot, wanted, decision, checkpoint) -> TensorPlan:
     if not slot.tensor.is_floating_point():
         # integer / bool model tensors keep the model's dtype, as load_state_dict would
         return plan(model_dtype, "none" if model_dtype == stored else "cast")
+    if is_float(stored) and not holds_weights(stored) and not (qw and qw.scale):
+        raise PlanError(
+            f"tensor {info.name!r} in {info.file} is stored as {stored}, which loaderkit cannot decode into the "
+            f"model's {slot.key!r} ({model_dtype}) without a scheme for its layout; install a scheme plugin "
+            "for it, or dequantize it with the tool that wrote it",
+            tensor=info.name,
+            module=slot.module,
+        )
     if not is_float(stored) and not (qw and qw.scale):
         raise PlanError(
             f"tensor {info.name!r} in {info.file} is stored as {stored}, but the model's {slot.key!r} is a "

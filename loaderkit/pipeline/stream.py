@@ -197,7 +197,9 @@ def convert_tensor(
         if is_fp8(tp.stored_dtype):
             from ..kernels.quant import upcast
 
-            return upcast(raw, target), None
+            out = upcast(raw, target)
+            _check_finite(out, raw, tp, ckpt)
+            return out, None
         return raw.to(target), None
     if tp.conversion == "dequantize":
         entry = scheme_entry(ckpt, manager)
@@ -207,6 +209,7 @@ def convert_tensor(
             out = manager.call(entry, entry.obj.dequantize, qw, raw, companions, target, returns=torch.Tensor)
         except LoaderKitError as exc:
             raise exc.with_context(path=ckpt.path, plugin=entry.plugin)
+        _check_finite(out, raw, tp, ckpt)
         if out.dtype != target or tuple(out.shape) != tp.shape:
             raise PluginError(
                 f"scheme {entry.name!r} dequantized {tp.source!r} to {out.dtype} {list(out.shape)}, "
@@ -223,6 +226,27 @@ def convert_tensor(
         q, scale = quantize(raw, target, granularity=gran, **({"block": tp.block} if tp.block else {}))
         return q, None if gran == "none" else scale
     raise PlanError(f"unknown conversion {tp.conversion!r} planned for {tp.key!r}", tensor=tp.key)
+
+
+def _check_finite(out: torch.Tensor, raw: torch.Tensor, tp: TensorPlan, ckpt: CheckpointInfo) -> None:
+    """Finite stored values must decode to finite weights: a scale whose product with the fp8
+    range overflows the target dtype (fp16 with scale 1e6, a ue8m0 byte of 254) is refused."""
+    if not out.is_floating_point() or bool(torch.isfinite(out).all()):
+        return
+    if bool(torch.isfinite(raw.float()).all()):
+        raise CorruptCheckpointError(
+            f"{ckpt.path}: {tp.source!r} decodes to infinite values in {tp.target_dtype} although its stored "
+            "values are finite: its scale overflows that dtype; load it in a wider dtype (fp32) or fix the scale",
+            path=ckpt.path,
+            tensor=tp.source,
+        )
+    if not tp.buffer:
+        raise CorruptCheckpointError(
+            f"{ckpt.path}: the fp8 weight {tp.source!r} holds NaN or infinite codes; a weight cannot, so the "
+            "checkpoint is corrupt",
+            path=ckpt.path,
+            tensor=tp.source,
+        )
 
 
 def kept_scale(ckpt: CheckpointInfo, tp: TensorPlan, reader: TensorReader, manager: PluginManager) -> torch.Tensor:

@@ -1,0 +1,164 @@
+"""Hostile input, round 2: one containment rule for every file read, plugin facts that fail named,
+storage dtypes that cannot hold weights, decoded weights that must stay finite."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import loaderkit
+import loaderkit.plugin as lkp
+from loaderkit.errors import CorruptCheckpointError, UnsafeCheckpointError
+
+from conftest import TinyNet, save_st, seeded
+
+E4M3 = torch.float8_e4m3fn
+
+
+# -- symlinks out of the checkpoint ----------------------------------------------------------------
+
+
+def _linked_dir(tmp_path, name):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    return outside, ckpt
+
+
+def test_a_weights_file_linked_from_outside_the_directory_is_refused(tmp_path):
+    outside, ckpt = _linked_dir(tmp_path, "w")
+    save_st(outside / "model.safetensors", seeded(TinyNet))
+    os.symlink(outside / "model.safetensors", ckpt / "model.safetensors")
+    with pytest.raises(UnsafeCheckpointError, match="outside the checkpoint directory"):
+        loaderkit.inspect(ckpt)
+    assert loaderkit.inspect(outside / "model.safetensors")  # the file itself, named directly, is fine
+
+
+def test_a_config_linked_from_outside_is_refused(tmp_path):
+    outside, ckpt = _linked_dir(tmp_path, "c")
+    save_st(ckpt / "model.safetensors", seeded(TinyNet))
+    (outside / "config.json").write_text(json.dumps({"architectures": ["X"]}))
+    os.symlink(outside / "config.json", ckpt / "config.json")
+    with pytest.raises(UnsafeCheckpointError, match="config .* outside the checkpoint directory"):
+        loaderkit.plan(ckpt, "fp32", model=TinyNet)
+
+
+def test_convert_never_copies_a_side_file_linked_from_outside(tmp_path):
+    outside, ckpt = _linked_dir(tmp_path, "s")
+    transformers = pytest.importorskip("transformers")
+    from tiny_configs import TINY_LLAMA
+
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_LLAMA)).save_pretrained(ckpt)
+    (outside / "id_rsa").write_text("PRIVATE KEY")
+    os.symlink(outside / "id_rsa", ckpt / "notes.txt")
+    (ckpt / "readme.txt").write_text("fine")
+    dst = loaderkit.convert(ckpt, tmp_path / "copy", "bf16", progress=False)
+    names = sorted(p.name for p in dst.iterdir())
+    assert "notes.txt" not in names and "readme.txt" in names
+    assert all("PRIVATE KEY" not in p.read_text(errors="ignore") for p in dst.iterdir() if p.suffix == ".txt")
+
+
+def test_a_huge_config_is_refused_before_parsing(tmp_path, monkeypatch):
+    from loaderkit.contract import io
+
+    monkeypatch.setattr(io, "MAX_JSON_BYTES", 1000)
+    save_st(tmp_path / "model.safetensors", seeded(TinyNet))
+    (tmp_path / "config.json").write_text(json.dumps({"pad": "x" * 2000}))
+    with pytest.raises(CorruptCheckpointError, match="larger than 1,000 bytes"):
+        loaderkit.inspect(tmp_path)
+
+
+# -- plugin facts fail named -----------------------------------------------------------------------
+
+
+class BadFacts:
+    def __init__(self, facts):
+        self.facts = facts
+
+    @lkp.hookimpl
+    def loaderkit_model_facts(self, model):
+        return self.facts()
+
+
+def test_a_raising_finalize_names_its_plugin(tiny_ckpt):
+    def boom(model):
+        raise ValueError("finalize went wrong")
+
+    mgr = lkp.PluginManager(autoload=False)
+    mgr.register(BadFacts(lambda: lkp.ModelFacts(finalize=(boom,))), name="bad-finalize")
+    with pytest.raises(lkp.PluginError, match="bad-finalize.*finalize went wrong") as info:
+        loaderkit.load(tiny_ckpt[0], "fp32", model=TinyNet, manager=mgr)
+    assert info.value.plugin == "bad-finalize"
+
+
+def test_an_invalid_regex_in_facts_names_its_plugin(tiny_ckpt):
+    mgr = lkp.PluginManager(autoload=False)
+    mgr.register(BadFacts(lambda: lkp.ModelFacts(skip_low_precision=("blocks.(",))), name="bad-regex")
+    with pytest.raises(lkp.PluginError, match="(?s)bad-regex.*not a valid regular expression") as info:
+        loaderkit.plan(tiny_ckpt[0], "fp32", model=TinyNet, manager=mgr)
+    assert info.value.plugin == "bad-regex"
+
+
+# -- storage dtypes that cannot hold weights ------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float8_e8m0fnu", "float4_e2m1fn_x2"])
+def test_a_strategy_cannot_store_weights_in_scale_or_packed_dtypes(tiny_ckpt, dtype):
+    class Odd(lkp.Strategy):
+        name = "odd"
+
+        def decide(self, module, state):
+            return lkp.ModuleDecision(compute="float32", storage={"weight": dtype} if module.kind == "linear" else {})
+
+    with pytest.raises(loaderkit.PlanError, match=f"store weight as {dtype}, which cannot hold weights"):
+        loaderkit.plan(tiny_ckpt[0], Odd(), model=TinyNet)
+
+
+def test_packed_fp4_weights_are_refused_at_plan_time(tmp_path):
+    sd = seeded(TinyNet).state_dict()
+    sd["proj.weight"] = torch.zeros(16, 4, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+    path = save_st(tmp_path / "fp4.safetensors", sd)
+
+    class Packed(torch.nn.Module):  # a model whose proj holds the packed shape
+        def __init__(self):
+            super().__init__()
+            self.inner = TinyNet()
+            self.inner.proj.weight = torch.nn.Parameter(torch.empty(16, 4, dtype=torch.float32))
+
+    with pytest.raises(loaderkit.PlanError, match="float4_e2m1fn_x2, which loaderkit cannot decode"):
+        loaderkit.plan(path, "fp32", model=lambda: Packed().inner)
+
+
+# -- decoded weights stay finite ---------------------------------------------------------------------
+
+
+def _per_tensor(tmp_path, scale, codes=None):
+    sd = seeded(TinyNet).state_dict()
+    q = (sd["proj.weight"] * 100).clamp(-448, 448).to(E4M3) if codes is None else codes
+    sd["proj.weight"] = q
+    sd["proj.weight_scale"] = torch.tensor(scale, dtype=torch.float32)
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    save_st(d / "model.safetensors", sd)
+    (d / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "fp8"}}))
+    return d
+
+
+def test_a_scale_that_overflows_the_compute_dtype_is_refused(tmp_path):
+    d = _per_tensor(tmp_path, 1e6)
+    with pytest.raises(CorruptCheckpointError, match="decodes to infinite values in float16"):
+        loaderkit.load(d, "fp16", model=TinyNet)
+    assert torch.isfinite(loaderkit.load(d, "fp32", model=TinyNet).proj.weight).all()  # fp32 holds it
+
+
+def test_nan_fp8_weight_codes_are_refused(tmp_path):
+    codes = torch.zeros(16, 8).to(E4M3)
+    codes.view(torch.uint8)[0, 0] = 0x7F  # e4m3fn NaN
+    d = _per_tensor(tmp_path, 1.0, codes)
+    with pytest.raises(CorruptCheckpointError, match="NaN or infinite codes"):
+        loaderkit.load(d, "bf16", model=TinyNet)
