@@ -71,23 +71,32 @@ def probe_ratios() -> dict[str, float]:
     import json
 
     path, key = _cache_file(), _probe_key()
-    try:
-        with open(path, encoding="utf-8") as f:
-            cached = json.load(f).get(key)
-        if isinstance(cached, dict) and all(isinstance(cached.get(n), float) for n in ("bfloat16", "float16")):
-            return cached
-    except (OSError, ValueError, AttributeError):
-        pass
+    known = _read_cache(path)
+    cached = known.get(key)
+    if isinstance(cached, dict) and all(isinstance(cached.get(n), float) for n in ("bfloat16", "float16")):
+        return cached
     ratios = measure_ratios()
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({key: ratios}, f)
+            # every key is kept (thread counts alternate between processes): merged, not replaced
+            json.dump({**_read_cache(path), key: ratios}, f)
         os.replace(tmp, path)
     except OSError:
         pass
     return ratios
+
+
+def _read_cache(path: str) -> dict:
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def measure_ratios() -> dict[str, float]:

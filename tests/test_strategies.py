@@ -202,3 +202,25 @@ def test_example_memory_budget_refuses_big_plans(example, tiny_ckpt, monkeypatch
         loaderkit.load(tiny_ckpt[0], "fp32", model=TinyNet)
     assert err.value.plugin == "example-runtime"
     assert loaderkit.plan(tiny_ckpt[0], "bf16", model=TinyNet).bytes_per_device() == {"cpu": 488}
+
+
+def test_the_cpu_probe_cache_keeps_every_machine_key(tmp_path, monkeypatch):
+    """Alternating thread counts must not re-run the probe: the cache merges keys."""
+    from loaderkit.plugins import devices
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    runs = []
+    monkeypatch.setattr(devices, "measure_ratios", lambda: runs.append(1) or {"bfloat16": 2.0, "float16": 3.0})
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 1, 2):
+            torch.set_num_threads(n)
+            devices.probe_ratios.cache_clear()
+            assert devices.probe_ratios() == {"bfloat16": 2.0, "float16": 3.0}
+    finally:
+        torch.set_num_threads(threads)
+        devices.probe_ratios.cache_clear()
+    assert len(runs) == 2  # one measurement per thread count, then read back
+    import json
+
+    assert len(json.loads((tmp_path / "loaderkit" / "cpu-probe.json").read_text())) == 2
