@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Sequence
 
@@ -100,8 +101,8 @@ def _import_model(spec: str):
         obj = importlib.import_module(module)
         for part in attr.split("."):
             obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise UsageError(f"--model {spec!r}: cannot import it: {exc}") from None
+    except Exception as exc:  # any failure to import user code is a usage error, named
+        raise UsageError(f"--model {spec!r}: cannot import it: {type(exc).__name__}: {exc}") from None
     return obj
 
 
@@ -225,11 +226,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         message = str(exc).replace("\r", "\\r").replace("\n", "\\n")  # one line, always
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # printable, always
         print(f"loaderkit: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("loaderkit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `loaderkit inspect --tensors | head`: the reader left; so do we
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -156,6 +156,10 @@ class UsageError(LoaderKitError, ValueError):
     """An argument that loaderkit cannot use (command-line options, ``MODULE:ATTR`` specs)."""
 
 
+class OffloadError(LoaderKitError):
+    """Writing tensors to the offload folder failed (a full disk, a folder that went away)."""
+
+
 class ConvertError(LoaderKitError):
     """A conversion cannot be done (bad destination, unsupported combination) or failed to write."""
 
@@ -174,6 +178,7 @@ __all__ = [
     "CorruptCheckpointError",
     "DtypeError",
     "LoaderKitError",
+    "OffloadError",
     "PlanError",
     "PluginError",
     "StateDictMismatchError",

@@ -89,8 +89,9 @@ def execute(prep: Prepared, mgr: PluginManager) -> torch.nn.Module:
     A failure leaves the model as it was."""
     plan_, model_, request = prep.plan, prep.model, prep.request
     snapshot = _Snapshot(model_)
+    writers: list[place.DiskWriter] = []
     try:
-        writer = _stream_into(prep, mgr)
+        writer = _stream_into(prep, mgr, writers)
         for fn in prep.facts.finalize:
             fn(model_)
         stream.check_complete(model_, plan_)
@@ -107,15 +108,19 @@ def execute(prep: Prepared, mgr: PluginManager) -> torch.nn.Module:
         mgr.hook.loaderkit_model_loaded(model=model_, plan=plan_)
     except BaseException:
         snapshot.restore()
+        for w in writers:
+            w.abandon()
         raise
     return model_
 
 
-def _stream_into(prep: Prepared, mgr: PluginManager) -> place.DiskWriter | None:
+def _stream_into(prep: Prepared, mgr: PluginManager, writers: list) -> place.DiskWriter | None:
     from .progress import progress_bar
 
     plan_ = prep.plan
     writer = place.DiskWriter(plan_.offload_folder) if plan_.offload_folder else None
+    if writer is not None:
+        writers.append(writer)
     reader = stream.open_source(plan_.checkpoint, mgr)
     try:
         total = sum(t.nbytes for t in plan_.tensors.values())

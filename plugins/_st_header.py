@@ -256,6 +256,11 @@ def _int_list(x: Any, length: int | None = None) -> bool:
 
 
 def _entry(name: str, spec: Any, buffer_len: int, path: object) -> StEntry:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _bad(path, name.encode("utf-8", "backslashreplace").decode(),
+                   "the tensor name is not valid UTF-8 (a lone surrogate); safetensors readers refuse it") from None
     if not isinstance(spec, dict):
         raise _bad(path, name, f"entry is {type(spec).__name__}, not an object")
     for key in ("dtype", "shape", "data_offsets"):

@@ -162,3 +162,125 @@ def test_nan_fp8_weight_codes_are_refused(tmp_path):
     d = _per_tensor(tmp_path, 1.0, codes)
     with pytest.raises(CorruptCheckpointError, match="NaN or infinite codes"):
         loaderkit.load(d, "bf16", model=TinyNet)
+
+
+# -- atomic, exclusive destinations ---------------------------------------------------------------
+
+from loaderkit.errors import ConvertError  # noqa: E402
+from loaderkit.pipeline import files  # noqa: E402
+
+
+def test_a_destination_that_appears_meanwhile_is_never_replaced(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "new.txt").write_text("new")
+    dst = tmp_path / "dst"
+    real = files._renameat2
+
+    def racing(src, target, flags):
+        if flags == files._RENAME_NOREPLACE:  # another convert finished first
+            target.mkdir()
+            (target / "theirs.txt").write_text("theirs")
+        return real(src, target, flags)
+
+    monkeypatch.setattr(files, "_renameat2", racing)
+    with pytest.raises(ConvertError, match="appeared while it was being written"):
+        files.move_into_place(out, dst)
+    assert (dst / "theirs.txt").read_text() == "theirs" and (out / "new.txt").exists()
+
+
+def test_overwrite_swaps_in_one_step_and_leaves_nothing_behind(tmp_path):
+    out, dst = tmp_path / "out", tmp_path / "dst"
+    out.mkdir()
+    dst.mkdir()
+    (out / "model.safetensors").write_text("new")
+    (dst / "model.safetensors").write_text("old")
+    files.move_into_place(out, dst)
+    assert (dst / "model.safetensors").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
+    src = save_st(tmp_path / "m.safetensors", seeded(TinyNet))
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "thesis.tex").write_text("years of work")
+    with pytest.raises(ConvertError, match="is not one"):
+        loaderkit.convert(src, home, "bf16", overwrite=True, model=TinyNet, progress=False)
+    assert (home / "thesis.tex").read_text() == "years of work"
+
+
+def test_stale_partials_of_killed_converts_are_cleaned(tmp_path):
+    src = save_st(tmp_path / "m.safetensors", seeded(TinyNet))
+    stale = tmp_path / ".out.safetensors.999999999.deadbeef.partial"
+    stale.mkdir()
+    (stale / "junk").write_text("x")
+    loaderkit.convert(src, tmp_path / "out.safetensors", "bf16", model=TinyNet, progress=False)
+    assert not stale.exists() and (tmp_path / "out.safetensors").is_file()
+
+
+def test_an_unwritable_destination_is_a_convert_error(tmp_path):
+    src = save_st(tmp_path / "m.safetensors", seeded(TinyNet))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConvertError, match="cannot write beside"):
+        loaderkit.convert(src, tmp_path / "afile" / "sub" / "out.safetensors", "bf16", model=TinyNet, progress=False)
+
+
+# -- disk full during offload ---------------------------------------------------------------------
+
+
+def test_a_full_disk_during_offload_is_named_and_cleaned_up(tmp_path, monkeypatch):
+    import errno
+
+    import accelerate.utils
+    from loaderkit.demo import TinyVideoDiT, save_sample
+
+    (tmp_path / "src").mkdir()
+    sample = save_sample(tmp_path / "src")
+    folder = tmp_path / "offload"
+    real, calls = accelerate.utils.offload_weight, []
+
+    def filling(weight, name, folder, index=None):
+        calls.append(name)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(weight, name, folder, index=index)
+
+    monkeypatch.setattr(accelerate.utils, "offload_weight", filling)
+    with pytest.raises(lkp.OffloadError, match="No space left on device"):
+        loaderkit.load(sample, "fp8", model=TinyVideoDiT, device_map="auto", max_memory={"cpu": "300KB"},
+                       offload_folder=folder, progress=False)
+    assert len(calls) > 2 and not list(folder.glob("*.dat"))
+
+
+# -- the command line ---------------------------------------------------------------------------------
+
+
+def test_cli_model_spec_errors_are_one_line(tiny_ckpt, capsys):
+    from loaderkit.cli import main
+
+    assert main(["plan", str(tiny_ckpt[0]), "--model", ".rel:X"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("loaderkit: error: --model '.rel:X': cannot import it") and err.count("\n") == 1
+
+
+def test_cli_survives_a_closed_pipe(tiny_ckpt):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        f"{sys.executable} -m loaderkit inspect --tensors {tiny_ckpt[0]} | head -c 1",
+        shell=True, capture_output=True, text=True, timeout=120,
+    )
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
+
+
+def test_lone_surrogate_tensor_names_are_refused(tmp_path):
+    import struct as _struct
+
+    header = '{"__metadata__":{"format":"pt"},"a\\udcff":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    raw = header.encode() + b" " * (-len(header) % 8)
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(_struct.pack("<Q", len(raw)) + raw + b"\0" * 4)
+    with pytest.raises(CorruptCheckpointError, match="not valid UTF-8"):
+        loaderkit.inspect(path)

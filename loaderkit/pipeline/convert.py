@@ -43,7 +43,7 @@ from ..errors import CheckpointNotFoundError, ConvertError, LoaderKitError
 from .build import infer_model
 from .discover import Layout, PluginManager, get_manager
 from .negotiate import with_granularity
-from .files import ShardWriter, cleanup, make_parents, move_into_place, temp_dir
+from .files import ShardWriter, clean_stale, cleanup, make_parents, move_into_place, temp_dir
 from .stream import RecyclingSource
 
 #: ``scheme=`` values -> scale granularity.
@@ -161,8 +161,19 @@ def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
     if (dst.exists() or dst.is_symlink()) and not overwrite:
         raise ConvertError(f"destination {dst} already exists; pass overwrite=True (--overwrite) to replace it",
                            path=dst)
+    if overwrite and dst.is_dir() and not dst.is_symlink() and not _looks_like_checkpoint(dst):
+        raise ConvertError(f"--overwrite replaces a checkpoint, and {dst} is not one (it holds no weights or "
+                           "config.json); choose another destination", path=dst)
     if sys.byteorder != "little":
         raise ConvertError("writing safetensors needs a little-endian machine")
+
+
+def _looks_like_checkpoint(path: Path) -> bool:
+    try:
+        names = [p.name for p in path.iterdir()]
+    except OSError:
+        return False
+    return not names or any(n.endswith((".safetensors", ".bin", ".pt", ".pth")) or n == "config.json" for n in names)
 
 
 def _not_found(src: Path) -> LoaderKitError:
@@ -444,8 +455,12 @@ def _run(job: Job, progress: bool | None) -> Path:
     from ..progress import progress_bar
 
     dst = job.dst
-    created = make_parents(dst.parent)
-    tmp = temp_dir(dst, "partial")
+    try:
+        created = make_parents(dst.parent)
+        clean_stale(dst)
+        tmp = temp_dir(dst, "partial")
+    except OSError as exc:
+        raise ConvertError(f"cannot write beside {dst}: {exc.strerror or exc}; nothing was written", path=dst) from exc
     try:
         job.reader = RecyclingSource(job.plan.checkpoint, job.manager)
         try:

@@ -79,9 +79,10 @@ class ShardWriter:
 
 
 def temp_dir(dst: Path, what: str) -> Path:
-    """A new directory beside ``dst`` (same filesystem, so renames are atomic), mode as mkdir's."""
+    """A new directory beside ``dst`` (same filesystem, so renames are atomic), mode as mkdir's;
+    its name carries this process's id, so a later convert can clean up after a killed one."""
     for _ in range(100):
-        path = dst.parent / f".{dst.name}.{os.urandom(4).hex()}.{what}"
+        path = dst.parent / f".{dst.name}.{os.getpid()}.{os.urandom(4).hex()}.{what}"
         try:
             path.mkdir()
             return path
@@ -109,11 +110,81 @@ def cleanup(tmp: Path, created: list[Path]) -> None:
             break
 
 
+def clean_stale(dst: Path) -> list[Path]:
+    """Remove what killed converts to ``dst`` left beside it (their process no longer runs)."""
+    removed = []
+    try:
+        siblings = list(dst.parent.iterdir())
+    except OSError:
+        return removed
+    prefix = f".{dst.name}."
+    for p in siblings:
+        parts = p.name[len(prefix):].split(".") if p.name.startswith(prefix) else []
+        if len(parts) == 3 and parts[2] in ("partial", "old") and parts[0].isdigit() and not _alive(int(parts[0])):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """Linux ``renameat2``; ``False`` where the system or filesystem does not offer it."""
+    import ctypes
+    import errno
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), ctypes.c_uint(flags)) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(dst))
+
+
 def move_into_place(output: Path, dst: Path) -> None:
-    """Rename ``output`` to ``dst``; an existing ``dst`` is renamed aside first, restored if the
-    rename fails, and deleted once the new copy is in place."""
+    """Put ``output`` at ``dst`` atomically.
+
+    A new ``dst`` is never created over one that appeared meanwhile (another convert to the
+    same destination): ``renameat2(RENAME_NOREPLACE)``, or a hard link for a file where that is
+    not available; the loser gets a :class:`ConvertError`. An existing ``dst`` (``overwrite``)
+    is swapped with the new copy in one step (``RENAME_EXCHANGE``), so there is no moment
+    without one; where the system lacks it, the old copy is renamed aside first and restored if
+    the second rename fails.
+    """
     if not (dst.exists() or dst.is_symlink()):
-        os.rename(output, dst)
+        try:
+            if _renameat2(output, dst, _RENAME_NOREPLACE):
+                return
+            if output.is_file():
+                os.link(output, dst)
+                os.unlink(output)
+                return
+            os.rename(output, dst)  # a directory: fails if dst appeared meanwhile and is not empty
+            return
+        except FileExistsError:
+            raise ConvertError(f"{dst} appeared while it was being written (another convert to the same "
+                               "destination?); it was left as it is", path=dst) from None
+    if _renameat2(output, dst, _RENAME_EXCHANGE):
+        shutil.rmtree(output, ignore_errors=True) if output.is_dir() and not output.is_symlink() else output.unlink()
         return
     aside = temp_dir(dst, "old")
     old = aside / dst.name

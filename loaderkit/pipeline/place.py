@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..contract.plan import Plan
-from ..errors import PlanError
+from ..errors import OffloadError, PlanError
 
 POLICIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -296,7 +296,12 @@ class DiskWriter:
     def __init__(self, folder: str) -> None:
         self.folder = folder
         self.index: dict[str, dict] = {}
-        os.makedirs(folder, exist_ok=True)
+        self.written: list[str] = []
+        self.wrote_index = False
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise OffloadError(f"cannot create the offload folder {folder}: {exc.strerror or exc}", path=folder) from exc
 
     def point(self, key: str, file: str, name: str, dtype: str) -> None:
         self.index[key] = {"safetensors_file": file, "weight_name": name, "dtype": dtype}
@@ -304,12 +309,35 @@ class DiskWriter:
     def write(self, key: str, tensor: torch.Tensor) -> None:
         from accelerate.utils import offload_weight
 
-        offload_weight(tensor.detach().cpu(), key, self.folder, index=self.index)
+        self.written.append(os.path.join(self.folder, f"{key}.dat"))
+        try:
+            offload_weight(tensor.detach().cpu(), key, self.folder, index=self.index)
+        except OSError as exc:
+            raise OffloadError(
+                f"cannot write {key!r} to the offload folder {self.folder}: {exc.strerror or exc}; free some space "
+                "or choose another offload_folder (the load was undone, its offload files removed)",
+                path=self.folder,
+                tensor=key,
+            ) from exc
 
     def finish(self) -> None:
         from accelerate.utils import save_offload_index
 
-        save_offload_index(self.index, self.folder)
+        try:
+            self.wrote_index = True
+            save_offload_index(self.index, self.folder)
+        except OSError as exc:
+            raise OffloadError(f"cannot write the offload index in {self.folder}: {exc.strerror or exc}",
+                               path=self.folder) from exc
+
+    def abandon(self) -> None:
+        """Remove every file this load wrote into the offload folder (after a failed load)."""
+        index = [os.path.join(self.folder, "index.json")] if self.wrote_index else []
+        for path in (*self.written, *index):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
 def dispatch(model: torch.nn.Module, plan: Plan, placement: Placement, writer: DiskWriter | None) -> None:
