@@ -15,7 +15,7 @@ import torch
 
 from .contract.bases import Strategy
 from .contract.plan import Plan
-from .contract.records import CheckpointInfo, ModelFacts
+from .contract.records import CheckpointInfo, KeyMap, ModelFacts
 from .errors import PlanError
 from .pipeline import bind, build, negotiate, place, stream
 from .pipeline.discover import PluginManager, get_manager
@@ -62,6 +62,7 @@ class Prepared:
     facts: ModelFacts
     plan: Plan
     placement: place.Placement = field(repr=False)
+    keymap: KeyMap = field(default_factory=KeyMap, repr=False)
 
 
 def prepare(request: LoadRequest, mgr: PluginManager) -> Prepared:
@@ -75,13 +76,14 @@ def prepare(request: LoadRequest, mgr: PluginManager) -> Prepared:
     dtype = negotiate.build_dtype(strat, entry, negotiate.build_context(checkpoint, caps, mgr), mgr)
     skeleton, builder = build.skeleton(request.model, mgr, checkpoint, dtype)
     facts = build.collect_facts(skeleton, mgr)
+    keymap = negotiate.library_keymap(checkpoint, facts)
     plan_ = negotiate.negotiate(
         checkpoint=checkpoint, model=skeleton, facts=facts, strategy=strat, strategy_entry=entry,
-        device=caps, builder=builder, manager=mgr, strict=request.strict, layout=layout,
+        device=caps, builder=builder, manager=mgr, strict=request.strict, layout=layout, keymap=keymap,
     )
     plan_ = place.place(skeleton, plan_, placement, facts.no_split)
     mgr.hook.loaderkit_plan_ready(plan=plan_)
-    return Prepared(request, checkpoint, skeleton, facts, plan_, placement)
+    return Prepared(request, checkpoint, skeleton, facts, plan_, placement, keymap)
 
 
 def execute(prep: Prepared, mgr: PluginManager) -> torch.nn.Module:
@@ -125,7 +127,8 @@ def _stream_into(prep: Prepared, mgr: PluginManager, writers: list) -> place.Dis
     try:
         total = sum(t.nbytes for t in plan_.tensors.values())
         with torch.no_grad(), progress_bar(total, "loading", progress=prep.request.progress, delay=2.0) as update:
-            loaded = stream.read_all(plan_, reader, mgr, writer, prep.placement.offload_buffers, progress=update)
+            loaded = stream.read_all(plan_, reader, mgr, writer, prep.placement.offload_buffers, progress=update,
+                                     keymap=prep.keymap)
         if writer is not None:
             writer.finish()
     finally:

@@ -12,6 +12,7 @@ triggers the import, and without transformers installed this plugin contributes 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import re
 import sys
@@ -20,7 +21,18 @@ from typing import Any
 
 import torch
 
-from loaderkit.plugin import Builder, BuildRequest, contained, hookimpl, meta_init, ModelFacts, thaw, to_torch
+from loaderkit.plugin import (
+    Builder,
+    BuildRequest,
+    contained,
+    FusedTensor,
+    hookimpl,
+    KeyMap,
+    meta_init,
+    ModelFacts,
+    thaw,
+    to_torch,
+)
 from loaderkit.errors import BuildError
 
 #: Config keys describing a quantized checkpoint; loaderkit decodes such weights itself, so the
@@ -292,9 +304,65 @@ def facts_for(model: torch.nn.Module) -> ModelFacts:
         no_split=_patterns(getattr(model, "_no_split_modules", None)),
         finalize=(tie_weights,),
         dtype_source=_dtype_source(model),
+        key_mapping=functools.partial(key_map, model),
         linear_types=_linear_types(model),
         source=("transformers",),
     )
+
+
+def key_map(model: torch.nn.Module, keys: tuple[str, ...]) -> KeyMap:
+    """transformers' own key conversions for ``model``, applied to a checkpoint's ``keys``.
+
+    The conversions are the library's (``get_model_conversion_mapping``: renamed prefixes of
+    vision-language models, per-expert ``w1``/``w3`` fused into ``experts.gate_up_proj``, ...),
+    applied the way ``from_pretrained`` applies them (``rename_source_key`` on the keys in
+    ``dot_natural_key`` order, one converter per target); ``run`` builds a fused tensor with the
+    converter's own operations, reading each source when the converter asks for it.
+    """
+    from copy import deepcopy
+
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    if not renamings and not converters:
+        return KeyMap()
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    meta = model.state_dict()
+    prefix = model.base_model_prefix
+    renamed: dict[str, str] = {}
+    groups: dict[str, tuple[Any, list[tuple[str, str]]]] = {}
+    for key in sorted(keys, key=dot_natural_key):
+        target, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+        if target not in meta and key in meta:
+            target, pattern = rename_source_key(key, [], [], base_model_prefix=prefix, meta_state_dict=meta)
+        if target not in meta:
+            continue  # not the model's: loaderkit's matcher reports it
+        if pattern is None:
+            if target != key:
+                renamed[key] = target
+            continue
+        converter = by_pattern[pattern]
+        if len(converter.target_patterns) > 1:
+            raise BuildError(f"transformers converts {key!r} into several tensors ({converter}); one-to-many "
+                             "conversions are not supported yet")
+        groups.setdefault(target, (converter, []))[1].append((key, pattern))
+
+    def run(target: str, fetch) -> dict[str, torch.Tensor]:
+        converter, sources = groups[target]
+        fresh = deepcopy(converter)
+        for key, pattern in sources:
+            fresh.add_tensor(target, key, pattern, functools.partial(fetch, key))
+        with torch.no_grad():
+            return fresh.convert(target, model=model, config=model.config)
+
+    fused = {
+        t: FusedTensor(key=t, sources=tuple(k for k, _ in srcs), transform=", ".join(map(repr, conv.operations)))
+        for t, (conv, srcs) in groups.items()
+    }
+    return KeyMap(renamed=renamed, fused=fused, run=run)
 
 
 def _dtype_source(model: torch.nn.Module) -> tuple[str, ...]:

@@ -35,6 +35,9 @@ class TensorPlan(Frozen):
     :ivar scale: the name of the module buffer that holds its float32 scale in memory
         (``"weight_scale"``), or ``None`` for tensors without one.
     :ivar scale_encoding: how the checkpoint stores that scale (``"float"``, ``"ue8m0"``).
+    :ivar sources: for a tensor the model's library builds from several checkpoint tensors, those
+        keys, in order (``source`` is then the model key itself); empty otherwise.
+    :ivar transform: the library's operations on :attr:`sources`, in words.
     :ivar also: other model keys tied to this one (they share the tensor).
     :ivar buffer: it fills a buffer rather than a parameter.
     :ivar device: where it rests after loading: a device, or ``"disk"`` (offload folder).
@@ -52,6 +55,8 @@ class TensorPlan(Frozen):
     block: tuple[int, int] | None = None
     scale: str | None = None
     scale_encoding: ScaleEncoding = "float"
+    sources: tuple[str, ...] = ()
+    transform: str = ""
     also: tuple[str, ...] = ()
     buffer: bool = False
     device: str = "cpu"

@@ -298,6 +298,34 @@ class DeviceCaps(Frozen):
         return dtype in self.fast_dtypes
 
 
+class FusedTensor(Frozen):
+    """One model tensor the model's library builds from several checkpoint tensors
+    (transformers 5 fuses per-expert ``w1``/``w3`` into ``experts.gate_up_proj``).
+
+    :ivar key: the model's state-dict key.
+    :ivar sources: the checkpoint keys it is made of, in the order the library reads them.
+    :ivar transform: what the library does with them, in words (its operations).
+    """
+
+    key: str
+    sources: tuple[str, ...]
+    transform: str
+
+
+class KeyMap(Frozen):
+    """How the model's library maps a checkpoint's keys onto its model (``ModelFacts.key_mapping``).
+
+    :ivar renamed: checkpoint key -> model key, where they differ (one to one).
+    :ivar fused: model key -> the checkpoint tensors it is built from (many to one).
+    :ivar run: ``run(model_key, fetch)`` builds a fused tensor, reading each source with
+        ``fetch(checkpoint_key)``, by the library's own code; returns ``{model_key: tensor}``.
+    """
+
+    renamed: ReadOnly[dict[str, str]] = Field(default_factory=dict)
+    fused: ReadOnly[dict[str, FusedTensor]] = Field(default_factory=dict)
+    run: Callable[[str, Callable[[str], torch.Tensor]], dict[str, torch.Tensor]] | None = None
+
+
 class ModelFacts(Frozen):
     """What a model's library declares about it; merged from every ``loaderkit_model_facts`` answer.
 
@@ -317,6 +345,8 @@ class ModelFacts(Frozen):
         stored in a storage-only dtype, so ``model.dtype`` stays the compute dtype.
     :ivar linear_types: class names the library uses as linear layers (transformers' GPT-2
         ``Conv1D``, a Linear with a transposed weight): strategies see them as ``"linear"``.
+    :ivar key_mapping: the library's own key conversions: ``key_mapping(checkpoint_keys)`` returns
+        a :class:`KeyMap` (renamed and fused tensors), or ``None`` when the library converts none.
     :ivar low_precision_advice: non-empty when the library's model is sensitive to low-precision
         storage as a whole (a VAE): why. fp8 strategies keep such a model in its compute dtype
         unless asked otherwise, and say so in the plan.
@@ -334,6 +364,7 @@ class ModelFacts(Frozen):
     dtype_source: tuple[str, ...] = ()
     linear_types: tuple[str, ...] = ()
     low_precision_advice: str = ""
+    key_mapping: Callable[[tuple[str, ...]], KeyMap] | None = None
     source: tuple[str, ...] = ()
 
     @field_validator("skip_low_precision", "ignore_unexpected", "ignore_missing")
@@ -364,6 +395,7 @@ class ModelFacts(Frozen):
             dtype_source=cat(self.dtype_source, other.dtype_source),
             linear_types=cat(self.linear_types, other.linear_types),
             low_precision_advice=self.low_precision_advice or other.low_precision_advice,
+            key_mapping=self.key_mapping or other.key_mapping,
             source=cat(self.source, other.source),
         )
 

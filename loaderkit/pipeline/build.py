@@ -115,9 +115,27 @@ def collect_facts(model: nn.Module, manager: PluginManager) -> ModelFacts:
     facts = ModelFacts()
     for plugin, f in manager.hook.loaderkit_model_facts(model=model, returns=ModelFacts):
         # a plugin's finalize steps run later, outside the hook: they still fail naming it
-        f = f.replace(finalize=tuple(functools.partial(manager.invoke, plugin, fn) for fn in f.finalize))
+        f = f.replace(
+            finalize=tuple(functools.partial(manager.invoke, plugin, fn) for fn in f.finalize),
+            key_mapping=None if f.key_mapping is None else functools.partial(_key_mapping, manager, plugin, f.key_mapping),
+        )
         facts = facts.merge(f)
     return facts
+
+
+def _key_mapping(manager: PluginManager, plugin: str, fn, keys):
+    """A plugin's key mapping, called through the manager, its ``run`` too (errors name it)."""
+    from ..contract.records import KeyMap
+
+    keymap = manager.invoke(plugin, fn, keys)
+    if not isinstance(keymap, KeyMap):
+        from ..errors import PluginError
+
+        raise PluginError(f"plugin {plugin!r} returned {type(keymap).__name__} from its key mapping, not "
+                          "loaderkit.plugin.KeyMap", plugin=plugin)
+    if keymap.run is not None:
+        keymap = keymap.replace(run=functools.partial(manager.invoke, plugin, keymap.run))
+    return keymap
 
 
 _EMBED = re.compile(r"(^|[._])(embed|embedding|embeddings|embed_tokens|wte|wpe|shared)$")

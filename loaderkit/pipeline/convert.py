@@ -238,6 +238,12 @@ def make_job(
     request = LoadRequest(path=src, strategy=strategy, model=model, layout=None if layout is None else layout.name)
     plan = prepare(request, mgr).plan
     _refuse_fp8_to_fp8(plan)
+    fused = [tp for tp in plan.tensors.values() if tp.sources]
+    if fused:
+        raise ConvertError(
+            f"{src}: the model's library builds {len(fused)} tensors from several checkpoint tensors on load "
+            f"(e.g. {fused[0].key} from {fused[0].sources[0]} ...); converting such a checkpoint is not supported "
+            "yet: load it with loaderkit.load instead", path=src)
     quantized = [tp for tp in plan.tensors.values() if tp.conversion == "quantize"]
     if quantized and layout is None:
         raise ConvertError(f"the plan stores {quantized[0].source} in fp8, but no registered fp8 layout "

@@ -19,7 +19,7 @@ from ..contract.dtypes import dtype_name, holds_weights, is_float, is_fp8, to_to
 from ..contract.layout import DEFAULT_BLOCK, block_problem, looks_like_quantization_data, scale_numel
 from ..contract.modules import module_kind, read_by_parent
 from ..contract.plan import Decision, ModulePlan, Plan, TensorPlan
-from ..contract.records import CheckpointInfo, DeviceCaps, ModelFacts, TensorInfo
+from ..contract.records import CheckpointInfo, DeviceCaps, FusedTensor, KeyMap, ModelFacts, TensorInfo
 from ..errors import (
     LoaderKitError,
     PlanError,
@@ -137,7 +137,7 @@ def _tie_groups(slots: dict[str, Slot], facts: ModelFacts) -> dict[str, list[str
 
 
 def match_keys(
-    checkpoint: CheckpointInfo, slots: dict[str, Slot], facts: ModelFacts, strict: bool
+    checkpoint: CheckpointInfo, slots: dict[str, Slot], facts: ModelFacts, strict: bool, keymap: KeyMap | None = None
 ) -> tuple[dict[str, str], dict[str, list[str]], dict[str, str], list[str], list[Decision]]:
     """Map model keys to checkpoint keys.
 
@@ -145,8 +145,12 @@ def match_keys(
     key to its checkpoint key; ``also`` the tied keys sharing it; ``ignored`` the checkpoint keys
     not loaded, with why; ``kept`` model keys that keep the skeleton's real values (buffers the
     model computes, and parameters its library allows to be missing). A missing parameter is an
-    error even when the skeleton holds random initial values for it.
+    error even when the skeleton holds random initial values for it. With the library's
+    ``keymap``, renamed checkpoint keys fill their new model keys, and a fused model tensor maps
+    to itself (its sources are in ``keymap.fused``).
     """
+    keymap = keymap or KeyMap()
+    fused_sources = {src for f in keymap.fused.values() for src in f.sources}
     q = checkpoint.quantization
     companions = q.companion_keys() if q else set()
     ckpt_keys = [k for k in checkpoint.tensors if k not in companions]
@@ -166,19 +170,28 @@ def match_keys(
     also: dict[str, list[str]] = {}
     done: set[str] = set()
     unexpected = []
+    for mk in keymap.fused:
+        if mk in slots and mk not in done:
+            group = groups.get(mk, [mk])
+            source_of[mk] = mk
+            also[mk] = [k for k in group if k != mk]
+            done.update(group)
     for ck in ckpt_keys:
-        if ck not in slots:
+        if ck in fused_sources:
+            continue
+        mk = keymap.renamed.get(ck, ck)
+        if mk not in slots:
             if any(re.search(p, ck) for p in facts.ignore_unexpected):
                 ignored[ck] = LIBRARY_IGNORES
             else:
                 unexpected.append(ck)
             continue
-        if ck in done:
-            ignored[ck] = f"tied to {next(k for k, v in also.items() if ck in v)}; loaded once"
+        if mk in done:
+            ignored[ck] = f"tied to {next(k for k, v in also.items() if mk in v)}; loaded once"
             continue
-        group = groups.get(ck, [ck])
-        source_of[ck] = ck
-        also[ck] = [k for k in group if k != ck]
+        group = groups.get(mk, [mk])
+        source_of[mk] = ck
+        also[mk] = [k for k in group if k != mk]
         done.update(group)
     missing, kept = [], []
     for key, slot in slots.items():
@@ -192,6 +205,8 @@ def match_keys(
             missing.append(key)
     mismatched = []
     for mk, ck in source_of.items():
+        if mk in keymap.fused:
+            continue  # a fused tensor's shape is the library's result: checked as it is built
         want = tuple(slots[mk].tensor.shape)
         got = checkpoint.tensors[ck].shape
         if want != got:
@@ -288,6 +303,7 @@ def negotiate(
     manager: PluginManager,
     strict: bool = True,
     layout: Encoder | None = None,
+    keymap: KeyMap | None = None,
 ) -> Plan:
     """Make the plan. Raises :class:`PlanError` or :class:`StateDictMismatchError` when impossible.
 
@@ -296,7 +312,9 @@ def negotiate(
     """
     refuse_unreadable(checkpoint)
     slots = model_slots(model)
-    source_of, also, ignored, kept, decisions = match_keys(checkpoint, slots, facts, strict)
+    keymap = keymap if keymap is not None else library_keymap(checkpoint, facts)
+    source_of, also, ignored, kept, decisions = match_keys(checkpoint, slots, facts, strict, keymap)
+    virtual = {mk: _fused_info(checkpoint, keymap.fused[mk], slots[mk]) for mk in keymap.fused if mk in source_of}
     ctx = ModelContext(checkpoint=checkpoint, device=device, strategies=manager.strategy_classes(), facts=facts)
     state = manager.call(strategy_entry, strategy.prepare, ctx)
     refits: dict[str, list[str]] = {}
@@ -308,7 +326,7 @@ def negotiate(
     named = dict(model.named_modules())
     for mname, keys in by_module.items():
         module = named[mname]
-        infos = {slots[k].local: checkpoint.tensors[source_of[k]] for k in keys}
+        infos = {slots[k].local: virtual.get(k) or checkpoint.tensors[source_of[k]] for k in keys}
         locked = read_by_parent(mname, named) or (
             "the model's library reads model.dtype from its first floating parameter, which is this "
             "module's: a storage-only dtype here would make model.dtype report it" if mname in facts.dtype_source else ""
@@ -330,6 +348,10 @@ def negotiate(
             mplan, tplans = _plan_module(mctx, module, decision, keys, slots, source_of, also, checkpoint, device)
         except LoaderKitError as exc:
             raise exc.with_context(module=mname, plugin=strategy_entry.plugin)
+        for k in keys:
+            if k in virtual:
+                f = keymap.fused[k]
+                tplans[k] = tplans[k].replace(sources=f.sources, transform=f.transform)
         modules[mname] = mplan
         tensors.update(tplans)
     decisions.extend(
@@ -343,7 +365,19 @@ def negotiate(
         for why, names in refits.items()
     )
     order = {k: i for i, k in enumerate(checkpoint.tensors)}
-    tensors = dict(sorted(tensors.items(), key=lambda kv: order[kv[1].source]))
+    tensors = dict(sorted(tensors.items(), key=lambda kv: order[(kv[1].sources or (kv[1].source,))[0]]))
+    if virtual:
+        n = sum(len(keymap.fused[k].sources) for k in virtual)
+        transforms = sorted({keymap.fused[k].transform for k in virtual})
+        decisions.append(Decision(
+            subject="library conversions",
+            choice=f"{len(virtual)} tensors built from {n} checkpoint tensors",
+            reason=f"the model's library fuses them on load ({'; '.join(transforms)})", by="the model's library",
+        ))
+    renamed = sum(1 for ck, mk in keymap.renamed.items() if source_of.get(mk) == ck)
+    if renamed:
+        decisions.append(Decision(subject="library conversions", choice=f"{renamed} checkpoint keys renamed",
+                                  reason="the model's library renames them on load", by="the model's library"))
     return Plan(
         checkpoint=checkpoint,
         strategy=strategy.name,
@@ -367,6 +401,33 @@ def _keeps_fp32(facts: ModelFacts, module: str, tensors: dict, fp16: bool = Fals
     if facts.keeps_fp32(module, fp16=fp16):
         return True
     return any(facts.keeps_fp32(f"{module}.{local}" if module else local, fp16=fp16) for local in tensors)
+
+
+def library_keymap(checkpoint: CheckpointInfo, facts: ModelFacts) -> KeyMap:
+    """The model library's key conversions for this checkpoint (an empty map when it has none)."""
+    if facts.key_mapping is None:
+        return KeyMap()
+    q = checkpoint.quantization
+    companions = q.companion_keys() if q else set()
+    return facts.key_mapping(tuple(k for k in checkpoint.tensors if k not in companions))
+
+
+def _fused_info(checkpoint: CheckpointInfo, fused: FusedTensor, slot: Slot) -> TensorInfo:
+    """The description of a fused tensor: its model shape, its sources' dtype and bytes."""
+    q = checkpoint.quantization
+    infos = [checkpoint.tensors[s] for s in fused.sources]
+    dtypes = sorted({i.dtype for i in infos})
+    quantized = [s for s in fused.sources if q is not None and s in q.weights]
+    if quantized or len(dtypes) > 1:
+        raise PlanError(
+            f"{checkpoint.path}: the model's library builds {fused.key!r} from {len(infos)} tensors "
+            + (f"quantized as {q.family} (e.g. {quantized[0]}); fusing quantized tensors is not supported yet: "
+               "load the high-precision checkpoint" if quantized else f"of different dtypes ({', '.join(dtypes)})"),
+            path=checkpoint.path,
+            tensor=fused.key,
+        )
+    return TensorInfo(name=fused.key, shape=tuple(slot.tensor.shape), dtype=dtypes[0], file=infos[0].file,
+                      nbytes=sum(i.nbytes for i in infos))
 
 
 def refuse_unreadable(checkpoint: CheckpointInfo) -> None:

@@ -18,7 +18,7 @@ import torch
 from ..contract.bases import TensorReader
 from ..contract.dtypes import is_fp8, to_torch
 from ..contract.plan import Plan, TensorPlan
-from ..contract.records import CheckpointInfo, QuantizedWeight
+from ..contract.records import CheckpointInfo, KeyMap, QuantizedWeight
 from ..errors import BuildError, CorruptCheckpointError, LoaderKitError, PlanError, PluginError
 from .discover import Entry, PluginManager
 
@@ -45,6 +45,7 @@ def read_all(
     writer: "DiskWriter | None" = None,
     offload_buffers: bool = False,
     progress=None,
+    keymap: KeyMap | None = None,
 ) -> Loaded:
     """Read and convert every planned tensor. Returns them unassigned.
 
@@ -57,7 +58,7 @@ def read_all(
         if tp.device == "disk" and writer is not None and _point_at_source(tp, plan, writer):
             out.tensors[tp.key] = _meta_like(tp)
             continue
-        tensor, scale = _read_one(tp, plan, reader, manager)
+        tensor, scale = _read_one(tp, plan, reader, manager, keymap)
         mod, _, local = tp.key.rpartition(".")
         if tp.device == "disk" and writer is not None:
             for k in (tp.key, *tp.also):
@@ -77,7 +78,9 @@ def read_all(
     return out
 
 
-def _read_one(tp: TensorPlan, plan: Plan, reader: TensorReader, manager: PluginManager):
+def _read_one(tp: TensorPlan, plan: Plan, reader: TensorReader, manager: PluginManager, keymap: KeyMap | None = None):
+    if tp.sources:
+        return convert_tensor(tp, _fused(tp, plan, reader, keymap), plan.checkpoint, reader, manager)
     if tp.conversion == "none" or not isinstance(reader, Source):
         return convert_tensor(tp, reader.get(tp.source), plan.checkpoint, reader, manager)
     raw = reader.read(tp.source)  # may live in a buffer the next read reuses
@@ -85,6 +88,29 @@ def _read_one(tp: TensorPlan, plan: Plan, reader: TensorReader, manager: PluginM
     if raw.numel() and tensor.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr():
         tensor = tensor.clone()  # a conversion that returned its input: keep a private copy
     return tensor, scale
+
+
+def _fused(tp: TensorPlan, plan: Plan, reader: TensorReader, keymap: KeyMap | None) -> torch.Tensor:
+    """Build a tensor the model's library fuses from several checkpoint tensors, by its own code,
+    reading each source as it asks for it; the result must have the planned shape and dtype."""
+    if keymap is None or keymap.run is None:
+        raise PlanError(f"{tp.key!r} is planned from {len(tp.sources)} tensors, but no key mapping of the "
+                        "model's library is available to build it", tensor=tp.key)
+    out = keymap.run(tp.key, reader.get)
+    tensor = out.get(tp.key) if isinstance(out, dict) else None
+    if not isinstance(tensor, torch.Tensor):
+        raise PluginError(f"the model library's conversion for {tp.key!r} returned {sorted(out) if isinstance(out, dict) else type(out).__name__}, "
+                          f"not the tensor {tp.key!r}", tensor=tp.key)
+    info = plan.checkpoint.tensors[tp.sources[0]]
+    if tuple(tensor.shape) != tp.shape or tensor.dtype != info.torch_dtype:
+        raise CorruptCheckpointError(
+            f"{plan.checkpoint.path}: {tp.key!r} built from {', '.join(tp.sources[:3])}"
+            f"{' ...' if len(tp.sources) > 3 else ''} came out {tensor.dtype} {list(tensor.shape)}, but the model "
+            f"holds {list(tp.shape)}: the checkpoint does not match the model",
+            path=plan.checkpoint.path,
+            tensor=tp.key,
+        )
+    return tensor
 
 
 class Source:
@@ -159,6 +185,8 @@ class Source:
 
 def _point_at_source(tp: TensorPlan, plan: Plan, writer: "DiskWriter") -> bool:
     """Offload without copying: point the offload index at the tensor in its safetensors file."""
+    if tp.sources:
+        return False  # built by the library's conversion: written out, not pointed at
     info = plan.checkpoint.tensors[tp.source]
     if tp.conversion != "none" or tp.companions or not info.file.endswith(".safetensors"):
         return False

@@ -1,0 +1,121 @@
+"""transformers 5 converts checkpoints on load (renames, per-expert tensors fused into one):
+loaderkit applies the library's own conversions, lazily, and loads exactly what
+``from_pretrained`` loads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import loaderkit
+
+transformers = pytest.importorskip("transformers")
+
+COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=64)
+MOE = {
+    "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(intermediate_size=48, num_local_experts=4,
+                                                            num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig", dict(intermediate_size=48, moe_intermediate_size=24,
+                                                                shared_expert_intermediate_size=48, num_experts=4,
+                                                                num_experts_per_tok=2)),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", dict(intermediate_size=48, moe_intermediate_size=24,
+                                                                num_experts=4, num_experts_per_tok=2, head_dim=8)),
+    "olmoe": ("OlmoeForCausalLM", "OlmoeConfig", dict(intermediate_size=48, num_experts=4, num_experts_per_tok=2)),
+}
+IDS = torch.tensor([[1, 5, 9, 3, 7, 2]])
+
+
+def cosine(a, b) -> float:
+    return torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0).item()
+
+
+@pytest.fixture(scope="module", params=sorted(MOE))
+def moe(request, tmp_path_factory):
+    arch, config_name, extra = MOE[request.param]
+    if not hasattr(transformers, arch):
+        pytest.skip(f"transformers {transformers.__version__} has no {arch}")
+    torch.manual_seed(0)
+    model_cls = getattr(transformers, arch)
+    path = tmp_path_factory.mktemp(request.param)
+    model_cls(getattr(transformers, config_name)(**COMMON, **extra)).save_pretrained(path)
+    return path, model_cls
+
+
+def test_the_plan_lists_the_sources_of_fused_tensors(moe):
+    path, _ = moe
+    plan = loaderkit.plan(path, "bf16")
+    fused = [t for t in plan.tensors.values() if t.sources]
+    assert fused, "the library fuses per-expert tensors on load"
+    assert all(len(t.sources) > 1 and t.transform and t.source == t.key for t in fused)
+    assert any(d.subject == "library conversions" and "built from" in d.choice for d in plan.decisions)
+    assert all(s in plan.checkpoint.tensors for t in fused for s in t.sources)
+    assert "sources" in plan.to_dict()["tensors"][fused[0].key]
+
+
+@pytest.mark.parametrize("strategy, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_moe_loads_exactly_as_from_pretrained(moe, strategy, dtype):
+    path, model_cls = moe
+    ours = loaderkit.load(path, strategy)
+    ref = model_cls.from_pretrained(path, dtype=dtype)
+    theirs = ref.state_dict()
+    got = ours.state_dict()
+    assert sorted(got) == sorted(theirs)
+    for k, v in theirs.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+    with torch.no_grad():
+        assert torch.equal(ours(IDS).logits, ref(IDS).logits)
+
+
+def test_moe_under_fp8_runs_verifies_and_agrees(moe):
+    path, model_cls = moe
+    model = loaderkit.load(path, "fp8")
+    assert loaderkit.verify(model, IDS).ok
+    ref = model_cls.from_pretrained(path)
+    with torch.no_grad():
+        assert cosine(model(IDS).logits, ref(IDS).logits) > 0.99
+
+
+def test_converting_a_fused_checkpoint_is_refused_cleanly(moe, tmp_path):
+    path, _ = moe
+    with pytest.raises(loaderkit.ConvertError, match="builds .* tensors from several checkpoint tensors"):
+        loaderkit.convert(path, tmp_path / "out", "bf16", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_fused_tensor_that_does_not_fit_is_named(moe, tmp_path):
+    """A checkpoint with an expert missing: the library's fused result has the wrong shape."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path, _ = moe
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    tensors = load_file(str(broken / "model.safetensors"))
+    drop = next(k for k in sorted(tensors) if ".experts.3." in k)
+    tensors.pop(drop)
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(loaderkit.LoaderKitError):
+        loaderkit.load(broken, "fp32")
+
+
+def test_vision_language_renames_load_exactly(tmp_path):
+    """Llava checkpoints keep the hub prefixes (``language_model.model.*``); transformers 5 renames
+    them on load (``model.language_model.*``), and so does loaderkit, through its mapping."""
+    v = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, image_size=16, patch_size=8)
+    t = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    transformers.LlavaForConditionalGeneration(
+        transformers.LlavaConfig(vision_config=v, text_config=t, image_token_index=63)).save_pretrained(tmp_path)
+    assert any(k.startswith("language_model.model.") for k in loaderkit.inspect(tmp_path).tensors)
+    ref = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path)
+    for strategy, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        ours = loaderkit.load(tmp_path, strategy).state_dict()
+        theirs = ref.to(dtype).state_dict()
+        assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    plan = loaderkit.plan(tmp_path, "bf16")
+    renamed = [t for t in plan.tensors.values() if t.source != t.key and not t.sources]
+    assert renamed and renamed[0].source.startswith("language_model.")
