@@ -8,7 +8,8 @@ does for the real checkpoint. Printed per model: the bf16 size, the fp8 plan's s
 of bytes in fp8, the largest reasons weights stay in the compute dtype, and a peer's share:
 diffusers' ``enable_layerwise_casting`` (its default skip patterns plus the model's own) for
 diffusers models, llm-compressor's FP8 presets (every Linear but ``lm_head``) for transformers
-models. The share is of bytes in memory, scales included.
+models (the per-expert Linears of the hub layout included). The share is of bytes in memory,
+scales included.
 
     python benchmarks/bench_fp8_share.py [--models llama-3-8b flux.1-dev ...] [--json]
 """
@@ -122,7 +123,10 @@ def peer_share(name: str, model: torch.nn.Module) -> float:
         return fp8 / total
     for mname, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
-            if isinstance(module, torch.nn.Linear) and pname == "weight" and mname != "lm_head":
+            # llm-compressor quantizes every Linear weight of the hub layout but lm_head, the
+            # per-expert ones included: in transformers 5 those are the fused 3-D expert tensors
+            linear = isinstance(module, torch.nn.Linear) and pname == "weight" and mname != "lm_head"
+            if linear or (p.dim() == 3 and hasattr(module, "has_gate")):
                 fp8 += p.numel()
                 total += p.numel()
             else:

@@ -217,10 +217,23 @@ class FP8(Strategy):
                 reason = f"quantized on load, {o.granularity} scales"
             else:
                 reason = skipped
+        elif module.stacked_linear:
+            skipped = self._skipped(module, state)
+            kept = [n for n in module.stacked_linear if is_fp8(module.tensors[n].dtype)]
+            for n in module.stacked_linear:
+                storage[n] = module.tensors[n].dtype if n in kept else o.storage_dtype
+            if skipped is not None and not kept:
+                storage.clear()
+                reason = skipped
+            else:
+                reason = (f"stacked Linear weights ({', '.join(module.stacked_linear)}): quantized on load, "
+                          "one scale per expert and output channel") if not kept else "fp8 in the checkpoint, kept"
         elif weight is not None and weight.torch_dtype.is_floating_point:
             reason = f"a {module.type} ({module.kind}), not a Linear or convolution: stored in {compute}"
         native = state.native and module.kind == "linear" and "weight" in storage
         granularity = o.granularity
+        if module.stacked_linear and granularity in ("channel", "block"):
+            granularity = "row"  # a stack of Linear weights: per (expert, output channel)
         if granularity == "block" and (weight is None or len(weight.shape) != 2):
             granularity = "channel"  # block scales cover 2-D weights; a conv's go per channel
             if "weight" in storage:

@@ -306,6 +306,7 @@ def facts_for(model: torch.nn.Module) -> ModelFacts:
         dtype_source=_dtype_source(model),
         key_mapping=functools.partial(key_map, model),
         linear_types=_linear_types(model),
+        stacked_linear=_stacked_linear(model),
         source=("transformers",),
     )
 
@@ -371,6 +372,20 @@ def _dtype_source(model: torch.nn.Module) -> tuple[str, ...]:
         if param.is_floating_point():
             return (name.rpartition(".")[0],)
     return ()
+
+
+def _stacked_linear(model: torch.nn.Module) -> tuple[str, ...]:
+    """Fused MoE expert weights: the 3-D parameters of the modules transformers' experts
+    decorator (``use_experts_implementation``) marks, stored ``[experts, out, in]``
+    (``is_transposed`` False) and read as Linear weights by the experts' forward."""
+    out = []
+    for name, module in model.named_modules():
+        if not hasattr(module, "has_gate") or getattr(module, "is_transposed", True):
+            continue
+        for local, p in module.named_parameters(recurse=False):
+            if p.dim() == 3 and p.is_floating_point() and "bias" not in local:
+                out.append(f"{name}.{local}" if name else local)
+    return tuple(out)
 
 
 def _linear_types(model: torch.nn.Module) -> tuple[str, ...]:

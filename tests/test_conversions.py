@@ -69,7 +69,15 @@ def test_moe_loads_exactly_as_from_pretrained(moe, strategy, dtype):
 
 def test_moe_under_fp8_runs_verifies_and_agrees(moe):
     path, model_cls = moe
+    plan = loaderkit.plan(path, "fp8")
+    experts = [m for n, m in plan.modules.items() if n.endswith("mlp.experts")]
+    assert experts and all(set(m.storage.values()) == {"float8_e4m3fn"} and m.granularity == "row" for m in experts)
+    fused = next(t for t in plan.tensors.values() if t.sources and t.key.endswith("gate_up_proj"))
+    assert fused.conversion == "quantize" and fused.scale == "gate_up_proj_scale"
     model = loaderkit.load(path, "fp8")
+    owner = model.get_submodule(fused.key.rpartition(".")[0])
+    assert owner.gate_up_proj.dtype == torch.float8_e4m3fn
+    assert owner.gate_up_proj_scale.shape == owner.gate_up_proj.shape[:-1] + (1,)  # per expert and row
     assert loaderkit.verify(model, IDS).ok
     ref = model_cls.from_pretrained(path)
     with torch.no_grad():

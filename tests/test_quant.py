@@ -288,7 +288,7 @@ def test_quantize_errors():
     with pytest.raises(LoaderKitError, match="inf or NaN"):
         quantize(torch.tensor([[1.0, float("inf")]]), E4M3, "channel")
     with pytest.raises(LoaderKitError, match="granularity"):
-        quantize(torch.ones(2, 2), E4M3, "row")
+        quantize(torch.ones(2, 2), E4M3, "per-row")
     with pytest.raises(LoaderKitError, match="2-D"):
         quantize(torch.ones(2, 2, 2), E4M3, "block")
     with pytest.raises(LoaderKitError, match="8-bit"):

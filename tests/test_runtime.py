@@ -289,7 +289,7 @@ def test_attach_errors_name_the_module():
     with pytest.raises(LoaderKitError, match=r"shape \[3, 1\]"):
         runtime.attach_cast(lin, BF16, scales={"weight": ("weight_scale", "channel", None)})
     with pytest.raises(LoaderKitError, match="granularity"):
-        runtime.attach_cast(lin, BF16, scales={"weight": ("weight_scale", "row", None)})
+        runtime.attach_cast(lin, BF16, scales={"weight": ("weight_scale", "per-row", None)})
     with pytest.raises(LoaderKitError, match="no parameter or buffer 'gamma'"):
         runtime.attach_cast(lin, BF16, names=["gamma"])
     with pytest.raises(LoaderKitError, match="not a compute dtype"):

@@ -298,6 +298,8 @@ class ModuleContext(Frozen):
     :ivar skip_low_precision: the model's library asks for this module not to be stored in a
         low-precision format (``_skip_layerwise_casting_patterns``): a preference a strategy may
         let the user override.
+    :ivar stacked_linear: local names of its tensors that are stacks of Linear weights
+        (``ModelFacts.stacked_linear``: fused MoE experts), quantizable per row.
     :ivar locked: non-empty when the module *must* stay in its compute dtype for the model to
         run correctly — its parent reads its tensors or their dtype, or the library reads the
         model's dtype from it — and why. Never overridable.
@@ -310,6 +312,7 @@ class ModuleContext(Frozen):
     keep_fp32: bool = False
     keep_fp32_fp16: bool = False
     skip_low_precision: bool = False
+    stacked_linear: tuple[str, ...] = ()
     locked: str = ""
 
 

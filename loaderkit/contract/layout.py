@@ -10,8 +10,10 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-#: every scale granularity (``"none"``: unscaled fp8).
-GRANULARITIES: tuple[str, ...] = ("none", "tensor", "channel", "block")
+#: every scale granularity (``"none"``: unscaled fp8). ``"channel"`` is one scale per output
+#: channel of a Linear or convolution (dimension 0); ``"row"`` one per row of the last dimension
+#: of a stack of Linear weights (``[experts, out, in]`` -> scales ``[experts, out, 1]``).
+GRANULARITIES: tuple[str, ...] = ("none", "tensor", "channel", "row", "block")
 #: the block shape of block-scaled fp8 when a writer or a config does not say (DeepSeek-V3,
 #: transformers FineGrainedFP8 and llm-compressor FP8_BLOCK all use it).
 DEFAULT_BLOCK: tuple[int, int] = (128, 128)
@@ -41,7 +43,7 @@ def expected_scale_shapes(weight_shape: Sequence[int], layout: Layout) -> list[t
     ws = tuple(weight_shape)
     if gran == "tensor":
         return [(), (1,)] + [(1,) * n for n in range(2, max(len(ws), 1) + 1)]
-    if gran == "channel" and len(ws) >= 2:
+    if gran in ("channel", "row") and len(ws) >= 2:
         return [ws[:-1] + (1,), ws[:-1]]
     if gran == "block" and len(ws) >= 2 and block is not None:
         return [block_grid(ws, block)]
@@ -62,6 +64,8 @@ def scale_fits(shape: Sequence[int], scale_shape: Sequence[int], granularity: st
     numel = math.prod(scale_shape)
     if granularity == "block":
         return block is not None and len(shape) == 2 and tuple(scale_shape) == block_grid(shape, block)
+    if granularity == "row":
+        return len(shape) >= 2 and numel == math.prod(shape[:-1])
     return numel == 1 or (granularity == "channel" and bool(shape) and numel == shape[0])
 
 
@@ -73,6 +77,8 @@ def scale_numel(shape: Sequence[int], granularity: str | None, block: Sequence[i
         return 1
     if granularity == "channel":
         return shape[0] if len(shape) >= 2 else 1
+    if granularity == "row":
+        return math.prod(shape[:-1]) if len(shape) >= 2 else 1
     b = tuple(block or DEFAULT_BLOCK)
     k = math.prod(shape[1:]) if len(shape) > 1 else 1
     return ceil_div(shape[0], b[0]) * ceil_div(k, b[1])

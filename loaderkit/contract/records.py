@@ -20,7 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from .dtypes import to_torch
 
 #: scale granularities of quantized weights (``"none"``: unscaled fp8).
-Granularity = Literal["none", "tensor", "channel", "block"]
+Granularity = Literal["none", "tensor", "channel", "row", "block"]
 #: how a stored scale is encoded: ordinary floats, or power-of-two bytes (``2**(byte - 127)``).
 ScaleEncoding = Literal["float", "ue8m0"]
 
@@ -345,6 +345,10 @@ class ModelFacts(Frozen):
         stored in a storage-only dtype, so ``model.dtype`` stays the compute dtype.
     :ivar linear_types: class names the library uses as linear layers (transformers' GPT-2
         ``Conv1D``, a Linear with a transposed weight): strategies see them as ``"linear"``.
+    :ivar stacked_linear: model keys of parameters that are stacks of Linear weights
+        ``[..., out, in]`` read by their module's own forward (transformers 5's fused MoE experts,
+        ``experts.gate_up_proj``): strategies may store them in fp8 with one scale per row
+        (granularity ``"row"``), and a cast rule covers their module.
     :ivar key_mapping: the library's own key conversions: ``key_mapping(checkpoint_keys)`` returns
         a :class:`KeyMap` (renamed and fused tensors), or ``None`` when the library converts none.
     :ivar low_precision_advice: non-empty when the library's model is sensitive to low-precision
@@ -363,6 +367,7 @@ class ModelFacts(Frozen):
     finalize: tuple[Callable[[torch.nn.Module], Any], ...] = ()
     dtype_source: tuple[str, ...] = ()
     linear_types: tuple[str, ...] = ()
+    stacked_linear: tuple[str, ...] = ()
     low_precision_advice: str = ""
     key_mapping: Callable[[tuple[str, ...]], KeyMap] | None = None
     source: tuple[str, ...] = ()
@@ -394,6 +399,7 @@ class ModelFacts(Frozen):
             finalize=cat(self.finalize, other.finalize),
             dtype_source=cat(self.dtype_source, other.dtype_source),
             linear_types=cat(self.linear_types, other.linear_types),
+            stacked_linear=cat(self.stacked_linear, other.stacked_linear),
             low_precision_advice=self.low_precision_advice or other.low_precision_advice,
             key_mapping=self.key_mapping or other.key_mapping,
             source=cat(self.source, other.source),

@@ -418,8 +418,11 @@ def quantize(
         raise ConversionError(f"quantize needs an 8-bit float dtype, got {fp8_dtype}")
     if granularity not in GRANULARITIES:
         raise ConversionError(f"unknown scale granularity {granularity!r}; use one of {', '.join(GRANULARITIES)}")
-    if granularity == "channel" and w.dim() < 2:
+    if granularity in ("channel", "row") and w.dim() < 2:
         granularity = "tensor"
+    if granularity == "row":  # a stack of Linear weights [..., N, K]: one scale per row of K
+        q, scale = quantize(w.reshape(-1, w.shape[-1]), fp8_dtype, "channel")
+        return q.view(w.shape), scale.reshape(w.shape[:-1] + (1,))
     if granularity == "block" and w.dim() != 2:
         raise ConversionError(f"block scales need a 2-D weight; this one has shape {list(w.shape)}")
     rows = w.reshape(w.shape[0] if w.dim() else 1, -1)

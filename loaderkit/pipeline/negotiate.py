@@ -315,6 +315,7 @@ def negotiate(
     keymap = keymap if keymap is not None else library_keymap(checkpoint, facts)
     source_of, also, ignored, kept, decisions = match_keys(checkpoint, slots, facts, strict, keymap)
     virtual = {mk: _fused_info(checkpoint, keymap.fused[mk], slots[mk]) for mk in keymap.fused if mk in source_of}
+    stacked = set(facts.stacked_linear)
     ctx = ModelContext(checkpoint=checkpoint, device=device, strategies=manager.strategy_classes(), facts=facts)
     state = manager.call(strategy_entry, strategy.prepare, ctx)
     refits: dict[str, list[str]] = {}
@@ -339,6 +340,7 @@ def negotiate(
             keep_fp32=_keeps_fp32(facts, mname, infos),
             keep_fp32_fp16=_keeps_fp32(facts, mname, infos, fp16=True),
             skip_low_precision=facts.skips_low_precision(mname),
+            stacked_linear=tuple(slots[k].local for k in keys if k in stacked),
             locked=locked,
         )
         decision = _decide(strategy, strategy_entry, mctx, state, manager)
