@@ -10,7 +10,7 @@ import torch
 import loaderkit
 import loaderkit.plugin
 from loaderkit import StateDictMismatchError
-from loaderkit.pipeline.negotiate import model_slots
+from loaderkit.pipeline.match import model_slots
 from loaderkit.plugin import module_kind
 
 from conftest import BufferNet, TiedNet, TinyNet, assert_snapshot_equal, save_st, seeded, snapshot
