@@ -94,6 +94,9 @@ def execute(prep: Prepared, mgr: PluginManager) -> torch.nn.Module:
     writers: list[place.DiskWriter] = []
     try:
         writer = _stream_into(prep, mgr, writers)
+        if plan_.initialized:
+            with torch.no_grad():
+                prep.facts.initialize(model_, plan_.initialized)
         for fn in prep.facts.finalize:
             fn(model_)
         stream.check_complete(model_, plan_)

@@ -305,10 +305,26 @@ def facts_for(model: torch.nn.Module) -> ModelFacts:
         finalize=(tie_weights,),
         dtype_source=_dtype_source(model),
         key_mapping=functools.partial(key_map, model),
+        initialize=initialize_missing,
         linear_types=_linear_types(model),
         stacked_linear=_stacked_linear(model),
         source=("transformers",),
     )
+
+
+def initialize_missing(model: torch.nn.Module, keys: tuple[str, ...]) -> None:
+    """Parameters the checkpoint lacks and transformers allows to be missing: made real on the
+    CPU and filled by the model's own ``_init_weights`` for their module, as ``from_pretrained``
+    initializes missing keys (Marian's sinusoidal position tables)."""
+    modules = {}
+    for key in keys:
+        name, _, local = key.rpartition(".")
+        module = model.get_submodule(name)
+        p = module._parameters[local]
+        module._parameters[local] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
+        modules[name] = module
+    for module in modules.values():
+        model._init_weights(module)
 
 
 def key_map(model: torch.nn.Module, keys: tuple[str, ...]) -> KeyMap:

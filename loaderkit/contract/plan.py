@@ -124,6 +124,8 @@ class Plan(Frozen):
     :ivar ignored: checkpoint keys not loaded, with why.
     :ivar library_ignored: of :attr:`ignored`, the keys the model's library itself ignores on
         load (legacy buffers): ``convert`` copies them as stored.
+    :ivar initialized: model keys the checkpoint lacks that the model's library allows to be
+        missing and initializes itself (``ModelFacts.initialize``), after the tensors are read.
     :ivar kept: model keys not in the checkpoint that keep the values the skeleton already has.
     :ivar device_map: module name -> device (``"cuda:0"``, ``"cpu"``, ``"disk"``) when the model is
         spread over several places; ``None`` when it sits on one device.
@@ -141,6 +143,7 @@ class Plan(Frozen):
     decisions: tuple[Decision, ...] = ()
     ignored: ReadOnly[dict[str, str]] = Field(default_factory=dict)
     library_ignored: tuple[str, ...] = ()
+    initialized: tuple[str, ...] = ()
     kept: tuple[str, ...] = ()
     device_map: ReadOnly[dict[str, str]] | None = None
     offload_folder: str | None = None
@@ -186,6 +189,7 @@ class Plan(Frozen):
             "decisions": [d.model_dump(mode="json") for d in self.decisions],
             "ignored": thaw(self.ignored),
             "kept": list(self.kept),
+            "initialized": list(self.initialized),
             "device_map": None if self.device_map is None else thaw(self.device_map),
             "offload_folder": self.offload_folder,
         }

@@ -349,6 +349,9 @@ class ModelFacts(Frozen):
         ``[..., out, in]`` read by their module's own forward (transformers 5's fused MoE experts,
         ``experts.gate_up_proj``): strategies may store them in fp8 with one scale per row
         (granularity ``"row"``), and a cast rule covers their module.
+    :ivar initialize: the library's own initializer of parameters it allows a checkpoint to
+        lack and computes itself (Marian's sinusoidal position tables, which ``save_pretrained``
+        leaves out): ``initialize(model, keys)`` fills them in place, as ``from_pretrained`` does.
     :ivar key_mapping: the library's own key conversions: ``key_mapping(checkpoint_keys)`` returns
         a :class:`KeyMap` (renamed and fused tensors), or ``None`` when the library converts none.
     :ivar low_precision_advice: non-empty when the library's model is sensitive to low-precision
@@ -370,6 +373,7 @@ class ModelFacts(Frozen):
     stacked_linear: tuple[str, ...] = ()
     low_precision_advice: str = ""
     key_mapping: Callable[[tuple[str, ...]], KeyMap] | None = None
+    initialize: Callable[[torch.nn.Module, tuple[str, ...]], Any] | None = None
     source: tuple[str, ...] = ()
 
     @field_validator("skip_low_precision", "ignore_unexpected", "ignore_missing")
@@ -402,6 +406,7 @@ class ModelFacts(Frozen):
             stacked_linear=cat(self.stacked_linear, other.stacked_linear),
             low_precision_advice=self.low_precision_advice or other.low_precision_advice,
             key_mapping=self.key_mapping or other.key_mapping,
+            initialize=self.initialize or other.initialize,
             source=cat(self.source, other.source),
         )
 

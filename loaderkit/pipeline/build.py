@@ -118,6 +118,7 @@ def collect_facts(model: nn.Module, manager: PluginManager) -> ModelFacts:
         f = f.replace(
             finalize=tuple(functools.partial(manager.invoke, plugin, fn) for fn in f.finalize),
             key_mapping=None if f.key_mapping is None else functools.partial(_key_mapping, manager, plugin, f.key_mapping),
+            initialize=None if f.initialize is None else functools.partial(manager.invoke, plugin, f.initialize),
         )
         facts = facts.merge(f)
     return facts

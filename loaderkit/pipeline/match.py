@@ -69,11 +69,12 @@ def match_keys(
 ) -> tuple[dict[str, str], dict[str, list[str]], dict[str, str], list[str], list[Decision]]:
     """Map model keys to checkpoint keys.
 
-    Returns ``(source_of, also, ignored, kept, decisions)``: ``source_of`` maps each loaded model
+    Returns ``(source_of, also, ignored, kept, decisions, initialized)``: ``source_of`` maps each loaded model
     key to its checkpoint key; ``also`` the tied keys sharing it; ``ignored`` the checkpoint keys
     not loaded, with why; ``kept`` model keys that keep the skeleton's real values (buffers the
-    model computes, and parameters its library allows to be missing). A missing parameter is an
-    error even when the skeleton holds random initial values for it. With the library's
+    model computes, and parameters its library allows to be missing); ``initialized`` those the
+    library allows to be missing and initializes itself. A missing parameter is an error even
+    when the skeleton holds random initial values for it. With the library's
     ``keymap``, renamed checkpoint keys fill their new model keys, and a fused model tensor maps
     to itself (its sources are in ``keymap.fused``).
     """
@@ -121,7 +122,7 @@ def match_keys(
         source_of[mk] = ck
         also[mk] = [k for k in group if k != mk]
         done.update(group)
-    missing, kept = [], []
+    missing, kept, initialized = [], [], []
     for key, slot in slots.items():
         if key in done:
             continue
@@ -129,6 +130,8 @@ def match_keys(
         allowed = not slot.is_param or any(re.search(p, key) for p in facts.ignore_missing)
         if real and allowed:
             kept.append(key)
+        elif allowed and slot.is_param and facts.initialize is not None:
+            initialized.append(key)  # the library computes it itself (a sinusoidal table)
         else:
             missing.append(key)
     mismatched = []
@@ -162,6 +165,15 @@ def match_keys(
                        f"(e.g. {dropped[0]})",
             )
         )
+    if initialized:
+        decisions.append(
+            Decision(
+                subject=f"{len(initialized)} model tensors absent from the checkpoint",
+                choice="initialized by the model's library",
+                reason=f"its library allows them to be missing and computes them itself (e.g. {initialized[0]})",
+                by="the model's library",
+            )
+        )
     if kept:
         decisions.append(
             Decision(
@@ -170,7 +182,7 @@ def match_keys(
                 reason="they are real (not meta) in the skeleton, e.g. buffers computed by __init__",
             )
         )
-    return source_of, also, ignored, kept, decisions
+    return source_of, also, ignored, kept, decisions, initialized
 
 
 def _unread_quantization_error(checkpoint: CheckpointInfo, keys: list[str]) -> UnsupportedCheckpointError:

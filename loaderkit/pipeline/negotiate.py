@@ -110,7 +110,7 @@ def negotiate(
     refuse_unreadable(checkpoint)
     slots = model_slots(model)
     keymap = keymap if keymap is not None else library_keymap(checkpoint, facts)
-    source_of, also, ignored, kept, decisions = match_keys(checkpoint, slots, facts, strict, keymap)
+    source_of, also, ignored, kept, decisions, initialized = match_keys(checkpoint, slots, facts, strict, keymap)
     virtual = {mk: fused_info(checkpoint, keymap.fused[mk], slots[mk]) for mk in keymap.fused if mk in source_of}
     stacked = set(facts.stacked_linear)
     ctx = ModelContext(checkpoint=checkpoint, device=device, strategies=manager.strategy_classes(), facts=facts)
@@ -190,6 +190,7 @@ def negotiate(
         ignored=ignored,
         library_ignored=tuple(k for k, why in ignored.items() if why == LIBRARY_IGNORES),
         kept=tuple(kept),
+        initialized=tuple(initialized),
     )
 
 
