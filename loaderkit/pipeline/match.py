@@ -14,7 +14,7 @@ import torch
 
 from ..contract.layout import looks_like_quantization_data
 from ..contract.plan import Decision
-from ..contract.records import CheckpointInfo, FusedTensor, KeyMap, ModelFacts, TensorInfo
+from ..contract.records import CheckpointInfo, FusedTensor, KeyMap, ModelFacts, QuantizedWeight, TensorInfo
 from ..errors import PlanError, StateDictMismatchError, UnsupportedCheckpointError
 
 
@@ -240,19 +240,37 @@ def library_keymap(checkpoint: CheckpointInfo, facts: ModelFacts) -> KeyMap:
     return facts.key_mapping(tuple(k for k in checkpoint.tensors if k not in companions))
 
 
-def fused_info(checkpoint: CheckpointInfo, fused: FusedTensor, slot: Slot) -> TensorInfo:
-    """The description of a fused tensor: its model shape, its sources' dtype and bytes."""
+#: per-source scale granularities whose fused result is one scale per row of the fused tensor.
+FUSABLE_SCALES = ("tensor", "channel")
+
+
+def fused_info(
+    checkpoint: CheckpointInfo, fused: FusedTensor, slot: Slot
+) -> tuple[TensorInfo, QuantizedWeight | None]:
+    """The description of a fused tensor — its model shape, its sources' dtype and bytes — and,
+    when its sources are quantized weights, how the fused tensor decodes: the library's own
+    operations applied to the sources' scales too give one scale per row (``"row"``)."""
     q = checkpoint.quantization
     infos = [checkpoint.tensors[s] for s in fused.sources]
     dtypes = sorted({i.dtype for i in infos})
-    quantized = [s for s in fused.sources if q is not None and s in q.weights]
-    if quantized or len(dtypes) > 1:
+    if len(dtypes) > 1:
         raise PlanError(
-            f"{checkpoint.path}: the model's library builds {fused.key!r} from {len(infos)} tensors "
-            + (f"quantized as {q.family} (e.g. {quantized[0]}); fusing quantized tensors is not supported yet: "
-               "load the high-precision checkpoint" if quantized else f"of different dtypes ({', '.join(dtypes)})"),
+            f"{checkpoint.path}: the model's library builds {fused.key!r} from {len(infos)} tensors of different "
+            f"dtypes ({', '.join(dtypes)})", path=checkpoint.path, tensor=fused.key)
+    info = TensorInfo(name=fused.key, shape=tuple(slot.tensor.shape), dtype=dtypes[0], file=infos[0].file,
+                      nbytes=sum(i.nbytes for i in infos))
+    quantized = [q.weights[s] for s in fused.sources if q is not None and s in q.weights]
+    if not quantized:
+        return info, None
+    bad = [w for w in quantized if not w.scale or w.granularity not in FUSABLE_SCALES or len(checkpoint.tensors[w.weight].shape) != 2]
+    if len(quantized) != len(infos) or bad:
+        what = bad[0] if bad else None
+        raise PlanError(
+            f"{checkpoint.path}: the model's library builds {fused.key!r} from {len(infos)} tensors quantized as "
+            f"{q.family}" + (f"; {what.weight} is {what.granularity}-scaled, and fusing {what.granularity} scales is "
+                             "not supported yet (per-tensor and per-channel are)" if what else
+                             ", some of them not quantized") + ": load the high-precision checkpoint",
             path=checkpoint.path,
             tensor=fused.key,
         )
-    return TensorInfo(name=fused.key, shape=tuple(slot.tensor.shape), dtype=dtypes[0], file=infos[0].file,
-                      nbytes=sum(i.nbytes for i in infos))
+    return info, QuantizedWeight(weight=fused.key, granularity="row")

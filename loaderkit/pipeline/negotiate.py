@@ -111,7 +111,9 @@ def negotiate(
     slots = model_slots(model)
     keymap = keymap if keymap is not None else library_keymap(checkpoint, facts)
     source_of, also, ignored, kept, decisions, initialized = match_keys(checkpoint, slots, facts, strict, keymap)
-    virtual = {mk: fused_info(checkpoint, keymap.fused[mk], slots[mk]) for mk in keymap.fused if mk in source_of}
+    described = {mk: fused_info(checkpoint, keymap.fused[mk], slots[mk]) for mk in keymap.fused if mk in source_of}
+    virtual = {mk: d[0] for mk, d in described.items()}
+    virtual_q = {mk: d[1] for mk, d in described.items() if d[1] is not None}
     stacked = set(facts.stacked_linear)
     ctx = ModelContext(checkpoint=checkpoint, device=device, strategies=manager.strategy_classes(), facts=facts)
     state = manager.call(strategy_entry, strategy.prepare, ctx)
@@ -144,13 +146,17 @@ def negotiate(
         if layout is not None:
             decision = _fit_layout(layout, mctx, decision, refits)
         try:
-            mplan, tplans = _plan_module(mctx, module, decision, keys, slots, source_of, also, checkpoint, device)
+            mplan, tplans = _plan_module(mctx, module, decision, keys, slots, source_of, also, checkpoint, device,
+                                         virtual_q)
         except LoaderKitError as exc:
             raise exc.with_context(module=mname, plugin=strategy_entry.plugin)
         for k in keys:
             if k in virtual:
                 f = keymap.fused[k]
-                tplans[k] = tplans[k].replace(sources=f.sources, transform=f.transform)
+                extra = {}
+                if k in virtual_q:  # the sources' scales travel with them, fused the same way
+                    extra["companions"] = tuple(checkpoint.quantization.weights[s_].scale for s_ in f.sources)
+                tplans[k] = tplans[k].replace(sources=f.sources, transform=f.transform, **extra)
         modules[mname] = mplan
         tensors.update(tplans)
     decisions.extend(
@@ -263,7 +269,7 @@ def _fit_layout(layout: Encoder, ctx: ModuleContext, decision: ModuleDecision, r
     return decision.replace(storage=storage, reason=f"{why} ({layout.name} layout)")
 
 
-def _plan_module(ctx, module, decision, keys, slots, source_of, also, checkpoint, device):
+def _plan_module(ctx, module, decision, keys, slots, source_of, also, checkpoint, device, virtual_q=None):
     compute = decision.compute
     q = checkpoint.quantization
     storage: dict[str, str] = {}
@@ -272,7 +278,7 @@ def _plan_module(ctx, module, decision, keys, slots, source_of, also, checkpoint
     for key in keys:
         slot = slots[key]
         info: TensorInfo = ctx.tensors[slot.local]
-        qw = q.weights.get(info.name) if q else None
+        qw = (virtual_q or {}).get(key) or (q.weights.get(info.name) if q else None)
         tp = _tensor_plan(info, qw, slot, decision.storage.get(slot.local, compute), decision, checkpoint)
         tp = tp.replace(key=key, source=source_of[key], also=tuple(also.get(key, ())), device=device.device)
         if tp.granularity:
@@ -393,7 +399,7 @@ def _tensor_plan(info, qw, slot, wanted, decision, checkpoint) -> TensorPlan:
             tensor=info.name,
             module=slot.module,
         )
-    if not is_float(stored) and not (qw and qw.scale):
+    if not is_float(stored) and not (qw and (qw.scale or qw.weight not in checkpoint.tensors)):
         raise PlanError(
             f"tensor {info.name!r} in {info.file} is stored as {stored}, but the model's {slot.key!r} is a "
             f"floating-point {'parameter' if slot.is_param else 'buffer'} ({model_dtype}): no kernel can "
@@ -406,6 +412,9 @@ def _tensor_plan(info, qw, slot, wanted, decision, checkpoint) -> TensorPlan:
     if is_fp8(stored):
         if is_fp8(wanted):
             # stored fp8 bytes are kept as they are: no requantization
+            if qw is not None and qw.weight not in checkpoint.tensors:  # fused from scaled sources
+                return plan(stored, "none", granularity="row", scale=f"{slot.local}_scale",
+                            scale_bytes=scale_numel(info.shape, "row") * 4)
             if not companions:
                 return plan(stored, "none", granularity=qw.granularity if qw else "none")
             scale_info = checkpoint.tensors[qw.scale]
@@ -414,7 +423,7 @@ def _tensor_plan(info, qw, slot, wanted, decision, checkpoint) -> TensorPlan:
                 scale=f"{slot.local}_scale", scale_encoding=qw.scale_encoding,
                 scale_bytes=math.prod(scale_info.shape) * 4,
             )
-        return plan(wanted, "dequantize" if qw else "cast", companions=companions)
+        return plan(wanted, "dequantize" if qw else "cast", companions=companions)  # fused: set by the caller
     if is_fp8(wanted):
         gran = decision.granularity
         block = (decision.block or DEFAULT_BLOCK) if gran == "block" else None

@@ -79,6 +79,8 @@ def read_all(
 
 
 def _read_one(tp: TensorPlan, plan: Plan, reader: TensorReader, manager: PluginManager, keymap: KeyMap | None = None):
+    if tp.sources and tp.companions:
+        return _fused_quantized(tp, plan, reader, manager, keymap)
     if tp.sources:
         return convert_tensor(tp, _fused(tp, plan, reader, keymap), plan.checkpoint, reader, manager)
     if tp.conversion == "none" or not isinstance(reader, Source):
@@ -111,6 +113,40 @@ def _fused(tp: TensorPlan, plan: Plan, reader: TensorReader, keymap: KeyMap | No
             tensor=tp.key,
         )
     return tensor
+
+
+def _fused_quantized(tp: TensorPlan, plan: Plan, reader: TensorReader, manager: PluginManager, keymap: KeyMap | None):
+    """A tensor the library fuses from quantized sources: the stored fp8 bytes fused by the
+    library's operations, and the sources' scales — decoded by their scheme, one per row — fused
+    by the same operations, so each row keeps its own multiplier. Kept as fp8, or decoded."""
+    ckpt = plan.checkpoint
+    q = _fused(tp, plan, reader, keymap)
+    entry = scheme_entry(ckpt, manager)
+
+    def rows(key: str) -> torch.Tensor:
+        qw = ckpt.quantization.weights[key]
+        s = manager.call(entry, entry.obj.decode_scale, qw, reader.get(qw.scale), returns=torch.Tensor)
+        n = ckpt.tensors[key].shape[0]
+        return (s.reshape(1, 1).expand(n, 1) if s.numel() == 1 else s.reshape(n, 1)).to(torch.float32).contiguous()
+
+    out = keymap.run(tp.key, rows)
+    scale = out.get(tp.key) if isinstance(out, dict) else None
+    want = tp.shape[:-1] + (1,)
+    if not isinstance(scale, torch.Tensor) or tuple(scale.shape) != want:
+        raise CorruptCheckpointError(
+            f"{ckpt.path}: the scales of {tp.key!r}'s sources fused to "
+            f"{list(scale.shape) if isinstance(scale, torch.Tensor) else type(scale).__name__}, not {list(want)}",
+            path=ckpt.path, tensor=tp.key)
+    if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+        raise CorruptCheckpointError(f"{ckpt.path}: a scale of {tp.key!r}'s sources holds NaN, Inf or negative values",
+                                     path=ckpt.path, tensor=tp.key)
+    if tp.conversion == "none":
+        return q, scale
+    from ..kernels.quant import upcast
+
+    decoded = upcast(q, to_torch(tp.target_dtype), scale)
+    _check_finite(decoded, q, tp, ckpt)
+    return decoded, None
 
 
 class Source:
