@@ -132,7 +132,7 @@ def test_vision_language_renames_load_exactly(tmp_path):
 # -- fp8 MoE checkpoints in the per-expert hub layout ------------------------------------------------
 
 
-def _quantized_moe(tmp_path, granularity: str):
+def _quantized_moe(tmp_path, granularity: str, block: tuple[int, int] = (16, 16)):
     """A Mixtral in the layout llm-compressor writes with its FP8 (per-tensor) and FP8_DYNAMIC
     (per-channel) presets on the per-expert hub layout (compressed-tensors ``float-quantized``):
     every Linear weight but lm_head in float8_e4m3fn, ``weight_scale`` in the model dtype."""
@@ -140,7 +140,7 @@ def _quantized_moe(tmp_path, granularity: str):
 
     from safetensors.torch import load_file, save_file
 
-    from loaderkit.kernels.quant import quantize
+    from loaderkit.kernels.quant import expand_block_scale, quantize
 
     arch, config_name, extra = MOE["mixtral"]
     torch.manual_seed(0)
@@ -148,26 +148,30 @@ def _quantized_moe(tmp_path, granularity: str):
     sd = load_file(str(tmp_path / "model.safetensors"))
     ref = {}
     for k in [k for k in sd if k.endswith(".weight") and ("experts" in k or "self_attn" in k)]:
-        q, s = quantize(sd[k].float(), torch.float8_e4m3fn, granularity)
-        s = s.reshape(-1, 1) if granularity == "channel" else s.reshape(1)
-        sd[k], sd[k[: -len("weight")] + "weight_scale"] = q, s.to(torch.bfloat16)
-        ref[k] = q.float() * s.to(torch.bfloat16).float()  # the reference dequantization, in float32
+        q, s = quantize(sd[k].float(), torch.float8_e4m3fn, granularity, block=block)
+        s = (s.reshape(-1, 1) if granularity == "channel" else s.reshape(1) if granularity == "tensor" else s)
+        s = s.to(torch.bfloat16)
+        sd[k], sd[k[: -len("weight")] + "weight_scale"] = q, s
+        full = expand_block_scale(s.float(), tuple(q.shape), block) if granularity == "block" else s.float()
+        ref[k] = q.float() * full  # the reference dequantization, in float32
     save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((tmp_path / "config.json").read_text())
     config["quantization_config"] = {
         "quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
-            "num_bits": 8, "type": "float", "strategy": granularity, "symmetric": True, "dynamic": False}}}}
+            "num_bits": 8, "type": "float", "strategy": granularity, "symmetric": True, "dynamic": False,
+            **({"block_structure": list(block)} if granularity == "block" else {})}}}}
     (tmp_path / "config.json").write_text(json.dumps(config))
     return tmp_path, sd, ref
 
 
-@pytest.mark.parametrize("granularity", ["channel", "tensor"])
+@pytest.mark.parametrize("granularity", ["channel", "tensor", "block"])
 def test_fp8_moe_keeps_its_expert_bytes_and_stacks_their_scales(tmp_path, granularity):
     path, stored, ref = _quantized_moe(tmp_path, granularity)
     plan = loaderkit.plan(path, "fp8")
     fused = plan.tensors["model.layers.0.mlp.experts.gate_up_proj"]
-    assert (fused.conversion, fused.granularity, fused.scale) == ("none", "row", "gate_up_proj_scale")
+    fused_gran = "block" if granularity == "block" else "row"
+    assert (fused.conversion, fused.granularity, fused.scale) == ("none", fused_gran, "gate_up_proj_scale")
     assert len(fused.companions) == len(fused.sources) == 8
     model = loaderkit.load(path, "fp8")
     experts = model.model.layers[0].mlp.experts
@@ -175,7 +179,7 @@ def test_fp8_moe_keeps_its_expert_bytes_and_stacks_their_scales(tmp_path, granul
     want_bytes = torch.cat([torch.stack([stored[f"{expert}.{i}.{w}.weight"] for i in range(4)]) for w in ("w1", "w3")], 1)
     assert experts.gate_up_proj.dtype == torch.float8_e4m3fn
     assert torch.equal(experts.gate_up_proj.view(torch.uint8), want_bytes.view(torch.uint8))  # never requantized
-    assert experts.gate_up_proj_scale.shape == (4, 96, 1)
+    assert experts.gate_up_proj_scale.shape == ((4, 6, 2) if granularity == "block" else (4, 96, 1))
     assert loaderkit.verify(model, IDS).ok
     dense = loaderkit.load(path, "fp32")
     want = torch.cat([torch.stack([ref[f"{expert}.{i}.{w}.weight"] for i in range(4)]) for w in ("w1", "w3")], 1)
@@ -184,20 +188,50 @@ def test_fp8_moe_keeps_its_expert_bytes_and_stacks_their_scales(tmp_path, granul
         assert cosine(model(IDS).logits, dense(IDS).logits) > 0.99
 
 
-def test_block_scaled_moe_experts_are_refused_by_name(tmp_path):
-    """Fusing block-scaled experts is not supported yet: refused at plan time, never loaded wrong."""
+def test_block_scales_that_would_straddle_two_experts_tensors_are_refused_by_name(tmp_path):
+    """A block grid fuses only when no block straddles two sources: 48 rows in blocks of 32 do not."""
+    path, _, _ = _quantized_moe(tmp_path, "block", block=(32, 32))
+    with pytest.raises(loaderkit.PlanError, match="multiples of the block"):
+        loaderkit.plan(path, "fp8")
+
+
+def test_deepseek_v3_block_fp8_experts_load_kept_and_exact(tmp_path):
+    """DeepSeek-V3's layout (``quant_method: fp8``, ``weight_block_size``, ``weight_scale_inv``
+    per expert): the experts transformers fuses keep their bytes and block grids under fp8, and
+    decode to the reference under fp32."""
     import json
 
-    path, stored, _ = _quantized_moe(tmp_path, "channel")
-    config = json.loads((path / "config.json").read_text())
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
-    for k in [k for k in stored if k.endswith("weight_scale")]:
-        n, kk = stored[k[: -len("_scale")]].shape
-        stored[k] = torch.ones(-(-n // 16), -(-kk // 16), dtype=torch.bfloat16)
-    save_file(stored, str(path / "model.safetensors"), metadata={"format": "pt"})
-    group = config["quantization_config"]["config_groups"]["group_0"]["weights"]
-    group.update(strategy="block", block_structure=[16, 16])
-    (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(loaderkit.PlanError, match="fusing block scales is not supported yet"):
-        loaderkit.plan(path, "fp8")
+    from loaderkit.kernels.quant import expand_block_scale, quantize
+
+    if not hasattr(transformers, "DeepseekV3ForCausalLM"):
+        pytest.skip("no DeepseekV3 in this transformers")
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+        first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+        v_head_dim=8, n_group=1, topk_group=1)
+    torch.manual_seed(0)
+    transformers.DeepseekV3ForCausalLM(cfg).save_pretrained(tmp_path)
+    sd, ref = load_file(str(tmp_path / "model.safetensors")), {}
+    for k in [k for k in sd if k.endswith("proj.weight") and sd[k].dim() == 2]:
+        q, s = quantize(sd[k].float(), torch.float8_e4m3fn, "block", block=(16, 16))
+        sd[k], sd[k + "_scale_inv"] = q, s
+        ref[k] = q.float() * expand_block_scale(s, tuple(q.shape), (16, 16))
+    save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [16, 16], "activation_scheme": "dynamic"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    plan = loaderkit.plan(tmp_path, "fp8")
+    down = plan.tensors["model.layers.1.mlp.experts.down_proj"]
+    assert (down.conversion, down.granularity, down.block) == ("none", "block", (16, 16)) and len(down.sources) == 4
+    model = loaderkit.load(tmp_path, "fp8")
+    experts = model.model.layers[1].mlp.experts
+    src = "model.layers.1.mlp.experts"
+    assert torch.equal(experts.down_proj.view(torch.uint8),
+                       torch.stack([sd[f"{src}.{i}.down_proj.weight"] for i in range(4)]).view(torch.uint8))
+    assert experts.down_proj_scale.shape == (4, 2, 2)
+    assert loaderkit.verify(model, IDS[:, :3]).ok
+    dense = loaderkit.load(tmp_path, "fp32").model.layers[1].mlp.experts
+    assert torch.equal(dense.down_proj, torch.stack([ref[f"{src}.{i}.down_proj.weight"] for i in range(4)]))

@@ -63,7 +63,7 @@ def scale_fits(shape: Sequence[int], scale_shape: Sequence[int], granularity: st
     """
     numel = math.prod(scale_shape)
     if granularity == "block":
-        return block is not None and len(shape) == 2 and tuple(scale_shape) == block_grid(shape, block)
+        return block is not None and len(shape) >= 2 and tuple(scale_shape) == block_grid(shape, block)
     if granularity == "row":
         return len(shape) >= 2 and numel == math.prod(shape[:-1])
     return numel == 1 or (granularity == "channel" and bool(shape) and numel == shape[0])
@@ -80,6 +80,8 @@ def scale_numel(shape: Sequence[int], granularity: str | None, block: Sequence[i
     if granularity == "row":
         return math.prod(shape[:-1]) if len(shape) >= 2 else 1
     b = tuple(block or DEFAULT_BLOCK)
+    if len(shape) > 2:  # a stack of block-scaled weights: the grid over the last two dimensions
+        return math.prod(block_grid(shape, b))
     k = math.prod(shape[1:]) if len(shape) > 1 else 1
     return ceil_div(shape[0], b[0]) * ceil_div(k, b[1])
 

@@ -151,6 +151,9 @@ def upcast(
         raise ConversionError(f"cannot upcast to {dtype}: choose a compute dtype such as torch.bfloat16")
     if block is not None and scale is None:
         raise ConversionError("a block shape was given without a block scale grid")
+    if block is not None and q.dim() > 2:  # stacked block grids (fused experts): the definition
+        result = dequantize_reference(q, dtype, scale, tuple(block))
+        return result if out is None else out.copy_(result)
     if block is not None:
         _check_block(scale, tuple(q.shape), tuple(block))
     if not _table_route_applies(q, scale, block):

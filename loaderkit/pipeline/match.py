@@ -240,8 +240,10 @@ def library_keymap(checkpoint: CheckpointInfo, facts: ModelFacts) -> KeyMap:
     return facts.key_mapping(tuple(k for k in checkpoint.tensors if k not in companions))
 
 
-#: per-source scale granularities whose fused result is one scale per row of the fused tensor.
-FUSABLE_SCALES = ("tensor", "channel")
+#: per-source scale granularities the library's operations can fuse: per tensor and per channel
+#: become one scale per row of the fused tensor; block grids fuse as grids when every source's
+#: dimensions are multiples of the block (then no block straddles two sources).
+FUSABLE_SCALES = ("tensor", "channel", "block")
 
 
 def fused_info(
@@ -262,15 +264,23 @@ def fused_info(
     quantized = [q.weights[s] for s in fused.sources if q is not None and s in q.weights]
     if not quantized:
         return info, None
-    bad = [w for w in quantized if not w.scale or w.granularity not in FUSABLE_SCALES or len(checkpoint.tensors[w.weight].shape) != 2]
-    if len(quantized) != len(infos) or bad:
-        what = bad[0] if bad else None
+    bad = [w for w in quantized if not w.scale or w.granularity not in FUSABLE_SCALES
+           or len(checkpoint.tensors[w.weight].shape) != 2 or (w.granularity == "block") != (quantized[0].granularity == "block")]
+    blocks = {w.block for w in quantized if w.granularity == "block"}
+    straddle = [w for w in quantized if w.granularity == "block"
+                and any(d % b for d, b in zip(checkpoint.tensors[w.weight].shape, w.block))]
+    if len(quantized) != len(infos) or bad or len(blocks) > 1 or straddle:
+        what = (bad or straddle or [None])[0]
+        why = (f"{what.weight} is {what.granularity}-scaled with shape {list(checkpoint.tensors[what.weight].shape)}; "
+               "fusing block scales is supported only when every source's dimensions are multiples of the block"
+               if straddle else f"{what.weight} is {what.granularity}-scaled, and mixing or fusing such scales is "
+               "not supported" if what else "its sources mix block sizes, or some are not quantized")
         raise PlanError(
             f"{checkpoint.path}: the model's library builds {fused.key!r} from {len(infos)} tensors quantized as "
-            f"{q.family}" + (f"; {what.weight} is {what.granularity}-scaled, and fusing {what.granularity} scales is "
-                             "not supported yet (per-tensor and per-channel are)" if what else
-                             ", some of them not quantized") + ": load the high-precision checkpoint",
+            f"{q.family}; {why}: load the high-precision checkpoint",
             path=checkpoint.path,
             tensor=fused.key,
         )
+    if blocks:
+        return info, QuantizedWeight(weight=fused.key, granularity="block", block=blocks.pop())
     return info, QuantizedWeight(weight=fused.key, granularity="row")

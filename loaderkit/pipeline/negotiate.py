@@ -413,8 +413,8 @@ def _tensor_plan(info, qw, slot, wanted, decision, checkpoint) -> TensorPlan:
         if is_fp8(wanted):
             # stored fp8 bytes are kept as they are: no requantization
             if qw is not None and qw.weight not in checkpoint.tensors:  # fused from scaled sources
-                return plan(stored, "none", granularity="row", scale=f"{slot.local}_scale",
-                            scale_bytes=scale_numel(info.shape, "row") * 4)
+                return plan(stored, "none", granularity=qw.granularity, block=qw.block, scale=f"{slot.local}_scale",
+                            scale_bytes=scale_numel(info.shape, qw.granularity, qw.block) * 4)
             if not companions:
                 return plan(stored, "none", granularity=qw.granularity if qw else "none")
             scale_info = checkpoint.tensors[qw.scale]

@@ -17,6 +17,7 @@ import torch
 
 from ..contract.bases import TensorReader
 from ..contract.dtypes import is_fp8, to_torch
+from ..contract.layout import block_grid
 from ..contract.plan import Plan, TensorPlan
 from ..contract.records import CheckpointInfo, KeyMap, QuantizedWeight
 from ..errors import BuildError, CorruptCheckpointError, LoaderKitError, PlanError, PluginError
@@ -122,16 +123,20 @@ def _fused_quantized(tp: TensorPlan, plan: Plan, reader: TensorReader, manager: 
     ckpt = plan.checkpoint
     q = _fused(tp, plan, reader, keymap)
     entry = scheme_entry(ckpt, manager)
+    first = ckpt.quantization.weights[tp.sources[0]]
+    block = first.block if first.granularity == "block" else None
 
     def rows(key: str) -> torch.Tensor:
         qw = ckpt.quantization.weights[key]
         s = manager.call(entry, entry.obj.decode_scale, qw, reader.get(qw.scale), returns=torch.Tensor)
+        if block is not None:
+            return s.to(torch.float32).contiguous()  # the grid, fused like the weights
         n = ckpt.tensors[key].shape[0]
         return (s.reshape(1, 1).expand(n, 1) if s.numel() == 1 else s.reshape(n, 1)).to(torch.float32).contiguous()
 
     out = keymap.run(tp.key, rows)
     scale = out.get(tp.key) if isinstance(out, dict) else None
-    want = tp.shape[:-1] + (1,)
+    want = block_grid(tp.shape, block) if block is not None else tp.shape[:-1] + (1,)
     if not isinstance(scale, torch.Tensor) or tuple(scale.shape) != want:
         raise CorruptCheckpointError(
             f"{ckpt.path}: the scales of {tp.key!r}'s sources fused to "
@@ -144,7 +149,7 @@ def _fused_quantized(tp: TensorPlan, plan: Plan, reader: TensorReader, manager: 
         return q, scale
     from ..kernels.quant import upcast
 
-    decoded = upcast(q, to_torch(tp.target_dtype), scale)
+    decoded = upcast(q, to_torch(tp.target_dtype), scale, block)
     _check_finite(decoded, q, tp, ckpt)
     return decoded, None
 
