@@ -392,11 +392,13 @@ def _dtype_source(model: torch.nn.Module) -> tuple[str, ...]:
 
 def _stacked_linear(model: torch.nn.Module) -> tuple[str, ...]:
     """Fused MoE expert weights: the 3-D parameters of the modules transformers' experts
-    decorator (``use_experts_implementation``) marks, stored ``[experts, out, in]``
-    (``is_transposed`` False) and read as Linear weights by the experts' forward."""
+    decorator (``use_experts_implementation``) marks, read as Linear weights by the experts'
+    forward. Stored ``[experts, out, in]``, a scale per row is one per output channel; stored
+    transposed (``is_transposed``, gpt-oss: ``[experts, in, out]``), one per input channel —
+    still an exact decode, with scales along the other axis."""
     out = []
     for name, module in model.named_modules():
-        if not hasattr(module, "has_gate") or getattr(module, "is_transposed", True):
+        if not hasattr(module, "has_gate"):
             continue
         for local, p in module.named_parameters(recurse=False):
             if p.dim() == 3 and p.is_floating_point() and "bias" not in local:
