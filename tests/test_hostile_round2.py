@@ -284,3 +284,15 @@ def test_lone_surrogate_tensor_names_are_refused(tmp_path):
     path.write_bytes(_struct.pack("<Q", len(raw)) + raw + b"\0" * 4)
     with pytest.raises(CorruptCheckpointError, match="not valid UTF-8"):
         loaderkit.inspect(path)
+
+
+def test_a_hook_raising_system_exit_fails_the_plan_named(tiny_ckpt):
+    class Exits:
+        @lkp.hookimpl
+        def loaderkit_plan_ready(self, plan):
+            raise SystemExit(0)
+
+    mgr = lkp.PluginManager(autoload=False)
+    mgr.register(Exits(), name="exits")
+    with pytest.raises(lkp.PluginError, match="exits.*SystemExit"):
+        loaderkit.plan(tiny_ckpt[0], "fp32", model=TinyNet, manager=mgr)

@@ -352,7 +352,7 @@ class PluginManager:
             return fn(*args, **kwargs)
         except LoaderKitError as exc:
             raise exc.with_context(plugin=plugin)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a plugin cannot end the process (SystemExit(0) in a hook)
             raise PluginError(
                 f"plugin {plugin!r} raised {type(exc).__name__} in {getattr(fn, '__qualname__', fn)}: {exc}",
                 plugin=plugin,
