@@ -166,6 +166,15 @@ def measure(name: str) -> dict:
     }
 
 
+def machine() -> str:
+    """The environment line plus the CPU's SIMD flags and the load average (for every table)."""
+    from loaderkit.plugins.devices import cpu_flags
+
+    simd = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c")))
+    load = open("/proc/loadavg").read().split()[:3] if Path("/proc/loadavg").exists() else ["?"]
+    return f"{environment()}\nCPU flags: {' '.join(simd)}; load average {' '.join(load)}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", default=[*TRANSFORMERS, *DIFFUSERS])
@@ -173,9 +182,9 @@ def main() -> int:
     args = ap.parse_args()
     rows = [measure(m) for m in args.models]
     if args.json:
-        print(json.dumps({"environment": environment(), "rows": rows}, indent=2))
+        print(json.dumps({"environment": machine(), "rows": rows}, indent=2))
         return 0
-    print(environment())
+    print(machine())
     print(f"{'model':<16} {'bf16 GiB':>9} {'fp8 plan GiB':>13} {'fp8 share':>10} {'peer share':>11} "
           f"{'library_skips=False':>22}")
     for r in rows:
