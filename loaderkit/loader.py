@@ -91,9 +91,10 @@ def execute(prep: Prepared, mgr: PluginManager) -> torch.nn.Module:
     A failure leaves the model as it was."""
     plan_, model_, request = prep.plan, prep.model, prep.request
     snapshot = _Snapshot(model_)
-    writers: list[place.DiskWriter] = []
+    writer = None
     try:
-        writer = _stream_into(prep, mgr, writers)
+        writer = place.DiskWriter(plan_.offload_folder) if plan_.offload_folder else None
+        _stream_into(prep, mgr, writer)
         if plan_.initialized:
             with torch.no_grad():
                 prep.facts.initialize(model_, plan_.initialized)
@@ -113,19 +114,16 @@ def execute(prep: Prepared, mgr: PluginManager) -> torch.nn.Module:
         mgr.hook.loaderkit_model_loaded(model=model_, plan=plan_)
     except BaseException:
         snapshot.restore()
-        for w in writers:
-            w.abandon()
+        if writer is not None:
+            writer.abandon()  # the offload files this load wrote
         raise
     return model_
 
 
-def _stream_into(prep: Prepared, mgr: PluginManager, writers: list) -> place.DiskWriter | None:
+def _stream_into(prep: Prepared, mgr: PluginManager, writer: place.DiskWriter | None) -> None:
     from .progress import progress_bar
 
     plan_ = prep.plan
-    writer = place.DiskWriter(plan_.offload_folder) if plan_.offload_folder else None
-    if writer is not None:
-        writers.append(writer)
     reader = stream.open_source(plan_.checkpoint, mgr)
     try:
         total = sum(t.nbytes for t in plan_.tensors.values())
@@ -139,7 +137,6 @@ def _stream_into(prep: Prepared, mgr: PluginManager, writers: list) -> place.Dis
     with torch.no_grad():
         stream.assign(prep.model, plan_, loaded)
     stream.check_assigned(prep.model, plan_)
-    return writer
 
 
 class _Snapshot:

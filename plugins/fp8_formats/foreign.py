@@ -23,6 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from loaderkit.errors import UnsupportedCheckpointError
 from loaderkit.plugin import CheckpointInfo, QuantizationInfo, Scheme, looks_like_quantization_data
 
 from .common import is_fp8_weight, module_of, quantization_config
@@ -71,8 +72,10 @@ class RefusedLayouts(Scheme):
             )
         return None
 
-    def dequantize(self, q, weight, tensors, dtype):  # pragma: no cover - refused layouts never load
-        raise NotImplementedError("refused layouts are never decoded")
+    def dequantize(self, q, weight, tensors, dtype):
+        """Never reached: a refused layout fails at plan time. Refuses again if called directly."""
+        raise UnsupportedCheckpointError(f"{q.weight}: this layout is refused by the {self.name} scheme; "
+                                         "loaderkit does not decode it", tensor=q.weight)
 
 
 def _refused(family: str, why: str, details: dict[str, Any]) -> QuantizationInfo:
