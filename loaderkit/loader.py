@@ -44,6 +44,7 @@ class LoadRequest:
     cast_inputs: bool = True
     progress: bool | None = None
     layout: str | None = None
+    zero_copy: bool = True
 
     def placement(self) -> place.Placement:
         return place.normalise(
@@ -129,7 +130,7 @@ def _stream_into(prep: Prepared, mgr: PluginManager, writer: place.DiskWriter | 
         total = sum(t.nbytes for t in plan_.tensors.values())
         with torch.no_grad(), progress_bar(total, "loading", progress=prep.request.progress, delay=2.0) as update:
             loaded = stream.read_all(plan_, reader, mgr, writer, prep.placement.offload_buffers, progress=update,
-                                     keymap=prep.keymap)
+                                     keymap=prep.keymap, zero_copy=prep.request.zero_copy)
         if writer is not None:
             writer.finish()
     finally:
@@ -237,6 +238,7 @@ def load(
     format: str | None = None,
     cast_inputs: bool = True,
     progress: bool | None = None,
+    zero_copy: bool = True,
     manager: PluginManager | None = None,
 ) -> torch.nn.Module:
     """Load a checkpoint into a model whose dtypes follow the negotiated plan.
@@ -265,11 +267,15 @@ def load(
         inputs are never touched. Default on; pass ``False`` to feed activations as they are.
     :param progress: show a progress bar for loads that take more than two seconds (default:
         when standard error is a terminal and ``LOADERKIT_PROGRESS`` is not ``0``).
+    :param zero_copy: tensors that need no conversion stay views of the checkpoint's memory map
+        (default): no copy and no extra memory, but the model then *aliases the file* — rewriting
+        the file in place afterwards changes the loaded weights (and truncating it can crash the
+        process). ``False`` copies them into private memory.
     :returns: the model in eval mode. A failed load raises and returns nothing.
     """
     request = LoadRequest(
         path, strategy, model, device_map, max_memory, offload_folder, offload_buffers,
-        no_split_module_classes, strict, format, cast_inputs, progress,
+        no_split_module_classes, strict, format, cast_inputs, progress, zero_copy=zero_copy,
     )
     mgr = manager or get_manager()
     return execute(prepare(request, mgr), mgr)

@@ -296,3 +296,22 @@ def test_a_hook_raising_system_exit_fails_the_plan_named(tiny_ckpt):
     mgr.register(Exits(), name="exits")
     with pytest.raises(lkp.PluginError, match="exits.*SystemExit"):
         loaderkit.plan(tiny_ckpt[0], "fp32", model=TinyNet, manager=mgr)
+
+
+def test_zero_copy_aliases_the_file_and_zero_copy_false_does_not(tmp_path):
+    """Rewriting the file in place after a load: a zero-copy model sees the new bytes (documented),
+    a ``zero_copy=False`` one keeps what it loaded."""
+    import mmap
+
+    ref = seeded(TinyNet)
+    path = save_st(tmp_path / "m.safetensors", ref)
+    aliased = loaderkit.load(path, "fp32", model=TinyNet)
+    private = loaderkit.load(path, "fp32", model=TinyNet, zero_copy=False)
+    before = private.proj.weight.detach().clone()
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+        n = int.from_bytes(m[:8], "little")
+        header = json.loads(m[8:8 + n])
+        begin, end = header["proj.weight"]["data_offsets"]
+        m[8 + n + begin:8 + n + end] = bytes(end - begin)  # zeros, in place
+    assert torch.equal(private.proj.weight, before)
+    assert torch.count_nonzero(aliased.proj.weight) == 0  # the documented aliasing of a zero-copy load

@@ -47,8 +47,13 @@ def read_all(
     offload_buffers: bool = False,
     progress=None,
     keymap: KeyMap | None = None,
+    zero_copy: bool = True,
 ) -> Loaded:
     """Read and convert every planned tensor. Returns them unassigned.
+
+    ``zero_copy`` (the default) lets tensors that need no conversion stay views of the format's
+    memory map: no copy, but a file rewritten in place afterwards changes them; ``False`` copies
+    them into private memory.
 
     Tensors planned for ``"disk"`` go to ``writer`` as they stream (or are pointed at in their
     safetensors file when they need no conversion) and are represented in the result by meta
@@ -60,6 +65,8 @@ def read_all(
             out.tensors[tp.key] = _meta_like(tp)
             continue
         tensor, scale = _read_one(tp, plan, reader, manager, keymap)
+        if not zero_copy and tp.conversion == "none" and not tp.sources:
+            tensor = tensor.clone()  # private memory: later changes to the file do not reach the model
         mod, _, local = tp.key.rpartition(".")
         if tp.device == "disk" and writer is not None:
             for k in (tp.key, *tp.also):
