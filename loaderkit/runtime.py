@@ -48,7 +48,7 @@ from .contract.modules import KERNEL_LAYERS
 from .contract.records import DeviceCaps
 from .errors import CastRuleError
 from .kernels.native import NATIVE_REASON, native_problem
-from .kernels.quant import upcast
+from .kernels.quant import decode_stored
 
 
 @dataclass(frozen=True)
@@ -373,22 +373,19 @@ class CastHook(ModelHook):
     def _decode(self, tc: TensorCast, stored: torch.Tensor, scale: torch.Tensor | None):
         """(decoded tensor, whether it came from the workspace pool)."""
         dtype = self.rule.compute_dtype
-        block = tc.block if tc.granularity == "block" else None
         data = stored.detach()
-        if tc.granularity == "channel" and scale is not None and scale.numel() > 1:
-            scale = scale.reshape((-1,) + (1,) * (data.dim() - 1))  # [N] -> [N, 1, ...]
         if self.rule.resident:
             key = (weakref.ref(stored), stored._version, data.data_ptr(), _version(scale))
             hit = self._cache.get(tc.name)
             if hit is not None and hit[0][0]() is stored and hit[0][1:] == key[1:]:
                 return hit[1], False
-            out = upcast(data, dtype, scale, block)
+            out = decode_stored(data, dtype, scale, tc.granularity, tc.block)
             self._cache[tc.name] = (key, out)
             return out, False
         if self.pooled and data.device.type == "cpu" and not torch.is_grad_enabled():
             out = _POOL.take(tuple(data.shape), dtype)
-            return upcast(data, dtype, scale, block, out=out), True
-        return upcast(data, dtype, scale, block), False
+            return decode_stored(data, dtype, scale, tc.granularity, tc.block, out=out), True
+        return decode_stored(data, dtype, scale, tc.granularity, tc.block), False
 
     def _restore(self, output=None) -> None:
         swaps, self._swapped = self._swapped, []

@@ -156,6 +156,50 @@ def test_a_scale_that_overflows_the_compute_dtype_is_refused(tmp_path):
     assert torch.isfinite(loaderkit.load(d, "fp32", model=TinyNet).proj.weight).all()  # fp32 holds it
 
 
+def test_a_kept_fp8_weight_whose_scale_overflows_the_compute_dtype_is_refused_at_load(tmp_path):
+    """Kept as stored, the weight is decoded only at forward time: the overflow must be found at load."""
+    d = _per_tensor(tmp_path, 1e6)
+    fp16 = loaderkit.strategy("fp8", compute_dtype="float16")
+    with pytest.raises(loaderkit.PlanError, match="kept as stored and decoded in float16") as err:
+        loaderkit.load(d, fp16, model=TinyNet)
+    assert err.value.tensor == "proj.weight" and err.value.module == "proj"
+    model = loaderkit.load(d, "fp8", model=TinyNet)  # bf16 compute holds it
+    assert model.proj.weight.dtype == E4M3
+    assert torch.isfinite(model(torch.randn(2, 8, dtype=torch.bfloat16))).all()
+
+
+def test_a_large_scale_on_small_codes_is_decoded_once_and_kept(tmp_path):
+    """max code * scale passes the cheap bound only for small scales; a large scale on small codes is
+    checked exactly (here: codes <= 4, scale 1000, so every value fits fp16) and loads."""
+    codes = (torch.rand(16, 8) * 8 - 4).to(E4M3)
+    d = _per_tensor(tmp_path, 1000.0, codes)
+    model = loaderkit.load(d, loaderkit.strategy("fp8", compute_dtype="float16"), model=TinyNet)
+    assert model.proj.weight.dtype == E4M3
+    y = model(torch.randn(2, 8, dtype=torch.float16))
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+
+
+def test_a_per_channel_scale_that_overflows_one_row_names_the_tensor(tmp_path):
+    sd = seeded(TinyNet).state_dict()
+    codes = torch.full((16, 8), 2.0).to(E4M3)
+    codes[3] = 448.0  # one full-range row ...
+    scale = torch.ones(16, 1)
+    scale[5] = 1000.0  # ... and one large-scale row of small codes: 2000, fits fp16
+    sd["proj.weight"], sd["proj.weight_scale"] = codes, scale
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    save_st(d / "model.safetensors", sd)
+    (d / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "fbgemm_fp8"}}))
+    fp16 = loaderkit.strategy("fp8", compute_dtype="float16")
+    model = loaderkit.load(d, fp16, model=TinyNet)  # the bound (448 * 1000) fails, the exact check passes
+    assert torch.isfinite(model(torch.randn(2, 8, dtype=torch.float16))).all()
+    scale[3] = 200.0  # 448 * 200 overflows fp16 in row 3
+    sd["proj.weight_scale"] = scale
+    save_st(d / "model.safetensors", sd)
+    with pytest.raises(loaderkit.PlanError, match="'proj.weight' is kept as stored"):
+        loaderkit.load(d, fp16, model=TinyNet)
+
+
 def test_nan_fp8_weight_codes_are_refused(tmp_path):
     codes = torch.zeros(16, 8).to(E4M3)
     codes.view(torch.uint8)[0, 0] = 0x7F  # e4m3fn NaN

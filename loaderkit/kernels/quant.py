@@ -173,6 +173,23 @@ def upcast(
     return out
 
 
+def decode_stored(
+    q: torch.Tensor,
+    dtype: torch.dtype,
+    scale: torch.Tensor | None,
+    granularity: str | None,
+    block: tuple[int, int] | None,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode an fp8 weight kept as stored the way its cast rule does at forward time: a
+    per-channel scale ``[N]`` broadcasts over dimension 0, a block grid uses ``block``."""
+    blk = tuple(block) if granularity == "block" and block is not None else None
+    if granularity == "channel" and scale is not None and scale.numel() > 1:
+        scale = scale.reshape((-1,) + (1,) * (q.dim() - 1))  # [N] -> [N, 1, ...]
+    return upcast(q, dtype, scale, blk, out=out)
+
+
 def _table_route_applies(q: torch.Tensor, scale: torch.Tensor | None, block) -> bool:
     """Whether a table route covers this decode (CPU, 1-byte float, a scale layout it knows)."""
     if q.device.type != "cpu" or q.dtype.itemsize != 1 or not q.dtype.is_floating_point:

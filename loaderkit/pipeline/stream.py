@@ -65,6 +65,8 @@ def read_all(
             out.tensors[tp.key] = _meta_like(tp)
             continue
         tensor, scale = _read_one(tp, plan, reader, manager, keymap)
+        if scale is not None and tp.conversion == "none":
+            _check_kept_range(tensor, scale, tp, plan)
         if not zero_copy and tp.conversion == "none" and not tp.sources:
             tensor = tensor.clone()  # private memory: later changes to the file do not reach the model
         mod, _, local = tp.key.rpartition(".")
@@ -323,6 +325,37 @@ def _check_finite(out: torch.Tensor, raw: torch.Tensor, tp: TensorPlan, ckpt: Ch
             path=ckpt.path,
             tensor=tp.source,
         )
+
+
+def _check_kept_range(q: torch.Tensor, scale: torch.Tensor, tp: TensorPlan, plan: Plan) -> None:
+    """An fp8 weight kept as stored is decoded in its module's compute dtype at every forward; a
+    scale whose product with the codes overflows that dtype (fp16 and scales above ~146) would
+    give infinite weights only then, so it is refused now. The bound ``max code * max scale``
+    clears almost every weight without reading it; the rest are decoded once, as the cast rule will."""
+    from ..kernels.quant import decode_stored, fp8_max
+
+    mod = tp.key.rpartition(".")[0]
+    mp = plan.modules.get(mod)
+    if mp is None or not is_fp8(tp.stored_dtype) or not scale.numel():
+        return
+    dtype = to_torch(mp.compute_dtype)
+    if not dtype.is_floating_point or dtype.itemsize < 2:
+        return
+    if fp8_max(q.dtype) * float(scale.abs().amax()) <= torch.finfo(dtype).max:
+        return
+    decoded = decode_stored(q, dtype, scale, tp.granularity, tp.block)
+    if bool(torch.isfinite(decoded).all()):
+        return
+    ckpt = plan.checkpoint
+    raise PlanError(
+        f"{ckpt.path}: the fp8 weight {tp.source!r} is kept as stored and decoded in {mp.compute_dtype} at "
+        f"forward time, but its scale (up to {float(scale.amax()):.4g}) times its codes overflows "
+        f"{mp.compute_dtype}: its module {mod!r} would compute with infinite weights; compute in bfloat16 "
+        "or float32 (strategy 'fp8' with compute_dtype='bfloat16') or dequantize it at load",
+        path=ckpt.path,
+        tensor=tp.source,
+        module=mod,
+    )
 
 
 def kept_scale(ckpt: CheckpointInfo, tp: TensorPlan, reader: TensorReader, manager: PluginManager) -> torch.Tensor:
