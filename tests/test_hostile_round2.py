@@ -359,3 +359,55 @@ def test_zero_copy_aliases_the_file_and_zero_copy_false_does_not(tmp_path):
         m[8 + n + begin:8 + n + end] = bytes(end - begin)  # zeros, in place
     assert torch.equal(private.proj.weight, before)
     assert torch.count_nonzero(aliased.proj.weight) == 0  # the documented aliasing of a zero-copy load
+
+
+# -- concurrent skeleton builds -------------------------------------------------------------------
+
+
+def test_loads_in_eight_threads_and_a_user_thread_building_modules_leave_torch_untouched(tmp_path):
+    """Skeletons are built on the meta device by patching ``register_parameter``: only the building
+    thread's modules may go to meta, overlapping builds must not leave torch patched, and every
+    load must produce the checkpoint's weights."""
+    import threading
+
+    ref = seeded(TinyNet)
+    path = save_st(tmp_path / "m.safetensors", ref)
+    original = torch.nn.Module.register_parameter
+    default = torch.get_default_dtype()
+    stop = threading.Event()
+    user_meta: list[str] = []
+    built = [0]
+    errors: list[BaseException] = []
+    results: list[torch.nn.Module] = []
+
+    def user():  # a user's own thread, constructing modules throughout
+        while not stop.is_set():
+            lin = torch.nn.Linear(8, 8)
+            built[0] += 1
+            if lin.weight.device.type == "meta" or lin.bias.device.type == "meta":
+                user_meta.append("meta")
+
+    def loader(i):
+        try:
+            for _ in range(5):
+                results.append(loaderkit.load(path, "bf16" if i % 2 else "fp32", model=TinyNet))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    u = threading.Thread(target=user)
+    u.start()
+    threads = [threading.Thread(target=loader, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    u.join()
+    assert not errors, errors
+    assert built[0] > 0 and not user_meta, f"{len(user_meta)} of {built[0]} user modules got meta parameters"
+    assert torch.nn.Module.register_parameter is original
+    assert torch.get_default_dtype() == default
+    assert len(results) == 40
+    for m in results:
+        assert torch.equal(m.proj.weight.float(), ref.proj.weight.to(m.proj.weight.dtype).float())
+    assert torch.nn.Linear(2, 2).weight.device.type == "cpu"  # construction after the loads is normal

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
+import threading
 from typing import Any
 
 import torch
@@ -22,6 +23,11 @@ from ..errors import BuildError
 from .discover import PluginManager
 
 
+#: Skeleton builds run one at a time: torch's default dtype (and the process-wide patches a model
+#: library applies while constructing) cannot be saved and restored by two threads at once.
+_BUILD_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def meta_init(dtype: torch.dtype | None = None):
     """Construct modules with parameters on the meta device and buffers on the CPU.
@@ -30,30 +36,44 @@ def meta_init(dtype: torch.dtype | None = None):
     creates in the default dtype match what ``from_pretrained(dtype=...)`` would create. A
     parameter registered twice (``self.head.weight = self.embed.weight``) stays one meta
     parameter, so ties made in ``__init__`` survive.
+
+    Only the calling thread's modules go to the meta device: other threads constructing modules
+    meanwhile get ordinary parameters. Builds in several threads take turns (a process-wide
+    lock, re-entrant), so torch is always left as it was found.
     """
-    old = torch.get_default_dtype()
-    register = torch.nn.Module.register_parameter
-    moved: dict[int, torch.nn.Parameter] = {}
+    with _BUILD_LOCK:
+        old = torch.get_default_dtype()
+        outer = torch.nn.Module.register_parameter
+        base = getattr(outer, "_loaderkit_base", outer)  # the unpatched method, when nested
+        owner = threading.get_ident()
+        moved: dict[int, torch.nn.Parameter] = {}
+        keep = []  # keep originals alive so their ids stay unique while constructing
 
-    def register_on_meta(module, name, param):
-        register(module, name, param)
-        if param is None or param.device.type == "meta":
-            return  # a parameter registered again (tied) stays the same object
-        if id(param) not in moved:
-            kwargs = dict(module._parameters[name].__dict__)
-            kwargs["requires_grad"] = param.requires_grad
-            moved[id(param)] = type(param)(param.to("meta"), **kwargs)
-        module._parameters[name] = moved[id(param)]
+        def register_on_meta(module, name, param):
+            base(module, name, param)
+            if param is None or param.device.type == "meta":
+                return  # a parameter registered again (tied) stays the same object
+            if id(param) not in moved:
+                kwargs = dict(module._parameters[name].__dict__)
+                kwargs["requires_grad"] = param.requires_grad
+                moved[id(param)] = type(param)(param.to("meta"), **kwargs)
+            module._parameters[name] = moved[id(param)]
 
-    keep = []  # keep originals alive so their ids stay unique while constructing
-    try:
-        if dtype is not None and dtype.is_floating_point and dtype.itemsize >= 2:
-            torch.set_default_dtype(dtype)
-        torch.nn.Module.register_parameter = lambda m, n, p: (keep.append(p), register_on_meta(m, n, p))[1]
-        yield
-    finally:
-        torch.nn.Module.register_parameter = register
-        torch.set_default_dtype(old)
+        def register_parameter(module, name, param):
+            if threading.get_ident() != owner:
+                return outer(module, name, param)  # another thread's module: untouched
+            keep.append(param)
+            return register_on_meta(module, name, param)
+
+        register_parameter._loaderkit_base = base
+        try:
+            if dtype is not None and dtype.is_floating_point and dtype.itemsize >= 2:
+                torch.set_default_dtype(dtype)
+            torch.nn.Module.register_parameter = register_parameter
+            yield
+        finally:
+            torch.nn.Module.register_parameter = outer
+            torch.set_default_dtype(old)
 
 
 def from_argument(model: Any, dtype: torch.dtype) -> torch.nn.Module:
