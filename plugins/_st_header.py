@@ -10,8 +10,9 @@ some of it, e.g. it accepts duplicate tensor names):
   duplicate keys and no ``NaN``/``Infinity`` constants;
 * ``__metadata__`` (optional) mapping strings to strings;
 * per tensor: a known ``dtype``, a ``shape`` of non-negative integers (each at most
-  ``2**63 - 1``, torch's limit) and ``data_offsets`` ``[begin, end]`` whose length is exactly
-  ``numel * itemsize``;
+  ``2**63 - 1``, torch's limit, as is the byte size of the shape with its zero dimensions left
+  out, which torch computes even for an empty tensor) and ``data_offsets`` ``[begin, end]``
+  whose length is exactly ``numel * itemsize``;
 * offsets that tile the data buffer exactly: no gap, no overlap, no trailing bytes, so that the
   file size is ``8 + N + buffer``.
 
@@ -279,9 +280,12 @@ def _entry(name: str, spec: Any, buffer_len: int, path: object) -> StEntry:
         raise _bad(path, name, f"data_offsets {offsets!r} end before they begin")
     if end > buffer_len:
         raise _bad(path, name, f"data ends at byte {end} of a {buffer_len}-byte data buffer (truncated file)")
-    numel = 1
+    numel = nonzero = 1
     for d in shape:
         numel *= d
+        nonzero *= d or 1
+    if nonzero * itemsize > MAX_DIM:  # torch sizes even an empty tensor's strides in int64
+        raise _bad(path, name, f"shape {shape} of {st} spans more than {MAX_DIM} bytes, more than torch can address")
     if st == "F4":  # two fp4 values per byte; torch's float4_e2m1fn_x2 halves the last dim
         if not shape or shape[-1] % 2:
             raise _bad(path, name, f"F4 shape {shape} needs an even last dimension (two values per byte)")

@@ -411,3 +411,24 @@ def test_loads_in_eight_threads_and_a_user_thread_building_modules_leave_torch_u
     for m in results:
         assert torch.equal(m.proj.weight.float(), ref.proj.weight.to(m.proj.weight.dtype).float())
     assert torch.nn.Linear(2, 2).weight.device.type == "cpu"  # construction after the loads is normal
+
+
+# -- shapes torch cannot size ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [[2**62, 2**62, 0], [0, 2**40, 2**40], [2**61, 0, 8]])
+def test_an_empty_tensor_whose_shape_torch_cannot_size_is_refused_in_the_header(tmp_path, shape):
+    """numel 0 needs 0 bytes, but torch computes strides from the other dimensions and overflows."""
+    import struct
+
+    from loaderkit.cli import main
+
+    header = json.dumps({"big": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}}).encode()
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(CorruptCheckpointError, match="more than torch can address") as err:
+        loaderkit.inspect(path)
+    assert err.value.tensor == "big"
+    dst = tmp_path / "out"
+    assert main(["convert", str(path), str(dst), "--strategy", "bf16"]) != 0
+    assert not dst.exists()
