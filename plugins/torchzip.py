@@ -22,6 +22,7 @@ from __future__ import annotations
 import pickle
 import re
 import threading
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
@@ -82,6 +83,7 @@ def _check_container(path: Path) -> None:
     with open(path, "rb") as f:
         head = f.read(4)
     if head == _ZIP_MAGIC:
+        _check_records(path)
         return
     if looks_like_safetensors(path):
         raise UnsupportedCheckpointError(
@@ -95,6 +97,37 @@ def _check_container(path: Path) -> None:
         "write it with safetensors.torch.save_file",
         path=path,
     )
+
+
+#: The largest pickle record read: a state dict's pickle holds names and storage keys only
+#: (about 100 bytes a tensor), so this is ~1e6 tensors; a larger one is refused before unpickling.
+MAX_PICKLE_BYTES = 100_000_000
+
+
+def _check_records(path: Path) -> None:
+    """Read the zip's directory before unpickling: torch writes every record stored (uncompressed,
+    so it can be memory-mapped); a compressed record (which torch would inflate, at any cost) or an
+    oversized pickle is refused."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            records = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CorruptCheckpointError(f"torch checkpoint {path} is not a readable zip archive: {exc}", path=path) from exc
+    for r in records:
+        if r.compress_type != zipfile.ZIP_STORED:
+            raise UnsupportedCheckpointError(
+                f"torch checkpoint {path} has a compressed record {r.filename!r}; torch.save writes records "
+                "uncompressed, and loaderkit does not inflate them (it cannot memory-map them, and their "
+                "size is unbounded). Re-save it with torch.save, or convert it to safetensors",
+                path=path,
+            )
+        if r.filename.endswith(".pkl") and r.file_size > MAX_PICKLE_BYTES:
+            raise UnsupportedCheckpointError(
+                f"torch checkpoint {path}: pickle record {r.filename!r} is {r.file_size} bytes, over the "
+                f"{MAX_PICKLE_BYTES}-byte limit (a state dict's pickle is about 100 bytes a tensor); "
+                "convert it to safetensors with trusted tools",
+                path=path,
+            )
 
 
 def _unpickler_reason(message: str) -> str:

@@ -432,3 +432,56 @@ def test_an_empty_tensor_whose_shape_torch_cannot_size_is_refused_in_the_header(
     dst = tmp_path / "out"
     assert main(["convert", str(path), str(dst), "--strategy", "bf16"]) != 0
     assert not dst.exists()
+
+
+# -- torch zip records ----------------------------------------------------------------------------
+
+
+def _rezip(src, dst, compress=None, pad_pickle=0):
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if pad_pickle and info.filename.endswith("data.pkl"):
+                data += b"\x00" * pad_pickle  # bytes after the STOP opcode, never read by pickle
+            zout.writestr(info.filename, data, compress_type=compress or zipfile.ZIP_STORED)
+    return dst
+
+
+def test_a_torch_checkpoint_with_compressed_records_is_refused_before_unpickling(tmp_path, monkeypatch):
+    import zipfile
+
+    from loaderkit.errors import UnsupportedCheckpointError
+
+    src = tmp_path / "plain.pt"
+    torch.save(seeded(TinyNet).state_dict(), src)
+    stored = _rezip(src, tmp_path / "stored.pt")  # the same records rewritten stored: still loads
+    assert torch.equal(loaderkit.load(stored, "fp32", model=TinyNet).proj.weight, seeded(TinyNet).proj.weight)
+    deflated = _rezip(src, tmp_path / "deflated.pt", zipfile.ZIP_DEFLATED)
+    called = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: called.append(a))
+    with pytest.raises(UnsupportedCheckpointError, match="has a compressed record") as err:
+        loaderkit.inspect(deflated)
+    assert err.value.path is not None and not called  # refused before torch.load
+
+
+def test_an_oversized_pickle_record_is_refused_before_unpickling(tmp_path, monkeypatch):
+    from loaderkit.plugins import torchzip as tz
+    from loaderkit.errors import UnsupportedCheckpointError
+
+    src = tmp_path / "plain.pt"
+    torch.save(seeded(TinyNet).state_dict(), src)
+    monkeypatch.setattr(tz, "MAX_PICKLE_BYTES", 4096)
+    padded = _rezip(src, tmp_path / "padded.pt", pad_pickle=8192)
+    with pytest.raises(UnsupportedCheckpointError, match="over the 4096-byte limit"):
+        loaderkit.inspect(padded)
+
+
+def test_a_torch_file_with_a_broken_zip_directory_is_a_corrupt_checkpoint(tmp_path):
+    src = tmp_path / "m.pt"
+    torch.save(seeded(TinyNet).state_dict(), src)
+    data = src.read_bytes()
+    src.write_bytes(data[: len(data) - 30])  # cuts into the end-of-central-directory record
+    with pytest.raises(CorruptCheckpointError, match="not a readable zip archive"):
+        loaderkit.inspect(src)
