@@ -485,3 +485,18 @@ def test_a_torch_file_with_a_broken_zip_directory_is_a_corrupt_checkpoint(tmp_pa
     src.write_bytes(data[: len(data) - 30])  # cuts into the end-of-central-directory record
     with pytest.raises(CorruptCheckpointError, match="not a readable zip archive"):
         loaderkit.inspect(src)
+
+
+def test_zero_copy_false_copies_the_scale_of_a_kept_fp8_weight_too(tmp_path):
+    import mmap
+
+    d = _per_tensor(tmp_path, 0.5)
+    model = loaderkit.load(d, "fp8", model=TinyNet, zero_copy=False)
+    assert model.proj.weight.dtype == E4M3
+    scale = model.proj.weight_scale.detach().clone()
+    path = d / "model.safetensors"
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+        n = int.from_bytes(m[:8], "little")
+        begin, end = json.loads(m[8:8 + n])["proj.weight_scale"]["data_offsets"]
+        m[8 + n + begin:8 + n + end] = bytes(end - begin)  # the scale becomes 0, in place
+    assert torch.equal(model.proj.weight_scale, scale) and float(scale.reshape(-1)[0]) == 0.5
