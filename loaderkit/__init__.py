@@ -17,6 +17,7 @@ from .version import __version__
 
 from . import plugin as plugin  # the plugin authors' namespace, reachable as loaderkit.plugin
 from .contract.hookspecs import hookimpl
+from .contract.assembly import PipelinePlan
 from .contract.plan import Plan
 from .errors import (
     CheckpointError,
@@ -28,6 +29,7 @@ from .errors import (
     StrategyError,
     VerifyError,
 )
+from .assembly import load_pipeline, plan_pipeline
 from .loader import inspect, load, plan, strategy
 from .pipeline.bind import plan_of
 from .pipeline.convert import convert
@@ -38,6 +40,7 @@ __all__ = [
     "CheckpointError",
     "ConvertError",
     "LoaderKitError",
+    "PipelinePlan",
     "Plan",
     "PlanError",
     "PluginError",
@@ -49,7 +52,9 @@ __all__ = [
     "hookimpl",
     "inspect",
     "load",
+    "load_pipeline",
     "plan",
+    "plan_pipeline",
     "plan_of",
     "register",
     "strategy",

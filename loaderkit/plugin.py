@@ -21,6 +21,7 @@ stages. End users need only the top-level :mod:`loaderkit` names.
 
 from __future__ import annotations
 
+from .contract.assembly import Assembler, Component, ComponentPlan, Flow, PipelinePlan
 from .contract.bases import (
     BuildContext,
     EncodedTensor,
@@ -79,16 +80,20 @@ from .pipeline.build import meta_init
 from .pipeline.discover import PluginManager, get_manager, use_manager
 
 __all__ = [
+    "Assembler",
     "BuildContext",
     "BuildRequest",
     "Builder",
     "CHANNEL",
     "CheckpointInfo",
+    "Component",
+    "ComponentPlan",
     "Conversion",
     "DEFAULT_BLOCK",
     "Decision",
     "DeviceCaps",
     "FP8_NAMES",
+    "Flow",
     "Format",
     "EncodedTensor",
     "Encoder",
@@ -107,6 +112,7 @@ __all__ = [
     "ModuleContext",
     "ModuleDecision",
     "ModulePlan",
+    "PipelinePlan",
     "Plan",
     "PluginManager",
     "QuantizationInfo",

@@ -580,14 +580,21 @@ def _storages(output) -> set[int]:
 
 
 def _cast_tree(x, dtype: torch.dtype):
+    """``x`` with its floating tensors in ``dtype``. A container none of whose tensors changes is
+    returned itself, not a copy: a callee that fills a list it was given (a VAE's per-frame
+    feature cache) must see its own list."""
     if isinstance(x, torch.Tensor):
         return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
-    if isinstance(x, tuple) and hasattr(x, "_fields"):
-        return type(x)(*(_cast_tree(v, dtype) for v in x))
     if isinstance(x, (list, tuple)):
-        return type(x)(_cast_tree(v, dtype) for v in x)
+        items = [_cast_tree(v, dtype) for v in x]
+        if all(a is b for a, b in zip(items, x)):
+            return x
+        return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)
     if isinstance(x, dict):
-        return type(x)((k, _cast_tree(v, dtype)) for k, v in x.items())
+        pairs = {k: _cast_tree(v, dtype) for k, v in x.items()}
+        if all(pairs[k] is v for k, v in x.items()):
+            return x
+        return type(x)(pairs.items())
     return x
 
 

@@ -1,0 +1,287 @@
+"""Whole pipelines: diffusers pipeline directories written by ``save_pretrained``, loaded by
+``loaderkit.load_pipeline`` and compared with ``DiffusionPipeline.from_pretrained``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+import loaderkit  # noqa: E402
+from loaderkit.contract.assembly import Assembler, Component, PipelinePlan  # noqa: E402
+from loaderkit.errors import (  # noqa: E402
+    CheckpointError,
+    PlanError,
+    UnsafeCheckpointError,
+    UnsupportedCheckpointError,
+    UsageError,
+)
+
+import tiny_pipelines as tp  # noqa: E402
+
+KINDS = ("flux", "wan")
+#: fp8 storage against the bf16 pipeline: images in [0, 1] after two steps. Measured: at most
+#: 0.010 (flux) and 0.020 (wan).
+FP8_BOUND = 0.06
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipelines")
+    return {k: tp.save_pipeline(k, root / k) for k in KINDS}
+
+
+@pytest.fixture(scope="module")
+def reference(saved):
+    from diffusers import DiffusionPipeline
+
+    return {k: tp.run(DiffusionPipeline.from_pretrained(saved[k], dtype=torch.bfloat16), k) for k in KINDS}
+
+
+def _fp8_params(model: torch.nn.Module) -> int:
+    return sum(p.dtype == torch.float8_e4m3fn for p in model.parameters())
+
+
+# -- the plan --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pipeline_plan_covers_every_component(saved, kind):
+    p = loaderkit.plan_pipeline(saved[kind], "fp8")
+    index = json.loads((saved[kind] / "model_index.json").read_text())
+    named = {k for k, v in index.items() if isinstance(v, list) and v[0] is not None}
+    assert {n for n, c in p.components.items() if c.component.class_name} == named
+    models = p.models()
+    assert {"transformer", "vae", "text_encoder"} <= set(models)
+    assert p.components["scheduler"].plan is None  # the library loads it
+    assert models["transformer"].bytes_per_dtype().get("float8_e4m3fn", 0) > 0
+    # the VAE is kept in its compute dtype under fp8, and its plan says why
+    assert set(models["vae"].bytes_per_dtype()) == {"bfloat16"}
+    assert any("VAE" in d.reason for d in models["vae"].decisions)
+    flows = {(f.producer, f.consumer): f for f in p.flows}
+    assert ("transformer", "vae") in flows and ("text_encoder", "transformer") in flows
+    assert all(f.action == "none" and f.produced == "bfloat16" for f in p.flows)
+    text = str(p)
+    assert "boundaries" in text and "== transformer ==" in text and "loaded by their libraries" in text
+    json.dumps(p.to_dict())  # JSON-friendly
+
+
+def test_per_component_strategies_and_a_recorded_boundary_cast(saved):
+    p = loaderkit.plan_pipeline(saved["wan"], {"transformer": "fp8", "text_encoder": "fp32"})
+    assert p.components["text_encoder"].strategy == "fp32"
+    assert p.components["transformer"].strategy == "fp8"
+    assert p.components["vae"].strategy not in ("fp8", "fp32")  # not named: auto
+    flow = next(f for f in p.flows if f.producer == "text_encoder")
+    assert (flow.produced, flow.expected, flow.action) == ("float32", "bfloat16", "cast")
+    with pytest.raises(PlanError, match=r"'text_encoder' computes in float32 .*'transformer'"):
+        loaderkit.plan_pipeline(saved["wan"], {"transformer": "fp8", "text_encoder": "fp32"}, cast_inputs=False)
+
+
+def test_unknown_component_in_the_strategy_mapping(saved):
+    with pytest.raises(UsageError, match=r"'unet'.*its models are: text_encoder, transformer, vae"):
+        loaderkit.plan_pipeline(saved["wan"], {"unet": "fp8"})
+
+
+def test_not_a_pipeline_directory(tmp_path):
+    (tmp_path / "x.txt").write_text("hello")
+    with pytest.raises(UnsupportedCheckpointError, match="model_index.json"):
+        loaderkit.plan_pipeline(tmp_path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        loaderkit.plan_pipeline(tmp_path / "missing")
+
+
+def test_missing_component_directory(saved, tmp_path):
+    broken = shutil.copytree(saved["wan"], tmp_path / "wan")
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(CheckpointError, match=r"component 'vae'.*incomplete"):
+        loaderkit.plan_pipeline(broken)
+
+
+def test_component_linked_outside_is_refused(saved, tmp_path):
+    broken = shutil.copytree(saved["wan"], tmp_path / "wan")
+    outside = shutil.copytree(broken / "vae", tmp_path / "elsewhere")
+    shutil.rmtree(broken / "vae")
+    (broken / "vae").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(UnsafeCheckpointError, match="outside"):
+        loaderkit.plan_pipeline(broken)
+
+
+def test_a_broken_component_is_named(saved, tmp_path):
+    broken = shutil.copytree(saved["wan"], tmp_path / "wan")
+    (broken / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(CheckpointError, match=r"pipeline component 'transformer' \(WanTransformer3DModel\)"):
+        loaderkit.load_pipeline(broken, "bf16")
+
+
+# -- loading and running ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_pipeline_equals_diffusers_bitwise(saved, reference, kind):
+    pipe = loaderkit.load_pipeline(saved[kind], "bf16")
+    assert type(pipe).__name__ == json.loads((saved[kind] / "model_index.json").read_text())["_class_name"]
+    assert torch.equal(tp.run(pipe, kind), reference[kind])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fp8_pipeline_runs_verified_and_close_to_bf16(saved, reference, kind):
+    pipe = loaderkit.load_pipeline(saved[kind], "fp8")
+    pplan = loaderkit.plan_of(pipe)
+    assert isinstance(pplan, PipelinePlan)
+    for name in pplan.models():
+        model = getattr(pipe, name)
+        assert loaderkit.verify(model).ok, name
+        assert model.dtype == torch.bfloat16, name  # what the pipeline casts activations to
+    assert _fp8_params(pipe.transformer) > 0 and _fp8_params(pipe.text_encoder) > 0
+    assert _fp8_params(pipe.vae) == 0
+    out = tp.run(pipe, kind)
+    err = (out - reference[kind]).abs().max().item()
+    assert 0 < err <= FP8_BOUND, err  # not bitwise (fp8 is lossy), but close
+
+
+def test_mixed_compute_dtypes_run(saved, reference):
+    pipe = loaderkit.load_pipeline(saved["wan"], {"transformer": "bf16", "text_encoder": "fp32", "vae": "bf16"})
+    assert pipe.text_encoder.dtype == torch.float32
+    out = tp.run(pipe, "wan")
+    assert (out - reference["wan"]).abs().max().item() <= FP8_BOUND
+
+
+# -- placement -------------------------------------------------------------------------------------
+
+
+def _sizes(saved, kind="wan", strategy="bf16"):
+    return {n: c.nbytes for n, c in loaderkit.plan_pipeline(saved[kind], strategy).components.items() if c.plan}
+
+
+def test_budget_decides_resident_or_model_offload(saved):
+    sizes = _sizes(saved)
+    total, largest = sum(sizes.values()), max(sizes.values())
+    assert loaderkit.plan_pipeline(saved["wan"], "bf16", max_memory={"cpu": total}).offload == "none"
+    p = loaderkit.plan_pipeline(saved["wan"], "bf16", max_memory={"cpu": largest})
+    assert p.offload == "model" and "each fits alone" in p.reason
+    assert p.order == ("text_encoder", "transformer", "vae")  # WanPipeline.model_cpu_offload_seq
+    assert set(p.bytes_per_device()) == {"cpu"} and sum(p.bytes_per_device().values()) == total
+    with pytest.raises(PlanError, match=r"model 'transformer' alone needs"):
+        loaderkit.plan_pipeline(saved["wan"], "bf16", max_memory={"cpu": largest - 1})
+    with pytest.raises(PlanError, match=r"over the budget.*offload='model'"):
+        loaderkit.plan_pipeline(saved["wan"], "bf16", max_memory={"cpu": largest}, offload="none")
+    with pytest.raises(UsageError, match="offload="):
+        loaderkit.plan_pipeline(saved["wan"], offload="sequential")
+    with pytest.raises(UsageError, match="not a size"):
+        loaderkit.plan_pipeline(saved["wan"], max_memory={"cpu": "lots"})
+
+
+def test_fp8_sizes_let_more_fit(saved):
+    bf16, fp8 = sum(_sizes(saved, "flux").values()), sum(_sizes(saved, "flux", "fp8").values())
+    assert fp8 < bf16
+    assert loaderkit.plan_pipeline(saved["flux"], "fp8", max_memory={"cpu": fp8}).offload == "none"
+    assert loaderkit.plan_pipeline(saved["flux"], "bf16", max_memory={"cpu": fp8}).offload == "model"
+
+
+def test_model_offload_keeps_cast_rules_and_output(saved, reference):
+    from accelerate.hooks import CpuOffload, SequentialHook
+
+    pipe = loaderkit.load_pipeline(saved["wan"], "fp8", offload="model")
+    assert loaderkit.plan_of(pipe).offload == "model"
+    def offload_hook(model):
+        hook = model._hf_hook
+        return next(h for h in (hook.hooks if isinstance(hook, SequentialHook) else (hook,)) if isinstance(h, CpuOffload))
+
+    hooks = {name: offload_hook(getattr(pipe, name)) for name in ("text_encoder", "transformer", "vae")}
+    assert hooks["transformer"].prev_module_hook.model is pipe.text_encoder
+    # the chain is circular: the first model's hook moves the last one back
+    first = hooks["text_encoder"]
+    assert first.prev_module_hook is not None and first.prev_module_hook.model is pipe.vae
+    resident = tp.run(loaderkit.load_pipeline(saved["wan"], "fp8"), "wan")
+    assert torch.equal(tp.run(pipe, "wan"), resident)
+    assert all(loaderkit.verify(getattr(pipe, n)).ok for n in ("text_encoder", "transformer", "vae"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_model_offload_onto_a_gpu(saved):
+    pipe = loaderkit.load_pipeline(saved["flux"], "fp8", device="cuda:0", offload="model")
+    assert pipe.transformer.device.type == "cpu"
+    out = tp.run(pipe, "flux")
+    resident = tp.run(loaderkit.load_pipeline(saved["flux"], "fp8", device="cuda:0"), "flux")
+    assert (out - resident).abs().max().item() == 0
+
+
+# -- the assembler hook ----------------------------------------------------------------------------
+
+
+class _Pair(torch.nn.Module):
+    pass
+
+
+class _MiniAssembler(Assembler):
+    """A third-party assembler: a directory with ``pair.json`` naming one diffusers model."""
+
+    name = "mini"
+
+    def can_assemble(self, path):
+        return (path / "pair.json").is_file()
+
+    def components(self, path):
+        return (Component(name="model", library="diffusers", class_name="WanTransformer3DModel",
+                          directory=str(path / "transformer"), weights=True, role="denoiser"),)
+
+    def load_component(self, path, component):  # pragma: no cover - no such components here
+        raise AssertionError
+
+    def assemble(self, path, parts):
+        pair = _Pair()
+        pair.model = parts["model"]
+        return pair
+
+
+def test_loaderkit_register_assemblers_hook(saved, tmp_path):
+    root = tmp_path / "mini"
+    shutil.copytree(saved["wan"] / "transformer", root / "transformer")
+    (root / "pair.json").write_text("{}")
+
+    class Plugin:
+        @loaderkit.hookimpl
+        def loaderkit_register_assemblers(self, register):
+            register(_MiniAssembler())
+
+    mgr = loaderkit.plugin.PluginManager(autoload=False)
+    mgr.register(Plugin(), name="mini-plugin")
+    p = loaderkit.plan_pipeline(root, "bf16", manager=mgr)
+    assert p.assembler == "mini" and list(p.models()) == ["model"]
+    pair = loaderkit.load_pipeline(root, "bf16", manager=mgr)
+    assert isinstance(pair, _Pair) and loaderkit.verify(pair.model).ok
+    assert loaderkit.plan_of(pair) is not None
+
+    class Bad:
+        @loaderkit.hookimpl
+        def loaderkit_register_assemblers(self, register):
+            register(object())
+
+    mgr = loaderkit.plugin.PluginManager(autoload=False)
+    with pytest.raises(loaderkit.PluginError, match=r"bad-plugin.*loaderkit.plugin.Assembler"):
+        mgr.register(Bad(), name="bad-plugin")
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+def test_cli_plan_and_inspect_a_pipeline(saved, capsys):
+    from loaderkit.cli import main
+
+    assert main(["plan", str(saved["wan"]), "-s", "fp8", "--component", "text_encoder=fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "WanPipeline" in out and "cast to bfloat16 by transformer's input cast" in out
+    assert main(["plan", str(saved["wan"]), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data["components"]) >= {"transformer", "vae", "scheduler"}
+    assert main(["inspect", str(saved["flux"])]) == 0
+    out = capsys.readouterr().out
+    assert "FluxTransformer2DModel" in out and "loaded by its library" in out
+    assert main(["plan", str(saved["wan"]), "--component", "nope"]) == 1
+    assert "NAME=VALUE" in capsys.readouterr().err
