@@ -17,7 +17,6 @@ from .version import __version__
 
 from . import plugin as plugin  # the plugin authors' namespace, reachable as loaderkit.plugin
 from .contract.hookspecs import hookimpl
-from .contract.assembly import PipelinePlan
 from .contract.plan import Plan
 from .errors import (
     CheckpointError,
@@ -40,7 +39,6 @@ __all__ = [
     "CheckpointError",
     "ConvertError",
     "LoaderKitError",
-    "PipelinePlan",
     "Plan",
     "PlanError",
     "PluginError",

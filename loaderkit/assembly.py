@@ -96,7 +96,7 @@ def load_pipeline(
             comp = cp.component
             parts[name] = None if comp.class_name is None else mgr.call(entry, entry.obj.load_component, Path(path), comp)
     pipe = mgr.call(entry, entry.obj.assemble, Path(path), parts)
-    if pplan.offload == "model":
+    if pplan.offload == "model" and not mgr.call(entry, entry.obj.offload, pipe, pplan.device, pplan.order):
         _model_offload(pipe, parts, pplan)
     try:
         bind.remember(pipe, pplan)  # what loaderkit.plan_of(pipe) answers
@@ -293,9 +293,10 @@ def _sizes(sizes: dict[str, int]) -> str:
 
 
 def _model_offload(pipe: Any, parts: dict[str, Any], pplan: PipelinePlan) -> None:
-    """Rest every model on the CPU and move it to the execution device when it runs, moving the
-    one before it back (accelerate's ``cpu_offload_with_hook``, chained in the pipeline's order;
-    the last model is moved back when the first runs again). loaderkit's cast rules stay."""
+    """For assemblers whose library has no model offload of its own: rest every model on the CPU
+    and move it to the execution device when it runs, moving the one before it back (accelerate's
+    ``cpu_offload_with_hook``, chained in the pipeline's order; the last model is moved back when
+    the first runs again). loaderkit's cast rules stay."""
     import torch
     from accelerate import cpu_offload_with_hook
 
@@ -311,4 +312,3 @@ def _model_offload(pipe: Any, parts: dict[str, Any], pplan: PipelinePlan) -> Non
         hooks.append(prev)
     if len(hooks) > 1:
         hooks[0].hook.prev_module_hook = hooks[-1]
-    pipe._offload_device = device

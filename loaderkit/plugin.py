@@ -129,11 +129,13 @@ __all__ = [
     "TensorReader",
     "block_grid",
     "describe_layout",
+    "detach_others",
     "dtype_name",
     "env_flag",
     "expected_scale_shapes",
     "freeze",
     "get_manager",
+    "has_runtime_hooks",
     "hookimpl",
     "hookspec",
     "is_float",
@@ -152,3 +154,19 @@ __all__ = [
     "use_manager",
     *_errors,
 ]
+
+
+def detach_others(model) -> None:
+    """Remove every accelerate hook from ``model`` except loaderkit's cast rules and input casts
+    (:func:`loaderkit.runtime.detach_others`; accelerate is imported on first use)."""
+    from .runtime import detach_others as _detach_others
+
+    _detach_others(model)
+
+
+def has_runtime_hooks(model) -> bool:
+    """True if ``model`` or a submodule carries a loaderkit cast rule or input cast
+    (:func:`loaderkit.runtime.has_hooks`)."""
+    from .runtime import has_hooks
+
+    return has_hooks(model)

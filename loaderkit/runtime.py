@@ -229,6 +229,23 @@ def detach(model: nn.Module, recurse: bool = True) -> None:
         _remove_hooks(module, lambda h: isinstance(h, (CastHook, InputCastHook)))
 
 
+def has_hooks(model: nn.Module) -> bool:
+    """True if ``model`` or a submodule carries a loaderkit cast rule or input cast."""
+    return any(isinstance(h, (CastHook, InputCastHook)) for m in model.modules() for h in _hooks_of(m))
+
+
+def detach_others(model: nn.Module) -> None:
+    """Remove every accelerate hook from ``model`` and its submodules *except* loaderkit's (cast
+    rules, input casts), which stay attached and keep working.
+
+    What a library's "remove all hooks" must do to a loaderkit-loaded model before it attaches its
+    own offload hooks: accelerate's ``remove_hook_from_module(model, recurse=True)`` would take the
+    cast rules with it, and the next forward would reach an fp8 weight with bf16 activations.
+    """
+    for module in list(model.modules()):
+        _remove_hooks(module, lambda h: not isinstance(h, (CastHook, InputCastHook)))
+
+
 def _native_problem(module: nn.Module, rule: CastRule, caps: DeviceCaps | None) -> str:
     weight = module._parameters.get("weight") if isinstance(module, nn.Module) else None
     if weight is None:

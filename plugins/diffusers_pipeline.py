@@ -11,13 +11,14 @@ diffusers is imported only when a pipeline is assembled or its components are cl
 
 from __future__ import annotations
 
+import functools
 import importlib
 from pathlib import Path
 from typing import Any
 
-from loaderkit.contract.assembly import Assembler, Component
-from loaderkit.errors import BuildError, CheckpointError, CorruptCheckpointError
-from loaderkit.plugin import contained, hookimpl, read_json
+from loaderkit.plugin import Assembler, Component
+from loaderkit.errors import BuildError, CheckpointError, CorruptCheckpointError, UsageError
+from loaderkit.plugin import contained, detach_others, has_runtime_hooks, hookimpl, read_json
 
 from .diffusers_builder import available
 
@@ -93,7 +94,46 @@ class DiffusersAssembler(Assembler):
             raise BuildError(f"{cls.__name__} could not be built from the components of {path}: "
                              f"{type(exc).__name__}: {exc}", path=str(path)) from exc
         pipe.register_to_config(_name_or_path=str(path))
+        # diffusers' enable_model_cpu_offload (and maybe_free_model_hooks after every call) first
+        # removes *every* accelerate hook from every component, recursively: loaderkit's cast
+        # rules with them, and the next forward would reach fp8 weights with bf16 activations.
+        # This pipeline's hook removal takes the offload hooks and leaves the cast rules.
+        pipe.remove_all_hooks = functools.partial(_remove_offload_hooks, pipe)
+        pipe.enable_sequential_cpu_offload = functools.partial(_sequential_offload, pipe)
         return pipe
+
+    def offload(self, pipe: Any, device: str, order: tuple[str, ...]) -> bool:
+        pipe.enable_model_cpu_offload(device=device)  # diffusers' own model offload, in its own order
+        return True
+
+
+def _sequential_offload(pipe: Any, *args: Any, **kwargs: Any) -> None:
+    """``enable_sequential_cpu_offload``, refused where loaderkit's runtime is attached: accelerate's
+    per-module offload hooks replace the hooks a module has, cast rules included, and the first
+    forward would then meet fp8 weights with bf16 activations."""
+    import torch
+
+    models = {n: m for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+    covered = [n for n, m in models.items() if has_runtime_hooks(m)]
+    if covered:
+        raise UsageError(
+            f"enable_sequential_cpu_offload would replace loaderkit's cast rules in {', '.join(covered)} with "
+            "accelerate's per-module offload hooks; use loaderkit.load_pipeline(..., offload='model') (models "
+            "take turns on the device), or load one model across devices with "
+            "loaderkit.load(path, device_map='auto', max_memory=...)"
+        )
+    type(pipe).enable_sequential_cpu_offload(pipe, *args, **kwargs)
+
+
+def _remove_offload_hooks(pipe: Any) -> None:
+    """``DiffusionPipeline.remove_all_hooks`` for a pipeline loaderkit loaded: every component's
+    accelerate hooks go, except loaderkit's cast rules and input casts."""
+    import torch
+
+    for model in pipe.components.values():
+        if isinstance(model, torch.nn.Module):
+            detach_others(model)
+    pipe._all_hooks = []
 
 
 def _class(library: str, class_name: str, path: Path) -> type:

@@ -13,7 +13,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 import loaderkit  # noqa: E402
-from loaderkit.contract.assembly import Assembler, Component, PipelinePlan  # noqa: E402
+from loaderkit.plugin import Assembler, Component, PipelinePlan  # noqa: E402
 from loaderkit.errors import (  # noqa: E402
     CheckpointError,
     PlanError,
@@ -22,7 +22,7 @@ from loaderkit.errors import (  # noqa: E402
     UsageError,
 )
 
-import tiny_pipelines as tp  # noqa: E402
+from loaderkit import demo_pipeline as tp  # noqa: E402
 
 KINDS = ("flux", "wan")
 #: fp8 storage against the bf16 pipeline: images in [0, 1] after two steps. Measured: at most
@@ -183,23 +183,41 @@ def test_fp8_sizes_let_more_fit(saved):
     assert loaderkit.plan_pipeline(saved["flux"], "bf16", max_memory={"cpu": fp8}).offload == "model"
 
 
-def test_model_offload_keeps_cast_rules_and_output(saved, reference):
+def _offload_hook(model):
     from accelerate.hooks import CpuOffload, SequentialHook
 
+    hook = getattr(model, "_hf_hook", None)
+    return next((h for h in (hook.hooks if isinstance(hook, SequentialHook) else (hook,)) if isinstance(h, CpuOffload)),
+                None)
+
+
+def test_model_offload_keeps_cast_rules_and_output(saved):
+    resident = tp.run(loaderkit.load_pipeline(saved["wan"], "fp8"), "wan")
     pipe = loaderkit.load_pipeline(saved["wan"], "fp8", offload="model")
     assert loaderkit.plan_of(pipe).offload == "model"
-    def offload_hook(model):
-        hook = model._hf_hook
-        return next(h for h in (hook.hooks if isinstance(hook, SequentialHook) else (hook,)) if isinstance(h, CpuOffload))
+    # diffusers' own model offload, in WanPipeline.model_cpu_offload_seq
+    assert [h.model for h in pipe._all_hooks] == [pipe.text_encoder, pipe.transformer, pipe.vae]
+    for _ in range(2):  # after each call diffusers removes every hook and offloads again
+        assert torch.equal(tp.run(pipe, "wan"), resident)
+        assert all(_offload_hook(getattr(pipe, n)) is not None for n in ("text_encoder", "transformer", "vae"))
+        assert all(loaderkit.verify(getattr(pipe, n)).ok for n in ("text_encoder", "transformer", "vae"))
 
-    hooks = {name: offload_hook(getattr(pipe, name)) for name in ("text_encoder", "transformer", "vae")}
-    assert hooks["transformer"].prev_module_hook.model is pipe.text_encoder
-    # the chain is circular: the first model's hook moves the last one back
-    first = hooks["text_encoder"]
-    assert first.prev_module_hook is not None and first.prev_module_hook.model is pipe.vae
+
+def test_the_librarys_own_offload_switches_keep_cast_rules(saved):
+    """diffusers' enable_model_cpu_offload removes every accelerate hook of every component
+    (recursively) before adding its own: on a loaderkit pipeline it leaves the cast rules."""
     resident = tp.run(loaderkit.load_pipeline(saved["wan"], "fp8"), "wan")
+    pipe = loaderkit.load_pipeline(saved["wan"], "fp8")
+    pipe.enable_model_cpu_offload(device="cpu")
+    for _ in range(2):
+        assert torch.equal(tp.run(pipe, "wan"), resident)
+    pipe.remove_all_hooks()
+    assert _offload_hook(pipe.transformer) is None and loaderkit.verify(pipe.transformer).ok
     assert torch.equal(tp.run(pipe, "wan"), resident)
-    assert all(loaderkit.verify(getattr(pipe, n)).ok for n in ("text_encoder", "transformer", "vae"))
+    # accelerate's per-module offload would replace the cast rules: refused, with what to do
+    with pytest.raises(UsageError, match=r"cast rules in text_encoder, transformer.*offload='model'"):
+        pipe.enable_sequential_cpu_offload(device="cpu")
+    assert torch.equal(tp.run(pipe, "wan"), resident)
 
 
 @pytest.mark.gpu
@@ -257,6 +275,9 @@ def test_loaderkit_register_assemblers_hook(saved, tmp_path):
     pair = loaderkit.load_pipeline(root, "bf16", manager=mgr)
     assert isinstance(pair, _Pair) and loaderkit.verify(pair.model).ok
     assert loaderkit.plan_of(pair) is not None
+    # an assembler without a library offload: loaderkit chains accelerate's cpu_offload_with_hook
+    pair = loaderkit.load_pipeline(root, "fp8", manager=mgr, offload="model")
+    assert _offload_hook(pair.model) is not None and loaderkit.verify(pair.model).ok
 
     class Bad:
         @loaderkit.hookimpl

@@ -78,7 +78,13 @@ class Assembler(abc.ABC):
     @abc.abstractmethod
     def assemble(self, path: Path, parts: dict[str, Any]) -> Any:
         """Put the loaded components (name -> object, ``None`` for empty slots) together into the
-        library's pipeline object, as the library's own loader does."""
+        library's pipeline object, as the library's own loader does. The library's own offload
+        switches must keep loaderkit's cast rules (:func:`loaderkit.plugin.detach_others`)."""
+
+    def offload(self, pipe: Any, device: str, order: tuple[str, ...]) -> bool:
+        """Turn on the library's own model offload onto ``device``; ``False`` (the default) when
+        the library has none, and loaderkit chains accelerate's ``cpu_offload_with_hook`` itself."""
+        return False
 
 
 # -- the pipeline plan ---------------------------------------------------------------------------

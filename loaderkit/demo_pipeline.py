@@ -1,8 +1,13 @@
-"""Tiny diffusers pipelines built from configs and saved by the libraries' own ``save_pretrained``.
+"""Tiny diffusers pipelines for the demo, the docs and the tests (needs diffusers and transformers).
 
-Tokenizers are built offline from a small vocabulary (the real ones come from a hub). Every
-component is the library's own class, so the saved directory is what ``DiffusionPipeline
-.save_pretrained`` writes for a real pipeline, only smaller.
+Each is built from configs and saved by the libraries' own ``save_pretrained``: the directory is
+what ``DiffusionPipeline.save_pretrained`` writes for a real Flux or Wan pipeline, only smaller
+(kilobytes). The tokenizers are made offline from a small vocabulary.
+
+::
+
+    from loaderkit.demo_pipeline import save_pipeline, run
+    path = save_pipeline("wan", "tiny-wan")
 """
 
 from __future__ import annotations
@@ -111,6 +116,60 @@ def save_pipeline(kind: str, directory: str | Path, dtype: torch.dtype = torch.b
 def run(pipe, kind: str, seed: int = 0) -> torch.Tensor:
     """A two-step generation; returns the images (or video frames) as a float tensor."""
     generator = torch.Generator("cpu").manual_seed(seed)
+    pipe.set_progress_bar_config(disable=True)
     out = pipe(**CALL[kind], generator=generator)
     frames = out.frames if hasattr(out, "frames") else out.images
     return torch.as_tensor(frames).float()
+
+
+#: fp8 storage against the bf16 pipeline, two steps, images in [0, 1]: what the demo accepts.
+FP8_BOUND = 0.06
+
+
+def available() -> bool:
+    """True when diffusers and transformers are installed (checked without importing them)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("diffusers", "transformers"))
+
+
+def pipeline_demo(directory: str | Path, kind: str = "wan") -> dict:
+    """Save the tiny ``kind`` pipeline in bf16 and generate two steps with it three ways:
+    diffusers' own ``from_pretrained`` (the reference), ``loaderkit.load_pipeline`` in bf16 (must be
+    bit-identical) and in fp8 (must stay within :data:`FP8_BOUND`), every model verified."""
+    import time
+
+    from diffusers import DiffusionPipeline
+
+    import loaderkit
+
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()  # a demo's output is its table, not the libraries' notices
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    path = save_pipeline(kind, Path(directory) / kind)
+    t0 = time.perf_counter()
+    reference = run(DiffusionPipeline.from_pretrained(path, dtype=torch.bfloat16), kind)
+    t_ref = time.perf_counter() - t0
+    rows = []
+    for strategy in ("bf16", "fp8"):
+        t0 = time.perf_counter()
+        pipe = loaderkit.load_pipeline(path, strategy)
+        load_s = time.perf_counter() - t0
+        pplan = loaderkit.plan_of(pipe)
+        out = run(pipe, kind)
+        rows.append({
+            "strategy": strategy,
+            "bytes": sum(pplan.bytes_per_device().values()),
+            "dtypes": pplan.bytes_per_dtype(),
+            "components": {n: c.plan.entry_dtype() for n, c in pplan.components.items() if c.plan},
+            "verify": all(loaderkit.verify(getattr(pipe, n)).ok for n in pplan.models()),
+            "max_abs_vs_diffusers": float((out - reference).abs().max()),
+            "seconds": load_s,
+        })
+    ok = (all(r["verify"] for r in rows) and rows[0]["max_abs_vs_diffusers"] == 0.0
+          and rows[1]["max_abs_vs_diffusers"] <= FP8_BOUND)
+    return {"pipeline": type(pipe).__name__, "ok": ok, "reference_seconds": t_ref, "results": rows}
