@@ -306,3 +306,20 @@ def test_cli_plan_and_inspect_a_pipeline(saved, capsys):
     assert "FluxTransformer2DModel" in out and "loaded by its library" in out
     assert main(["plan", str(saved["wan"]), "--component", "nope"]) == 1
     assert "NAME=VALUE" in capsys.readouterr().err
+
+
+def test_input_cast_leaves_timesteps_in_float32(saved):
+    """``load``'s root input cast casts latents and embeddings, not 0-d/1-d tensors: diffusers
+    pipelines pass float32 timesteps on purpose (999 in bf16 is 1000)."""
+    from diffusers import WanTransformer3DModel
+
+    path = saved["wan"] / "transformer"
+    ours = loaderkit.load(path, "bf16")  # cast_inputs=True
+    theirs = WanTransformer3DModel.from_pretrained(path, dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    latents, text = torch.randn(1, 16, 2, 4, 4), torch.randn(1, 6, 32)
+    t = torch.tensor([999.0])
+    with torch.no_grad():
+        a = ours(latents, t, text).sample  # float32 activations, cast at the entry
+        b = theirs(latents.bfloat16(), t, text.bfloat16()).sample
+    assert a.dtype == torch.bfloat16 and torch.equal(a, b)

@@ -49,9 +49,9 @@ def bind_runtime(model: torch.nn.Module, plan: Plan, cast_inputs: bool) -> None:
             runtime.attach_input_cast(named[m.name], to_torch(m.compute_dtype), _follow(named, plan, m.name))
     if cast_inputs:
         follow = _follow(named, plan, None, entry)
-        runtime.attach_input_cast(model, to_torch(entry), follow)
+        runtime.attach_input_cast(model, to_torch(entry), follow, vectors=False)
         for sub in _entry_points(model, plan, entry):
-            runtime.attach_input_cast(named[sub], to_torch(entry), follow, entry_of=model)
+            runtime.attach_input_cast(named[sub], to_torch(entry), follow, entry_of=model, vectors=False)
 
 
 def _follow(named: dict, plan: Plan, module: str | None, dtype: str | None = None) -> torch.Tensor | None:
