@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .contract.assembly import Assembler, Component, ComponentPlan, Flow, PipelinePlan
+from .contract.plan import Plan
 from .errors import CheckpointNotFoundError, LoaderKitError, PlanError, UnsupportedCheckpointError, UsageError
 from .loader import LoadRequest, Prepared, StrategyArg, execute, prepare
 from .pipeline import bind
@@ -34,6 +35,7 @@ def plan_pipeline(
     max_memory: Mapping | None = None,
     offload: str = "auto",
     cast_inputs: bool | None = None,
+    components: Mapping[str, Any] | None = None,
     manager: PluginManager | None = None,
 ) -> PipelinePlan:
     """Negotiate the plan of a whole pipeline directory from headers and configs alone.
@@ -42,7 +44,7 @@ def plan_pipeline(
     followed by each model's own plan. No tensor data is read.
     """
     mgr = manager or get_manager()
-    return _prepare(Path(path), strategy, device, max_memory, offload, cast_inputs, mgr, {})[0]
+    return _prepare(Path(path), strategy, device, max_memory, offload, cast_inputs, mgr, {}, components or {})[0]
 
 
 def load_pipeline(
@@ -53,6 +55,7 @@ def load_pipeline(
     max_memory: Mapping | None = None,
     offload: str = "auto",
     cast_inputs: bool | None = None,
+    components: Mapping[str, Any] | None = None,
     progress: bool | None = None,
     zero_copy: bool = True,
     manager: PluginManager | None = None,
@@ -80,19 +83,25 @@ def load_pipeline(
         inputs (as :func:`load`'s ``cast_inputs``), and the plan records the boundary. ``True``: every
         model casts its inputs. ``False``: none does, and a boundary between different compute dtypes
         is a plan-time error naming both components.
+    :param components: components you loaded yourself, by name (as diffusers'
+        ``from_pretrained(..., transformer=model)`` takes them): a model loaded by
+        :func:`loaderkit.load` (a single original-layout file, say) brings its plan into the
+        pipeline plan; anything else is used as it is.
     :returns: the pipeline, ready to call. :func:`loaderkit.plan_of` returns its
         :class:`PipelinePlan`; every model is verified before it returns.
     """
     mgr = manager or get_manager()
     options = {"progress": progress, "zero_copy": zero_copy}
-    pplan, entry, prepared = _prepare(Path(path), strategy, device, max_memory, offload, cast_inputs, mgr, options)
-    parts: dict[str, Any] = {}
+    given = dict(components or {})
+    pplan, entry, prepared = _prepare(Path(path), strategy, device, max_memory, offload, cast_inputs, mgr, options,
+                                      given)
+    parts: dict[str, Any] = dict(given)
     for name, cp in pplan.components.items():  # models first, in the library's order
         if name in prepared:
             with _naming(cp.component):
                 parts[name] = execute(prepared[name], mgr)
     for name, cp in pplan.components.items():
-        if name not in prepared:
+        if name not in prepared and name not in given:
             comp = cp.component
             parts[name] = None if comp.class_name is None else mgr.call(entry, entry.obj.load_component, Path(path), comp)
     pipe = mgr.call(entry, entry.obj.assemble, Path(path), parts)
@@ -122,37 +131,70 @@ def is_pipeline(path: str | os.PathLike, manager: PluginManager | None = None) -
 # -- planning --------------------------------------------------------------------------------------
 
 
-def _prepare(path: Path, strategy, device, max_memory, offload, cast_inputs, mgr, options):
+def _prepare(path: Path, strategy, device, max_memory, offload, cast_inputs, mgr, options, given):
     if offload not in OFFLOAD:
         raise UsageError(f"offload={offload!r}: use one of {', '.join(map(repr, OFFLOAD))}")
     entry = _assembler(path, mgr)
     components = pipeline_components(path, mgr)
-    strategies = _strategies(strategy, components)
+    _check_given(given, components)
+    strategies = _strategies(strategy, tuple(c for c in components if c.name not in given))
     prepared: dict[str, Prepared] = {}
     for comp in components:
-        if comp.weights:
+        if comp.weights and comp.name not in given:
             request = LoadRequest(comp.directory, strategies[comp.name], device_map=device, **options)
             with _naming(comp):
                 prepared[comp.name] = prepare(request, mgr)
-    flows = _flows(components, prepared, cast_inputs)
+    plans = {n: p.plan for n, p in prepared.items()}
+    plans.update({n: bind.plan_of(obj) for n, obj in given.items() if isinstance(bind.plan_of(obj), Plan)})
+    flows = _flows(components, plans, cast_inputs, given)
     for name, prep in prepared.items():  # who casts its inputs, now that the boundaries are known
         casts = bool(cast_inputs) or any(f.consumer == name and f.action == "cast" for f in flows)
         prepared[name] = dataclasses.replace(prep, request=dataclasses.replace(prep.request, cast_inputs=casts))
     order = mgr.call(entry, entry.obj.offload_order, path, components, returns=tuple)
-    sizes = {n: sum(t.nbytes for t in p.plan.tensors.values()) for n, p in prepared.items()}
+    sizes = {n: _nbytes(plans.get(n), given.get(n)) for n in [*prepared, *given] if n in plans or _is_module(given.get(n))}
     mode, budget, reason = _placement(sizes, device, max_memory, offload)
-    plans = {}
+    records = {}
     for comp in components:
-        p = prepared.get(comp.name)
-        rests = None if p is None else (device if mode == "none" else "cpu")
-        plans[comp.name] = ComponentPlan(component=comp, strategy=None if p is None else p.plan.strategy,
-                                         plan=None if p is None else p.plan, device=rests)
+        weighted = comp.name in sizes
+        rests = None if not weighted else (device if mode == "none" else "cpu")
+        plan_ = plans.get(comp.name)
+        strat = "given" if comp.name in given else (None if plan_ is None else plan_.strategy)
+        records[comp.name] = ComponentPlan(component=comp, strategy=strat, plan=plan_, device=rests,
+                                           given=comp.name in given, nbytes=sizes.get(comp.name, 0))
     pplan = PipelinePlan(
         path=str(path), assembler=entry.name, pipeline_class=_pipeline_class(path, components, entry),
-        components=plans, flows=flows, device=device, offload=mode,
+        components=records, flows=flows, device=device, offload=mode,
         order=order, budget=budget, reason=reason,
     )
     return pplan, entry, prepared
+
+
+def _is_module(obj: Any) -> bool:
+    import torch
+
+    return isinstance(obj, torch.nn.Module)
+
+
+def _nbytes(plan_: Plan | None, obj: Any) -> int:
+    """A model's bytes: its plan's, or (a model loaderkit did not load) its tensors' as they are."""
+    if plan_ is not None:
+        return sum(t.nbytes for t in plan_.tensors.values())
+    seen, total = set(), 0
+    for t in (*obj.parameters(), *obj.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _check_given(given: Mapping[str, Any], components: tuple[Component, ...]) -> None:
+    names = [c.name for c in components if c.class_name]
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise UsageError(
+            f"components= names {', '.join(map(repr, unknown))}, which this pipeline does not have; its "
+            f"components are: {', '.join(names)}"
+        )
 
 
 def _assembler(path: Path, mgr: PluginManager) -> Entry:
@@ -204,25 +246,36 @@ def _naming(comp: Component):
         raise
 
 
-def _flows(components, prepared: dict[str, Prepared], cast_inputs: bool) -> tuple[Flow, ...]:
+def _flows(components, plans: dict[str, Plan], cast_inputs: bool | None, given: Mapping[str, Any]) -> tuple[Flow, ...]:
     out = []
     for comp in components:
-        if comp.name not in prepared:
+        if comp.name not in plans:
             continue
-        expected = prepared[comp.name].plan.entry_dtype()
+        expected = plans[comp.name].entry_dtype()
         for producer in comp.consumes:
-            if producer not in prepared:
+            if producer not in plans:
                 continue
-            produced = prepared[producer].plan.entry_dtype()
-            if produced != expected and cast_inputs is False:
+            produced = plans[producer].entry_dtype()
+            if produced == expected:
+                out.append(Flow(producer=producer, consumer=comp.name, produced=produced, expected=expected))
+                continue
+            if cast_inputs is False or (comp.name in given and not _casts_inputs(given[comp.name])):
+                why = ("cast_inputs=False leaves nothing to cast at that boundary" if cast_inputs is False else
+                       f"{comp.name!r} was given without an input cast (load it with cast_inputs=True)")
                 raise PlanError(
                     f"{producer!r} computes in {produced} and hands its output to {comp.name!r}, which computes "
-                    f"in {expected}, and cast_inputs=False leaves nothing to cast at that boundary; give both the "
-                    f"same compute dtype (strategy=...) or pass cast_inputs=True"
+                    f"in {expected}, and {why}; give both the same compute dtype (strategy=...) or let the "
+                    "consumer cast its inputs (cast_inputs=True)"
                 )
             out.append(Flow(producer=producer, consumer=comp.name, produced=produced, expected=expected,
-                            action="none" if produced == expected else "cast"))
+                            action="cast"))
     return tuple(out)
+
+
+def _casts_inputs(model: Any) -> bool:
+    from .runtime import input_cast_of
+
+    return input_cast_of(model) is not None
 
 
 def _budget(max_memory: Mapping | None, device: str) -> tuple[int | None, int | None]:

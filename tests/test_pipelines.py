@@ -323,3 +323,34 @@ def test_input_cast_leaves_timesteps_in_float32(saved):
         a = ours(latents, t, text).sample  # float32 activations, cast at the entry
         b = theirs(latents.bfloat16(), t, text.bfloat16()).sample
     assert a.dtype == torch.bfloat16 and torch.equal(a, b)
+
+
+def test_components_loaded_by_hand_join_the_plan(saved):
+    from diffusers import AutoencoderKLWan
+
+    resident = tp.run(loaderkit.load_pipeline(saved["wan"], "fp8"), "wan")
+    transformer = loaderkit.load(saved["wan"] / "transformer", "fp8")
+    p = loaderkit.plan_pipeline(saved["wan"], "fp8", components={"transformer": transformer})
+    c = p.components["transformer"]
+    assert c.given and c.strategy == "given" and c.plan is loaderkit.plan_of(transformer)
+    assert c.nbytes == sum(t.nbytes for t in c.plan.tensors.values())
+    pipe = loaderkit.load_pipeline(saved["wan"], "fp8", components={"transformer": transformer})
+    assert pipe.transformer is transformer
+    assert torch.equal(tp.run(pipe, "wan"), resident)
+    # a model loaderkit did not load: used as it is, sized by its tensors, no plan
+    vae = AutoencoderKLWan.from_pretrained(saved["wan"] / "vae", dtype=torch.bfloat16)
+    p = loaderkit.plan_pipeline(saved["wan"], "fp8", components={"vae": vae})
+    assert p.components["vae"].plan is None and p.components["vae"].nbytes == sum(
+        t.numel() * t.element_size() for t in (*vae.parameters(), *vae.buffers()))
+    assert not any(f.consumer == "vae" for f in p.flows)
+    with pytest.raises(UsageError, match=r"'unet'.*its components are"):
+        loaderkit.plan_pipeline(saved["wan"], components={"unet": vae})
+
+
+def test_a_given_component_must_cast_a_mismatched_boundary(saved):
+    transformer = loaderkit.load(saved["wan"] / "transformer", "bf16", cast_inputs=False)
+    with pytest.raises(PlanError, match=r"'transformer' was given without an input cast"):
+        loaderkit.plan_pipeline(saved["wan"], {"text_encoder": "fp32"}, components={"transformer": transformer})
+    transformer = loaderkit.load(saved["wan"] / "transformer", "bf16")  # cast_inputs=True
+    p = loaderkit.plan_pipeline(saved["wan"], {"text_encoder": "fp32"}, components={"transformer": transformer})
+    assert next(f for f in p.flows if f.consumer == "transformer").action == "cast"

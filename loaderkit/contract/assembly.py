@@ -97,16 +97,17 @@ class ComponentPlan(Frozen):
     :ivar strategy: the strategy it is loaded by (``None``: loaded by its library).
     :ivar plan: its loading plan (``None`` for components loaderkit does not load).
     :ivar device: where it rests once loaded (``"cpu"`` for a model-offloaded component).
+    :ivar given: the caller passed it (``components=``): loaderkit does not load it; its plan is
+        the one :func:`loaderkit.load` loaded it by, if any.
+    :ivar nbytes: its bytes as planned (a given model without a plan: as it is).
     """
 
     component: Component
     strategy: str | None = None
     plan: Plan | None = None
     device: str | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.plan is None else sum(t.nbytes for t in self.plan.tensors.values())
+    given: bool = False
+    nbytes: int = 0
 
 
 class Flow(Frozen):
@@ -163,8 +164,8 @@ class PipelinePlan(Frozen):
     def bytes_per_device(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for c in self.components.values():
-            if c.plan is not None:
-                out[c.device or "cpu"] = out.get(c.device or "cpu", 0) + c.nbytes
+            if c.device is not None:
+                out[c.device] = out.get(c.device, 0) + c.nbytes
         return out
 
     def bytes_per_dtype(self) -> dict[str, int]:
@@ -192,6 +193,7 @@ class PipelinePlan(Frozen):
                 n: {
                     **c.component.model_dump(mode="json"),
                     "strategy": c.strategy,
+                    "given": c.given,
                     "device": c.device,
                     "nbytes": c.nbytes,
                     "plan": None if c.plan is None else c.plan.to_dict(),
@@ -208,12 +210,14 @@ class PipelinePlan(Frozen):
         lines.append(f"placement  {where} {self.device}{budget}: {self.reason}")
         rows = [("component", "class", "strategy", "storage", "compute", "bytes", "rests on")]
         for n, c in self.components.items():
-            if c.plan is None:
+            if c.device is None:
                 continue
             total = max(c.nbytes, 1)
-            storage = ", ".join(f"{d} {100 * b / total:.0f}%" for d, b in c.plan.bytes_per_dtype().items())
-            rows.append((n, c.component.class_name or "", c.strategy or "", storage, c.plan.entry_dtype(),
-                         fmt_bytes(c.nbytes), c.device or ""))
+            storage = "?" if c.plan is None else ", ".join(
+                f"{d} {100 * b / total:.0f}%" for d, b in c.plan.bytes_per_dtype().items())
+            compute = "?" if c.plan is None else c.plan.entry_dtype()
+            rows.append((n, c.component.class_name or "", c.strategy or "", storage, compute,
+                         fmt_bytes(c.nbytes), c.device))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines += ["  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
         if self.flows:
@@ -224,7 +228,7 @@ class PipelinePlan(Frozen):
             widths = [max(len(r[i]) for r in flows) for i in range(2)]
             lines += [f"  {a.ljust(widths[0])}  {b.ljust(widths[1])}  {c}" for a, b, c in flows]
         others = [f"{n} ({c.component.class_name}, {c.component.library})" for n, c in self.components.items()
-                  if c.plan is None and c.component.class_name]
+                  if c.device is None and not c.given and c.component.class_name]
         if others:
             lines.append("loaded by their libraries: " + ", ".join(others))
         for n, p in self.models().items():
