@@ -41,7 +41,7 @@ from .contract.bases import (
 from .contract.dtypes import FP8_NAMES, SAFETENSORS_DTYPES, dtype_name, is_float, is_fp8, to_torch
 from .contract.env import env_flag
 from .contract.hookspecs import hookimpl, hookspec
-from .contract.io import contained, escapes, read_json
+from .contract.io import contained, escapes, fd_path, opened_contained, read_json
 from .contract.layout import (
     CHANNEL,
     DEFAULT_BLOCK,
@@ -133,6 +133,7 @@ __all__ = [
     "dtype_name",
     "env_flag",
     "expected_scale_shapes",
+    "fd_path",
     "freeze",
     "get_manager",
     "has_runtime_hooks",
@@ -143,6 +144,7 @@ __all__ = [
     "looks_like_quantization_data",
     "meta_init",
     "module_kind",
+    "opened_contained",
     "read_by_parent",
     "read_json",
     "contained",

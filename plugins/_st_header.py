@@ -150,22 +150,25 @@ def _dtype_table() -> dict[str, tuple[str, int]]:
     return table
 
 
-def read_header(path: str | os.PathLike) -> StHeader:
+def read_header(path: str | os.PathLike, shown: object | None = None) -> StHeader:
     """Read and validate the header of the safetensors file at ``path`` (tensor data is not read).
 
+    :param shown: the name errors give the file (default ``path``): a file reopened through its
+        descriptor (``/proc/self/fd/N``) is named by the path it was opened as.
     :raises CorruptCheckpointError: for any violation of the format, naming the file and tensor.
     """
+    name = path if shown is None else shown
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
-            n = _check_prefix(prefix, size, path)
+            n = _check_prefix(prefix, size, name)
             raw = f.read(n)
     except OSError as exc:
-        raise CorruptCheckpointError(f"cannot read safetensors file {path}: {exc}", path=path) from exc
+        raise CorruptCheckpointError(f"cannot read safetensors file {name}: {exc}", path=name) from exc
     if len(raw) != n:
-        raise CorruptCheckpointError(f"safetensors file {path} ended inside its header; {_FIX}", path=path)
-    return parse_header(raw, size, path)
+        raise CorruptCheckpointError(f"safetensors file {name} ended inside its header; {_FIX}", path=name)
+    return parse_header(raw, size, name)
 
 
 def parse_file_bytes(data: bytes, path: object = "<bytes>") -> StHeader:

@@ -18,7 +18,9 @@ from typing import Callable
 
 import torch
 
-from loaderkit.plugin import CheckpointInfo, dtype_name, Format, hookimpl, TensorInfo, TensorReader
+from loaderkit.plugin import (
+    CheckpointInfo, dtype_name, fd_path, Format, hookimpl, opened_contained, TensorInfo, TensorReader,
+)
 from loaderkit.errors import CheckpointError, CorruptCheckpointError
 
 from ._st_header import gc_paused, looks_like_safetensors, read_header
@@ -60,20 +62,43 @@ class SafetensorsReader(ClosingReader):
         self.checkpoint = checkpoint
         self._root = Path(checkpoint.root)
         self._locate = locate or (lambda file: self._root / file)
+        self._fds: dict[str, int] = {}
         self._handles: dict[str, object] = {}
         self._raws: dict[str, tuple[int, dict[str, tuple[int, int]]]] = {}
         self._scratch = bytearray()
+
+    def _fd(self, file: str) -> tuple[int, str]:
+        """The descriptor ``file`` is open on (opened once, and checked where it really is: a
+        name swapped for an outside link after it was described is refused), and a path that
+        reopens that same file."""
+        fd = self._fds.get(file)
+        path = self._locate(file)
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as exc:
+                raise CorruptCheckpointError(f"cannot open safetensors file {path}: {exc}", path=path) from exc
+            try:
+                if Path(self.checkpoint.path) != path:  # a file of a checkpoint directory
+                    opened_contained(self._root, fd, path, "safetensors file")
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fds[file] = fd
+        return fd, fd_path(fd) or str(path)
 
     def _handle(self, file: str):
         h = self._handles.get(file)
         if h is None:
             from safetensors import safe_open
 
-            path = self._locate(file)
+            _, path = self._fd(file)
             try:
-                h = safe_open(str(path), framework="pt", device="cpu")
+                h = safe_open(path, framework="pt", device="cpu")
             except Exception as exc:
-                raise CorruptCheckpointError(f"cannot open safetensors file {path}: {exc}", path=path) from exc
+                raise CorruptCheckpointError(
+                    f"cannot open safetensors file {self._locate(file)}: {exc}", path=self._locate(file)
+                ) from exc
             self._handles[file] = h
         return h
 
@@ -122,13 +147,9 @@ class SafetensorsReader(ClosingReader):
         """An open descriptor and the absolute byte spans of ``file``'s tensors (header re-read)."""
         raw = self._raws.get(file)
         if raw is None:
-            path = self._locate(file)
-            header = read_header(path)
+            fd, path = self._fd(file)
+            header = read_header(path, shown=self._locate(file))
             spans = {e.name: (header.data_start + e.begin, header.data_start + e.end) for e in header.entries}
-            try:
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            except OSError as exc:
-                raise CorruptCheckpointError(f"cannot open safetensors file {path}: {exc}", path=path) from exc
             raw = self._raws[file] = (fd, spans)
         return raw
 
@@ -137,8 +158,9 @@ class SafetensorsReader(ClosingReader):
         handles, self._handles = self._handles, {}
         for h in handles.values():
             h.__exit__(None, None, None)
-        raws, self._raws = self._raws, {}
-        for fd, _ in raws.values():
+        self._raws = {}
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
             os.close(fd)
         self._scratch = bytearray()
 

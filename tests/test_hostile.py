@@ -97,7 +97,10 @@ def watch_opens() -> Iterator[OpenLog]:
 
     def spy_safe_open(path, *args, **kwargs):
         log.note(path)
-        log.safe_opens.append(os.fsdecode(path))
+        shown = os.fsdecode(path)
+        if shown.startswith("/proc/self/fd/"):  # a file reopened through its descriptor: which one
+            shown = os.readlink(shown)
+        log.safe_opens.append(shown)
         return real_safe_open(path, *args, **kwargs)
 
     def spy_torch_load(f, *args, **kwargs):

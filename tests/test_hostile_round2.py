@@ -38,6 +38,42 @@ def test_a_weights_file_linked_from_outside_the_directory_is_refused(tmp_path):
     assert loaderkit.inspect(outside / "model.safetensors")  # the file itself, named directly, is fine
 
 
+@pytest.mark.parametrize("layout", ["single", "sharded"])
+def test_a_file_swapped_for_an_outside_link_between_check_and_open_is_not_read(tmp_path, monkeypatch, layout):
+    """The name is checked, then swapped for a link to an outside file with the same tensors,
+    then opened: where the opened descriptor really is decides, not the name."""
+    from safetensors.torch import load_file, save_file
+
+    outside, ckpt = _linked_dir(tmp_path, "w")
+    model = seeded(TinyNet)
+    if layout == "single":
+        save_st(ckpt / "model.safetensors", model)
+        target = ckpt / "model.safetensors"
+    else:
+        sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+        keys = sorted(sd)
+        save_file({k: sd[k] for k in keys[:2]}, str(ckpt / "a.safetensors"))
+        save_file({k: sd[k] for k in keys[2:]}, str(ckpt / "b.safetensors"))
+        weight_map = {k: "a.safetensors" if k in keys[:2] else "b.safetensors" for k in keys}
+        (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        target = ckpt / "b.safetensors"
+    secret = outside / "secret.safetensors"
+    save_file({k: torch.full_like(v, 7.0) for k, v in load_file(str(target)).items()}, str(secret))
+    real_open, swapped = os.open, []
+
+    def racing_open(path, flags, *args, **kwargs):
+        if os.fspath(path) == str(target) and not swapped:  # the attacker wins the race
+            swapped.append(path)
+            target.unlink()
+            target.symlink_to(secret)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", racing_open)
+    with pytest.raises(UnsafeCheckpointError, match=r"was opened as .*secret.safetensors, outside"):
+        loaderkit.load(ckpt, "fp32", model=seeded(TinyNet, seed=1))
+    assert swapped
+
+
 def test_a_config_linked_from_outside_is_refused(tmp_path):
     outside, ckpt = _linked_dir(tmp_path, "c")
     save_st(ckpt / "model.safetensors", seeded(TinyNet))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -56,3 +57,30 @@ def contained(root: Path, path: Path, what: str) -> Path:
             path=path,
         )
     return path
+
+
+def fd_path(fd: int) -> str | None:
+    """A path that reopens what descriptor ``fd`` has open, whatever its name points to now
+    (``/proc/self/fd/N`` on Linux), or ``None`` where the system has none."""
+    p = f"/proc/self/fd/{fd}"
+    return p if os.path.exists(p) else None
+
+
+def opened_contained(root: Path, fd: int, path: Path, what: str) -> None:
+    """Check where the file open as ``fd`` (opened by the name ``path``) really is: inside
+    ``root``, by the containment rule of :func:`escapes`. A name checked before it is opened can
+    be swapped for a link in between; the descriptor cannot.
+
+    :raises UnsafeCheckpointError: the opened file is outside ``root``.
+    """
+    link = fd_path(fd)
+    if link is None:  # no way to ask the descriptor: the name check made before opening stands
+        return
+    real = Path(os.readlink(link))
+    if escapes(root, real) is not None:
+        raise UnsafeCheckpointError(
+            f"{what} {path} was opened as {real}, outside the checkpoint directory {Path(root).resolve()} "
+            "(it was replaced by a symbolic link after it was checked); files of a checkpoint must be "
+            "inside it, so it was not read",
+            path=path,
+        )
