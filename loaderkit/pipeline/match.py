@@ -14,8 +14,8 @@ import torch
 
 from ..contract.layout import looks_like_quantization_data
 from ..contract.plan import Decision
-from ..contract.records import CheckpointInfo, FusedTensor, KeyMap, ModelFacts, QuantizedWeight, TensorInfo
-from ..errors import PlanError, StateDictMismatchError, UnsupportedCheckpointError
+from ..contract.records import CheckpointInfo, FrozenDict, FusedTensor, KeyMap, ModelFacts, QuantizedWeight, TensorInfo
+from ..errors import LoaderKitError, PlanError, StateDictMismatchError, UnsupportedCheckpointError
 
 
 LIBRARY_IGNORES = "the model's library ignores this key on load"
@@ -94,6 +94,8 @@ def match_keys(
                     "weight and compute on unquantized activations (its native fp8 matmul scales "
                     "activations dynamically)"
                 )
+    for k, why in keymap.ignored.items():
+        ignored.setdefault(k, why)
     groups = _tie_groups(slots, facts)
     source_of: dict[str, str] = {}
     also: dict[str, list[str]] = {}
@@ -105,8 +107,14 @@ def match_keys(
             source_of[mk] = mk
             also[mk] = [k for k in group if k != mk]
             done.update(group)
+    # a source of a tensor the library builds but the model does not hold is not loaded whole
+    absent_sources = {s for mk, f in keymap.fused.items() if mk not in slots for s in f.sources}
     for ck in ckpt_keys:
+        if ck in keymap.ignored:
+            continue
         if ck in fused_sources:
+            if ck in absent_sources:
+                unexpected.append(ck)
             continue
         mk = keymap.renamed.get(ck, ck)
         if mk not in slots:
@@ -237,7 +245,11 @@ def library_keymap(checkpoint: CheckpointInfo, facts: ModelFacts) -> KeyMap:
         return KeyMap()
     q = checkpoint.quantization
     companions = q.companion_keys() if q else set()
-    return facts.key_mapping(tuple(k for k in checkpoint.tensors if k not in companions))
+    tensors = FrozenDict({k: t for k, t in checkpoint.tensors.items() if k not in companions})
+    try:
+        return facts.key_mapping(tensors)
+    except LoaderKitError as exc:
+        raise exc.with_context(path=checkpoint.path)
 
 
 #: per-source scale granularities the library's operations can fuse: per tensor and per channel

@@ -177,7 +177,8 @@ def negotiate(
         decisions.append(Decision(
             subject="library conversions",
             choice=f"{len(virtual)} tensors built from {n} checkpoint tensors",
-            reason=f"the model's library fuses them on load ({'; '.join(transforms)})", by="the model's library",
+            reason=f"the model's library fuses them on load ({'; '.join(transforms[:5])}"
+                   f"{f'; and {len(transforms) - 5} more' if len(transforms) > 5 else ''})", by="the model's library",
         ))
     renamed = sum(1 for ck, mk in keymap.renamed.items() if source_of.get(mk) == ck)
     if renamed:
