@@ -281,7 +281,8 @@ def _keymap(capture: op_capture.Capture, cls: str) -> KeyMap:
             if sources[0] != key:
                 renamed[sources[0]] = key
             continue
-        fused[key] = FusedTensor(key=key, sources=sources, transform=capture.describe(key, placeholders=True))
+        fused[key] = FusedTensor(key=key, sources=sources, transform=capture.describe(key, placeholders=True),
+                                 shape=capture.shapes[key])
     used_roots = {s.split(".", 1)[0] for s in uses}
     ignored = {
         k: f"another component of the file: diffusers' converter for {cls} does not use it"

@@ -137,6 +137,7 @@ class Capture:
 
     outputs: dict[str, Node]
     unused: tuple[str, ...]
+    shapes: dict[str, tuple[int, ...]]
 
     def sources(self, key: str) -> tuple[str, ...]:
         """The input keys output ``key`` is made of, in the order the converter used them."""
@@ -225,4 +226,5 @@ def capture(convert: Callable[[dict[str, torch.Tensor]], dict], inputs: dict[str
     for node in outputs.values():
         _leaves(node, used)
     used_set = set(used)
-    return Capture(outputs=outputs, unused=tuple(k for k in inputs if k not in used_set))
+    return Capture(outputs=outputs, unused=tuple(k for k in inputs if k not in used_set),
+                   shapes={k: tuple(v.shape) for k, v in result.items()})

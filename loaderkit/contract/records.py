@@ -305,11 +305,14 @@ class FusedTensor(Frozen):
     :ivar key: the model's state-dict key.
     :ivar sources: the checkpoint keys it is made of, in the order the library reads them.
     :ivar transform: what the library does with them, in words (its operations).
+    :ivar shape: the shape the library's operations give, where it is known from the headers
+        alone; it is then checked against the model's at plan time (otherwise as it is built).
     """
 
     key: str
     sources: tuple[str, ...]
     transform: str
+    shape: tuple[int, ...] | None = None
 
 
 class KeyMap(Frozen):

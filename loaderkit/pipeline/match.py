@@ -145,7 +145,10 @@ def match_keys(
     mismatched = []
     for mk, ck in source_of.items():
         if mk in keymap.fused:
-            continue  # a fused tensor's shape is the library's result: checked as it is built
+            shape = keymap.fused[mk].shape  # the library's result: known from headers, or checked as built
+            if shape is not None and tuple(shape) != tuple(slots[mk].tensor.shape):
+                mismatched.append((mk, tuple(shape), tuple(slots[mk].tensor.shape)))
+            continue
         want = tuple(slots[mk].tensor.shape)
         got = checkpoint.tensors[ck].shape
         if want != got:
@@ -274,8 +277,8 @@ def fused_info(
     info = TensorInfo(name=fused.key, shape=tuple(slot.tensor.shape), dtype=dtypes[0], file=infos[0].file,
                       nbytes=sum(i.nbytes for i in infos))
     quantized = [q.weights[s] for s in fused.sources if q is not None and s in q.weights]
-    if not quantized:
-        return info, None
+    if not quantized or (len(quantized) == len(infos) and all(w.granularity == "none" and not w.scale for w in quantized)):
+        return info, None  # unscaled fp8 sources fuse to unscaled fp8: the bytes are all there is
     bad = [w for w in quantized if not w.scale or w.granularity not in FUSABLE_SCALES
            or len(checkpoint.tensors[w.weight].shape) != 2 or (w.granularity == "block") != (quantized[0].granularity == "block")]
     blocks = {w.block for w in quantized if w.granularity == "block"}

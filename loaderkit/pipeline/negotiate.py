@@ -172,7 +172,7 @@ def negotiate(
     order = {k: i for i, k in enumerate(checkpoint.tensors)}
     tensors = dict(sorted(tensors.items(), key=lambda kv: order[(kv[1].sources or (kv[1].source,))[0]]))
     if virtual:
-        n = sum(len(keymap.fused[k].sources) for k in virtual)
+        n = len({s_ for k in virtual for s_ in keymap.fused[k].sources})
         transforms = sorted({keymap.fused[k].transform for k in virtual})
         decisions.append(Decision(
             subject="library conversions",
