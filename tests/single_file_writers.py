@@ -91,6 +91,44 @@ def per_key_preimages(convert: Convert, table: dict[str, str], targets: list[str
     return out
 
 
+def original_shapes(convert: Convert, keys: list[str], model_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The shape of every original key ``convert`` uses: a run on uniquely valued probes says which
+    input each output is made of, and the input is its outputs stacked along dimension 0."""
+    base = {k: i * PROBE for i, k in enumerate(keys)}
+    probe = {k: torch.arange(b, b + PROBE, dtype=torch.float64).reshape(PROBE, 1) for k, b in base.items()}
+    parts: dict[str, list[str]] = {}
+    for target, value in convert(dict(probe)).items():
+        assert target in model_shapes, f"the converter makes {target!r}, which the model does not have"
+        owners = {int(v) // PROBE for v in value.flatten().tolist()}
+        assert len(owners) == 1, f"{target!r} is made of several inputs; not invertible here"
+        parts.setdefault(keys[owners.pop()], []).append(target)
+    shapes = {}
+    for key, targets in parts.items():
+        first = model_shapes[targets[0]]
+        shapes[key] = (sum(model_shapes[t][0] for t in targets), *first[1:]) if first else ()
+    return shapes
+
+
+def header_only_file(path, shapes: dict[str, tuple[int, ...]], dtype_of: Callable[[str, tuple], str]) -> None:
+    """A safetensors file with these tensors whose data region is a hole (all zeros, no disk
+    space): enough for everything that reads headers alone."""
+    import json
+    import struct
+
+    sizes = {"F8_E4M3": 1, "BF16": 2, "F32": 4}
+    header, offset = {}, 0
+    for key, shape in shapes.items():
+        dtype = dtype_of(key, shape)
+        n = math.prod(shape) * sizes[dtype]
+        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + offset)
+
+
 def original_state_dict(convert: Convert, keys: list[str], model_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Tensors under the original ``keys`` that ``convert`` turns into ``model_sd`` exactly.
 
@@ -98,20 +136,9 @@ def original_state_dict(convert: Convert, keys: list[str], model_sd: dict[str, t
     run on uniquely valued probes says which, and the input's shape is its outputs' stacked along
     dimension 0; a second run on uniquely valued inputs of those shapes says where each element
     goes, and the model's values are put there."""
-    base = {k: i * PROBE for i, k in enumerate(keys)}
-    probe = {k: torch.arange(b, b + PROBE, dtype=torch.float64).reshape(PROBE, 1) for k, b in base.items()}
-    parts: dict[str, list[tuple[float, str]]] = {}
-    for target, value in convert(dict(probe)).items():
-        assert target in model_sd, f"the converter makes {target!r}, which the model does not have"
-        owners = {int(v) // PROBE for v in value.flatten().tolist()}
-        assert len(owners) == 1, f"{target!r} is made of several inputs; not invertible here"
-        parts.setdefault(keys[owners.pop()], []).append((float(value.min()), target))
-    shapes = {}
-    for key, targets in parts.items():
-        first = model_sd[targets[0][1]]
-        shapes[key] = (sum(model_sd[t].shape[0] for _, t in targets), *first.shape[1:]) if first.dim() else ()
+    shapes = original_shapes(convert, keys, {k: tuple(v.shape) for k, v in model_sd.items()})
     offsets, total = {}, 0
-    for key in parts:
+    for key in shapes:
         offsets[key] = total
         total += math.prod(shapes[key])
     ids = {k: torch.arange(offsets[k], offsets[k] + math.prod(s), dtype=torch.float64).reshape(s) for k, s in shapes.items()}

@@ -318,3 +318,76 @@ def test_capture_refuses_what_headers_cannot_tell():
         op_capture.capture(lambda c: {"a": c["a"] * float(c["a"].sum().item())}, meta)
     with pytest.raises(op_capture.CaptureError, match="not made from checkpoint tensors"):
         op_capture.capture(lambda c: {"a": None}, meta)
+
+
+# -- Flux, at its real width -----------------------------------------------------------------
+
+#: diffusers' Flux converter splits ``single_blocks.*.linear1`` into pieces of 3072 rows (the real
+#: width), so the smallest Flux file it converts has the real width (one block of each kind).
+FLUX = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
+            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=False)
+
+
+def test_flux_plan_from_headers(tmp_path):
+    from loaderkit.plugin import meta_init
+
+    with meta_init():
+        flux = diffusers.FluxTransformer2DModel(**FLUX)
+    shapes = {k: tuple(v.shape) for k, v in flux.state_dict().items()}
+    convert = lambda c: sfu.convert_flux_transformer_checkpoint_to_diffusers(c)
+    keys = writers.discover_keys(convert, ["double_blocks.0.seed", "single_blocks.0.seed"])
+    original = writers.original_shapes(convert, keys, shapes)
+    path = tmp_path / "flux1-schnell-fp8.safetensors"
+    fp8 = lambda key, shape: "F8_E4M3" if len(shape) == 2 and key.endswith("weight") else "BF16"
+    writers.header_only_file(path, {COMFY + k: s for k, s in original.items()}, fp8)
+    plan = loaderkit.plan(path, "fp8", model=flux)
+    conv = plan.key_conversions()
+    linear1 = COMFY + "single_blocks.0.linear1.weight"
+    for i, target in enumerate(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")):
+        tp = plan.tensors[f"single_transformer_blocks.0.{target}.weight"]
+        assert tp.sources == (linear1,) and tp.target_dtype == "float8_e4m3fn" and tp.conversion == "none"
+        assert f"split(#0, (3072, 3072, 3072, 12288), dim=0)[{i}]" in conv[tp.key]
+    assert plan.tensors["transformer_blocks.0.attn.add_v_proj.weight"].shape == (3072, 3072)
+    assert "chunk(#0, 3, dim=0)[2]" in conv["transformer_blocks.0.attn.add_v_proj.weight"]
+    assert set(plan.tensors) == set(shapes)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("LOADERKIT_REAL_WIDTH_TESTS") != "1",
+                    reason="writes a 0.5 GB Flux file; set LOADERKIT_REAL_WIDTH_TESTS=1")
+def test_flux_fp8_matches_the_library(tmp_path):
+    """One block of each kind at the real width, random fp8 weights: loaderkit keeps the bytes
+    diffusers' converter makes of the file, and decodes to bfloat16 exactly as from_single_file."""
+    from loaderkit.plugin import meta_init
+
+    with meta_init():
+        flux = diffusers.FluxTransformer2DModel(**FLUX)
+    shapes = {k: tuple(v.shape) for k, v in flux.state_dict().items()}
+    convert = lambda c: sfu.convert_flux_transformer_checkpoint_to_diffusers(c)
+    keys = writers.discover_keys(convert, ["double_blocks.0.seed", "single_blocks.0.seed"])
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    for key, shape in writers.original_shapes(convert, keys, shapes).items():
+        t = torch.randn(shape, generator=gen, dtype=torch.bfloat16) * 0.02
+        tensors[COMFY + key] = t.to(torch.float8_e4m3fn) if len(shape) == 2 and key.endswith("weight") else t
+    path = tmp_path / "flux1-fp8.safetensors"
+    save_file(tensors, str(path))
+    del tensors
+    ref = convert(load_file(str(path)))
+    cfg = tmp_path / "flux"
+    cfg.mkdir()
+    (cfg / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel", **FLUX}))
+    got = loaderkit.load(path, "fp8", model=single_file.model(diffusers.FluxTransformer2DModel, cfg)).state_dict()
+    kept = 0
+    for key, t in ref.items():
+        if got[key].dtype == torch.float8_e4m3fn:  # kept: the bytes diffusers' converter makes
+            assert torch.equal(got[key].view(torch.uint8), t.view(torch.uint8)), key
+            kept += 1
+        else:  # what the strategy keeps out of fp8 (embedders, norms) is decoded exactly
+            assert torch.equal(got[key], t.to(got[key].dtype)), key
+    assert kept >= 20
+    del got, ref
+    lib = diffusers.FluxTransformer2DModel.from_single_file(str(path), config=str(cfg), local_files_only=True,
+                                                           torch_dtype=torch.bfloat16).state_dict()
+    mine = loaderkit.load(path, "bf16", model=single_file.model(diffusers.FluxTransformer2DModel, cfg)).state_dict()
+    _same(lib, mine)
