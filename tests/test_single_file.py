@@ -391,3 +391,4 @@ def test_flux_fp8_matches_the_library(tmp_path):
                                                            torch_dtype=torch.bfloat16).state_dict()
     mine = loaderkit.load(path, "bf16", model=single_file.model(diffusers.FluxTransformer2DModel, cfg)).state_dict()
     _same(lib, mine)
+
