@@ -28,6 +28,7 @@ from .errors import (
     StrategyError,
     VerifyError,
 )
+from .assembly import load_pipeline, plan_pipeline
 from .loader import inspect, load, plan, strategy
 from .pipeline.bind import plan_of
 from .pipeline.convert import convert
@@ -49,7 +50,9 @@ __all__ = [
     "hookimpl",
     "inspect",
     "load",
+    "load_pipeline",
     "plan",
+    "plan_pipeline",
     "plan_of",
     "register",
     "strategy",

@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plan for writing this fp8 layout (what `loaderkit convert` writes), e.g. comfy-mixed")
     s.add_argument("--all", action="store_true", help="one row per module instead of grouping alike ones")
     s.add_argument("--non-strict", action="store_true", help="ignore unexpected checkpoint keys")
+    s.add_argument("--component", action="append", default=[], metavar="NAME=STRATEGY",
+                   help="pipeline directories: the strategy of one component (repeatable; others use --strategy)")
+    s.add_argument("--max-memory", action="append", default=[], metavar="DEVICE=SIZE",
+                   help="pipeline directories: a memory budget, e.g. cuda:0=8GiB (repeatable)")
+    s.add_argument("--offload", choices=("auto", "none", "model"), default="auto",
+                   help="pipeline directories: model offload (default: auto, by the budget)")
     s.add_argument("--json", action="store_true", help="print JSON")
 
     s = sub.add_parser("plugins", help="list plugins: version, source and what each provides")
@@ -107,8 +113,11 @@ def _import_model(spec: str):
 
 
 def cmd_inspect(args) -> int:
+    from .assembly import is_pipeline
     from .loader import inspect
 
+    if args.format is None and is_pipeline(args.path):
+        return _inspect_pipeline(args)
     info = inspect(args.path, format=args.format)
     data = info.summary()
     if args.json:
@@ -140,10 +149,69 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _inspect_pipeline(args) -> int:
+    from .assembly import pipeline_components
+    from .contract.plan import fmt_bytes
+    from .loader import inspect
+
+    rows = []
+    for comp in pipeline_components(args.path):
+        info = inspect(comp.directory) if comp.weights else None
+        rows.append({**comp.model_dump(mode="json"),
+                     "checkpoint": None if info is None else info.summary()})
+    if args.json:
+        print(json.dumps({"path": str(args.path), "components": rows}, indent=2, default=str))
+        return 0
+    print(f"pipeline     {args.path}")
+    for r in rows:
+        if r["class_name"] is None:
+            continue
+        what = f"{r['name']:<16} {r['library']}.{r['class_name']}  ({r['role']})"
+        if r["checkpoint"]:
+            c = r["checkpoint"]
+            what += f"  {c['tensors']} tensors, {fmt_bytes(c['total_bytes'])}: " + ", ".join(
+                f"{k} {fmt_bytes(v)}" for k, v in c["dtypes"].items())
+        else:
+            what += "  loaded by its library"
+        print("  " + what)
+    return 0
+
+
+def _pairs(values: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for v in values:
+        key, sep, val = v.partition("=")
+        if not sep or not key or not val:
+            raise UsageError(f"{flag} {v!r}: expected NAME=VALUE")
+        out[key] = val
+    return out
+
+
+def _plan_pipeline(args, strat) -> int:
+    from .assembly import plan_pipeline
+
+    per = _pairs(args.component, "--component")
+    strategy_arg = strat
+    if per:
+        from .assembly import pipeline_components
+
+        models = [c.name for c in pipeline_components(args.path) if c.weights]
+        strategy_arg = {n: per.get(n, strat) for n in models} | per
+    budget = _pairs(args.max_memory, "--max-memory") or None
+    p = plan_pipeline(args.path, strategy_arg, device=args.device, max_memory=budget, offload=args.offload)
+    print(json.dumps(p.to_dict(), indent=2, default=str) if args.json else p.table(all_modules=args.all))
+    return 0
+
+
 def cmd_plan(args) -> int:
+    from .assembly import is_pipeline
     from .loader import plan, strategy
 
     strat = strategy(args.strategy, **_options(args.option)) if args.option else args.strategy
+    if args.model is None and args.layout is None and args.format is None and is_pipeline(args.path):
+        return _plan_pipeline(args, strat)
+    if args.component or args.max_memory:
+        raise UsageError("--component and --max-memory apply to pipeline directories (model_index.json) only")
     model = _import_model(args.model) if args.model else None
     p = plan(args.path, strat, model=model, device_map=args.device, format=args.format,
              strict=not args.non_strict, layout=args.layout)

@@ -140,18 +140,28 @@ def run_demo(json_output: bool = False) -> int:
             result, out = _load_case(case_path, strategy, label)
             results.append(result)
             outs.append(out)
+        pipeline = _pipeline_part(tmp)
     for result, out in zip(results, outs):
         result["cosine_vs_fp32"] = _cosine(out, outs[0])
-    ok = all(r["verify"] and r["cosine_vs_fp32"] >= 0.99 for r in results)
+    ok = all(r["verify"] and r["cosine_vs_fp32"] >= 0.99 for r in results) and (pipeline or {}).get("ok", True)
     seconds = time.perf_counter() - t_start
     if json_output:
-        print(json.dumps({"ok": ok, "seconds": seconds, "convert": conversion, "results": results}, indent=2))
+        print(json.dumps({"ok": ok, "seconds": seconds, "convert": conversion, "results": results,
+                          "pipeline": pipeline}, indent=2))
     else:
-        _print_table(order, conversion, results, ok, seconds)
+        _print_table(order, conversion, results, ok, seconds, pipeline)
     return 0 if ok else 1
 
 
-def _print_table(order: list[str], conversion: dict, results: list[dict], ok: bool, seconds: float) -> None:
+def _pipeline_part(tmp: str) -> dict | None:
+    """The tiny Wan pipeline, when diffusers and transformers are installed (``None`` otherwise)."""
+    from . import demo_pipeline
+
+    return demo_pipeline.pipeline_demo(tmp) if demo_pipeline.available() else None
+
+
+def _print_table(order: list[str], conversion: dict, results: list[dict], ok: bool, seconds: float,
+                 pipeline: dict | None = None) -> None:
     from .contract.plan import fmt_bytes
 
     print(f"loaderkit demo: TinyVideoDiT saved in bf16, loaded under {', '.join(order)};")
@@ -167,5 +177,19 @@ def _print_table(order: list[str], conversion: dict, results: list[dict], ok: bo
         print(f"{'':<16} - conversions: {conv}")
         for d in r["decisions"]:
             print(f"{'':<16} - {d}")
+    if pipeline is not None:
+        _print_pipeline(pipeline)
     verdict = "every load verified and agrees with fp32" if ok else "FAILED"
     print(f"\n{verdict} ({seconds:.1f}s)")
+
+
+def _print_pipeline(pipeline: dict) -> None:
+    from .contract.plan import fmt_bytes
+
+    print(f"\nloaderkit.load_pipeline: a tiny {pipeline['pipeline']} saved in bf16, two steps generated, "
+          "compared with diffusers' own from_pretrained (bf16)")
+    print(f"{'strategy':<9} {'memory':>10} {'verify':>7} {'max |diff|':>11} {'load':>9}  compute per component")
+    for r in pipeline["results"]:
+        comps = ", ".join(f"{n} {d}" for n, d in r["components"].items())
+        print(f"{r['strategy']:<9} {fmt_bytes(r['bytes']):>10} {'ok' if r['verify'] else 'FAIL':>7} "
+              f"{r['max_abs_vs_diffusers']:>11.5f} {r['seconds'] * 1e3:>7.0f}ms  {comps}")

@@ -262,9 +262,10 @@ def load(
     :param strict: unexpected checkpoint keys are an error (missing keys always are, unless the
         model already holds real values for them).
     :param format: force a format plugin by name.
-    :param cast_inputs: cast floating-point tensors passed to the model's ``forward`` to the
-        dtype its modules mostly compute in (as pipelines do with latents and timesteps); integer
-        inputs are never touched. Default on; pass ``False`` to feed activations as they are.
+    :param cast_inputs: cast floating-point tensors of two or more dimensions passed to the
+        model's ``forward`` to the dtype its modules mostly compute in (as pipelines do with latents
+        and embeddings); integer inputs and 0-d/1-d tensors (timesteps) are never touched.
+        Default on; pass ``False`` to feed activations as they are.
     :param progress: show a progress bar for loads that take more than two seconds (default:
         when standard error is a terminal and ``LOADERKIT_PROGRESS`` is not ``0``).
     :param zero_copy: tensors that need no conversion stay views of the checkpoint's memory map

@@ -21,6 +21,7 @@ stages. End users need only the top-level :mod:`loaderkit` names.
 
 from __future__ import annotations
 
+from .contract.assembly import Assembler, Component, ComponentPlan, Flow, PipelinePlan
 from .contract.bases import (
     BuildContext,
     EncodedTensor,
@@ -79,16 +80,20 @@ from .pipeline.build import meta_init
 from .pipeline.discover import PluginManager, get_manager, use_manager
 
 __all__ = [
+    "Assembler",
     "BuildContext",
     "BuildRequest",
     "Builder",
     "CHANNEL",
     "CheckpointInfo",
+    "Component",
+    "ComponentPlan",
     "Conversion",
     "DEFAULT_BLOCK",
     "Decision",
     "DeviceCaps",
     "FP8_NAMES",
+    "Flow",
     "Format",
     "EncodedTensor",
     "Encoder",
@@ -107,6 +112,7 @@ __all__ = [
     "ModuleContext",
     "ModuleDecision",
     "ModulePlan",
+    "PipelinePlan",
     "Plan",
     "PluginManager",
     "QuantizationInfo",
@@ -123,11 +129,13 @@ __all__ = [
     "TensorReader",
     "block_grid",
     "describe_layout",
+    "detach_others",
     "dtype_name",
     "env_flag",
     "expected_scale_shapes",
     "freeze",
     "get_manager",
+    "has_runtime_hooks",
     "hookimpl",
     "hookspec",
     "is_float",
@@ -146,3 +154,19 @@ __all__ = [
     "use_manager",
     *_errors,
 ]
+
+
+def detach_others(model) -> None:
+    """Remove every accelerate hook from ``model`` except loaderkit's cast rules and input casts
+    (:func:`loaderkit.runtime.detach_others`; accelerate is imported on first use)."""
+    from .runtime import detach_others as _detach_others
+
+    _detach_others(model)
+
+
+def has_runtime_hooks(model) -> bool:
+    """True if ``model`` or a submodule carries a loaderkit cast rule or input cast
+    (:func:`loaderkit.runtime.has_hooks`)."""
+    from .runtime import has_hooks
+
+    return has_hooks(model)

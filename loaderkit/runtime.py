@@ -183,11 +183,16 @@ def cast_rules(model: nn.Module) -> dict[str, CastRule]:
 
 
 def attach_input_cast(
-    model: nn.Module, dtype: torch.dtype, follow: torch.Tensor | None = None, *, entry_of: nn.Module | None = None
+    model: nn.Module, dtype: torch.dtype, follow: torch.Tensor | None = None, *, entry_of: nn.Module | None = None,
+    vectors: bool = True,
 ) -> InputCastHook:
     """Cast the floating-point tensors passed to ``model`` (positional and keyword, nested in
     lists, tuples and dicts) to ``dtype``. Integer and boolean tensors (token ids, masks) and
     non-tensors pass unchanged. Returns the hook; :func:`detach` removes it.
+
+    :param vectors: also cast floating tensors of fewer than two dimensions. ``False`` at a
+        model's entry: timesteps, sigmas and guidance scales are passed in float32 on purpose
+        and converted by the model's own code (a bf16 cast would round timestep 999 to 1000).
 
     :param follow: a tensor of the model stored in ``dtype`` (a bias, a norm weight): when the
         user re-casts the model (``model.to(torch.bfloat16)``), inputs follow that tensor's new
@@ -208,7 +213,7 @@ def attach_input_cast(
         if root is None:
             raise CastRuleError("entry_of= names a module without an input cast; attach the root's first")
         scope = root.scope
-    hook = InputCastHook(dtype, follow, scope)
+    hook = InputCastHook(dtype, follow, scope, vectors)
     add_hook_to_module(model, hook, append=True)
     if scope is None:
         # the root's forwards are counted by torch's own hooks, which fire only for real forward
@@ -227,6 +232,23 @@ def detach(model: nn.Module, recurse: bool = True) -> None:
     modules = model.modules() if recurse else [model]
     for module in list(modules):
         _remove_hooks(module, lambda h: isinstance(h, (CastHook, InputCastHook)))
+
+
+def has_hooks(model: nn.Module) -> bool:
+    """True if ``model`` or a submodule carries a loaderkit cast rule or input cast."""
+    return any(isinstance(h, (CastHook, InputCastHook)) for m in model.modules() for h in _hooks_of(m))
+
+
+def detach_others(model: nn.Module) -> None:
+    """Remove every accelerate hook from ``model`` and its submodules *except* loaderkit's (cast
+    rules, input casts), which stay attached and keep working.
+
+    What a library's "remove all hooks" must do to a loaderkit-loaded model before it attaches its
+    own offload hooks: accelerate's ``remove_hook_from_module(model, recurse=True)`` would take the
+    cast rules with it, and the next forward would reach an fp8 weight with bf16 activations.
+    """
+    for module in list(model.modules()):
+        _remove_hooks(module, lambda h: not isinstance(h, (CastHook, InputCastHook)))
 
 
 def _native_problem(module: nn.Module, rule: CastRule, caps: DeviceCaps | None) -> str:
@@ -407,8 +429,10 @@ class InputCastHook(ModelHook):
     loaded in, or — when it follows a tensor of the model — that tensor's current dtype. An entry
     cast (of a sub-module also called directly) casts only outside its root's forward."""
 
-    def __init__(self, dtype: torch.dtype, follow: torch.Tensor | None = None, scope: _Scope | None = None) -> None:
+    def __init__(self, dtype: torch.dtype, follow: torch.Tensor | None = None, scope: _Scope | None = None,
+                 vectors: bool = True) -> None:
         self.dtype = dtype
+        self.min_ndim = 0 if vectors else 2
         self._follow = weakref.ref(follow) if follow is not None else None
         self.entry = scope is not None
         self.scope = scope if scope is not None else _Scope()
@@ -440,7 +464,7 @@ class InputCastHook(ModelHook):
         if self.entry and self.scope.depth:
             return args, kwargs  # called by the root's own forward: its dtypes are the model's
         dtype = self.current
-        return _cast_tree(args, dtype), _cast_tree(kwargs, dtype)
+        return _cast_tree(args, dtype, self.min_ndim), _cast_tree(kwargs, dtype, self.min_ndim)
 
 
 @dataclass
@@ -579,15 +603,22 @@ def _storages(output) -> set[int]:
     return found
 
 
-def _cast_tree(x, dtype: torch.dtype):
+def _cast_tree(x, dtype: torch.dtype, min_ndim: int = 0):
+    """``x`` with its floating tensors of at least ``min_ndim`` dimensions in ``dtype``. A
+    container none of whose tensors changes is returned itself, not a copy: a callee that fills a
+    list it was given (a VAE's per-frame feature cache) must see its own list."""
     if isinstance(x, torch.Tensor):
-        return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
-    if isinstance(x, tuple) and hasattr(x, "_fields"):
-        return type(x)(*(_cast_tree(v, dtype) for v in x))
+        return x.to(dtype) if x.is_floating_point() and x.dtype != dtype and x.dim() >= min_ndim else x
     if isinstance(x, (list, tuple)):
-        return type(x)(_cast_tree(v, dtype) for v in x)
+        items = [_cast_tree(v, dtype, min_ndim) for v in x]
+        if all(a is b for a, b in zip(items, x)):
+            return x
+        return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)
     if isinstance(x, dict):
-        return type(x)((k, _cast_tree(v, dtype)) for k, v in x.items())
+        pairs = {k: _cast_tree(v, dtype, min_ndim) for k, v in x.items()}
+        if all(pairs[k] is v for k, v in x.items()):
+            return x
+        return type(x)(pairs.items())
     return x
 
 

@@ -115,7 +115,8 @@ def test_hook_has_a_test(hook):
     assert users, f"no test in tests/ mentions hook {hook}"
 
 
-API_FUNCTIONS = ("load", "plan", "inspect", "verify", "strategy", "register", "unregister", "convert", "plan_of")
+API_FUNCTIONS = ("load", "plan", "inspect", "verify", "strategy", "register", "unregister", "convert", "plan_of",
+                 "load_pipeline", "plan_pipeline")
 
 
 def _plain_signature(fn) -> str:

@@ -18,6 +18,7 @@ import pluggy
 if TYPE_CHECKING:
     import torch
 
+    from .assembly import Assembler
     from .bases import Builder, Format, Scheme, Strategy
     from .plan import Plan
     from .records import DeviceCaps, ModelFacts
@@ -78,6 +79,19 @@ def loaderkit_register_builders(register: Callable[["Builder"], None]) -> None:
     :param register: the callback that validates and records a builder.
 
     .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def loaderkit_register_assemblers(register: Callable[["Assembler"], None]) -> None:
+    """Register pipeline assemblers (whole pipelines from a library's pipeline directory).
+
+    Call ``register(assembler)`` once per :class:`loaderkit.plugin.Assembler` instance. Names must
+    be unique across all plugins; a duplicate is a :class:`loaderkit.PluginError` naming both.
+
+    :param register: the callback that validates and records an assembler.
+
+    .. versionadded:: 0.2
     """
 
 

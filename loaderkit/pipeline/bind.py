@@ -8,13 +8,14 @@ another dtype, their scale buffers, granularities and block shapes, whether the 
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 import torch
 
 from ..contract.dtypes import to_torch
 from ..contract.plan import Plan
 
-_plans: "weakref.WeakKeyDictionary[torch.nn.Module, Plan]" = weakref.WeakKeyDictionary()
+_plans: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
 
 
 def bind_runtime(model: torch.nn.Module, plan: Plan, cast_inputs: bool) -> None:
@@ -48,9 +49,9 @@ def bind_runtime(model: torch.nn.Module, plan: Plan, cast_inputs: bool) -> None:
             runtime.attach_input_cast(named[m.name], to_torch(m.compute_dtype), _follow(named, plan, m.name))
     if cast_inputs:
         follow = _follow(named, plan, None, entry)
-        runtime.attach_input_cast(model, to_torch(entry), follow)
+        runtime.attach_input_cast(model, to_torch(entry), follow, vectors=False)
         for sub in _entry_points(model, plan, entry):
-            runtime.attach_input_cast(named[sub], to_torch(entry), follow, entry_of=model)
+            runtime.attach_input_cast(named[sub], to_torch(entry), follow, entry_of=model, vectors=False)
 
 
 def _follow(named: dict, plan: Plan, module: str | None, dtype: str | None = None) -> torch.Tensor | None:
@@ -108,11 +109,16 @@ def _computes(module: torch.nn.Module) -> bool:
     return any(p.is_floating_point() for p in module.parameters(recurse=False))
 
 
-def remember(model: torch.nn.Module, plan: Plan) -> None:
-    """Record that ``model`` was loaded by ``plan`` (what :func:`plan_of` answers)."""
+def remember(model: Any, plan: Any) -> None:
+    """Record that ``model`` (or a pipeline) was loaded by ``plan`` (what :func:`plan_of` answers)."""
     _plans[model] = plan
 
 
-def plan_of(model: torch.nn.Module) -> Plan | None:
-    """The plan a model was loaded with by :func:`loaderkit.load`, or ``None``."""
-    return _plans.get(model)
+def plan_of(model: Any) -> Any:
+    """The :class:`~loaderkit.Plan` a model was loaded with by :func:`loaderkit.load`, the
+    :class:`~loaderkit.PipelinePlan` a pipeline was loaded with by :func:`loaderkit.load_pipeline`,
+    or ``None``."""
+    try:
+        return _plans.get(model)
+    except TypeError:  # not weakly referenceable: loaderkit did not load it
+        return None

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Iterator
 import pluggy
 
 from ..contract import hookspecs
+from ..contract.assembly import Assembler
 from ..contract.bases import Builder, Format, Scheme, Strategy
 from ..contract.env import env_flag
 from ..errors import LoaderKitError, PluginError, StrategyError
@@ -40,6 +41,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "transformers": "loaderkit.plugins.transformers_builder",
     "diffusers": "loaderkit.plugins.diffusers_builder",
     "diffusers-single-file": "loaderkit.plugins.diffusers_single_file",
+    "diffusers-pipelines": "loaderkit.plugins.diffusers_pipeline",
 }
 
 _KINDS = {
@@ -47,6 +49,7 @@ _KINDS = {
     "schemes": "loaderkit_register_schemes",
     "strategies": "loaderkit_register_strategies",
     "builders": "loaderkit_register_builders",
+    "assemblers": "loaderkit_register_assemblers",
 }
 
 
@@ -256,7 +259,8 @@ class PluginManager:
             return self._registries
 
     def _collect(self) -> dict[str, list[Entry]]:
-        bases = {"formats": Format, "schemes": Scheme, "strategies": Strategy, "builders": Builder}
+        bases = {"formats": Format, "schemes": Scheme, "strategies": Strategy, "builders": Builder,
+                 "assemblers": Assembler}
         out: dict[str, list[Entry]] = {}
         for rec in self.records.values():
             rec.provides = {}
@@ -303,6 +307,9 @@ class PluginManager:
 
     def builders(self) -> list[Entry]:
         return self.registries()["builders"]
+
+    def assemblers(self) -> list[Entry]:
+        return self.registries()["assemblers"]
 
     def get(self, kind: str, name: str) -> Entry | None:
         for e in self.registries()[kind]:
