@@ -63,17 +63,23 @@ class DiffusersBuilder(Builder):
                 "yourself: loaderkit.load(path, model=...)",
                 path=ckpt.path,
             )
-        try:
-            with _init_contexts(to_torch(request.dtype)):
-                model = cls.from_config(cfg)
-        except Exception as exc:
-            raise BuildError(
-                f"diffusers could not construct {cls.__name__} from the config of {ckpt.path}: "
-                f"{type(exc).__name__}: {exc}",
-                path=ckpt.path,
-            ) from exc
+        model = construct(cls, cfg, to_torch(request.dtype), ckpt.path)
         model.register_to_config(_name_or_path=ckpt.root)
         return model
+
+
+def construct(cls: type, cfg: Any, dtype: torch.dtype, path: str) -> torch.nn.Module:
+    """``cls.from_config(cfg)`` as ``from_pretrained`` constructs it: on the meta device, no
+    weight initialisers, ``dtype`` as the default dtype. ``path`` names the checkpoint in errors."""
+    try:
+        with _init_contexts(dtype):
+            return cls.from_config(cfg)
+    except Exception as exc:
+        raise BuildError(
+            f"diffusers could not construct {cls.__name__} from the config for {path}: "
+            f"{type(exc).__name__}: {exc}",
+            path=path,
+        ) from exc
 
 
 @contextlib.contextmanager

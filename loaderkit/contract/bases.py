@@ -235,6 +235,13 @@ class Builder(abc.ABC):
         Use :func:`loaderkit.plugin.meta_init` around the model's constructor.
         """
 
+    def build_class(self, request: BuildRequest, cls: type) -> torch.nn.Module | None:
+        """Build the class the user passed as ``model=`` for this checkpoint, or ``None`` to leave
+        it to loaderkit (which calls ``cls()``). A builder answers for classes whose constructor
+        needs a config it can find for this checkpoint; builders are asked in priority order.
+        """
+        return None
+
 
 # -- strategies ----------------------------------------------------------------------------------
 

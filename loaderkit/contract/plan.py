@@ -172,6 +172,20 @@ class Plan(Frozen):
     def conversions(self) -> dict[str, int]:
         return dict(Counter(t.conversion for t in self.tensors.values()))
 
+    def key_conversions(self) -> dict[str, str]:
+        """Model key -> how the model's library makes it from the checkpoint, for every tensor
+        not loaded under its own name: ``"<- source"`` for a rename, ``"<- operations"`` for a
+        tensor built from others (fused, split, transposed)."""
+        out: dict[str, str] = {}
+        for t in self.tensors.values():
+            if t.sources:
+                how = t.transform or "built"
+                out[t.key] = f"<- {how} of " + ", ".join(
+                    (f"#{i}={s}" if f"#{i}" in how else s) for i, s in enumerate(t.sources))
+            elif t.source != t.key:
+                out[t.key] = f"<- {t.source}"
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form (what ``loaderkit plan --json`` prints)."""
         return {
@@ -239,6 +253,14 @@ class Plan(Frozen):
             lines.append("decisions")
             for d in self.decisions:
                 lines.append(f"  - {d.subject}: {d.choice} ({d.reason}) [{d.by}]")
+        converted = self.key_conversions()
+        if converted:
+            lines.append("")
+            lines.append(f"key conversions ({len(converted)})")
+            for k, how in list(converted.items())[:20]:
+                lines.append(f"  - {k} {how}")
+            if len(converted) > 20:
+                lines.append(f"  ... and {len(converted) - 20} more (plan.key_conversions())")
         if self.ignored:
             lines.append("")
             lines.append(f"ignored checkpoint keys ({len(self.ignored)})")

@@ -305,11 +305,14 @@ class FusedTensor(Frozen):
     :ivar key: the model's state-dict key.
     :ivar sources: the checkpoint keys it is made of, in the order the library reads them.
     :ivar transform: what the library does with them, in words (its operations).
+    :ivar shape: the shape the library's operations give, where it is known from the headers
+        alone; it is then checked against the model's at plan time (otherwise as it is built).
     """
 
     key: str
     sources: tuple[str, ...]
     transform: str
+    shape: tuple[int, ...] | None = None
 
 
 class KeyMap(Frozen):
@@ -319,10 +322,16 @@ class KeyMap(Frozen):
     :ivar fused: model key -> the checkpoint tensors it is built from (many to one).
     :ivar run: ``run(model_key, fetch)`` builds a fused tensor, reading each source with
         ``fetch(checkpoint_key)``, by the library's own code; returns ``{model_key: tensor}``.
+        A model tensor made from *one* checkpoint tensor by an operation (a slice of a fused
+        ``qkv`` weight, a transposed matrix) is a fused tensor with one source: several model
+        tensors may share a source, each reading its own part of it.
+    :ivar ignored: checkpoint key -> why the library's conversion leaves it out (the tensors of
+        another component in a file that holds a whole pipeline); recorded in the plan.
     """
 
     renamed: ReadOnly[dict[str, str]] = Field(default_factory=dict)
     fused: ReadOnly[dict[str, FusedTensor]] = Field(default_factory=dict)
+    ignored: ReadOnly[dict[str, str]] = Field(default_factory=dict)
     run: Callable[[str, Callable[[str], torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
 
@@ -352,8 +361,10 @@ class ModelFacts(Frozen):
     :ivar initialize: the library's own initializer of parameters it allows a checkpoint to
         lack and computes itself (Marian's sinusoidal position tables, which ``save_pretrained``
         leaves out): ``initialize(model, keys)`` fills them in place, as ``from_pretrained`` does.
-    :ivar key_mapping: the library's own key conversions: ``key_mapping(checkpoint_keys)`` returns
-        a :class:`KeyMap` (renamed and fused tensors), or ``None`` when the library converts none.
+    :ivar key_mapping: the library's own key conversions: ``key_mapping(tensors)`` gets the
+        checkpoint's tensor descriptions (a read-only mapping of key -> :class:`TensorInfo`, scales
+        and markers left out; iterating it gives the keys) and returns a :class:`KeyMap` (renamed
+        and fused tensors), or ``None`` when the library converts none.
     :ivar low_precision_advice: non-empty when the library's model is sensitive to low-precision
         storage as a whole (a VAE): why. fp8 strategies keep such a model in its compute dtype
         unless asked otherwise, and say so in the plan.

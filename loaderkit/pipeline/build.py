@@ -124,7 +124,20 @@ def build_skeleton(
 
 
 def skeleton(model: Any, manager: PluginManager, checkpoint: CheckpointInfo, dtype: torch.dtype) -> tuple[nn.Module, str]:
-    """The skeleton for ``model=`` (when given) or from the builders, and who made it."""
+    """The skeleton for ``model=`` (when given) or from the builders, and who made it.
+
+    A class passed as ``model=`` is first offered to the builders (``Builder.build_class``): the
+    first that builds it for this checkpoint (with a config it finds) makes the skeleton.
+    """
+    if isinstance(model, type) and issubclass(model, nn.Module):
+        request = BuildRequest(checkpoint=checkpoint, dtype=dtype_name(dtype))
+        for entry in manager.builders():
+            built = manager.call(entry, entry.obj.build_class, request, model)
+            if built is not None:
+                if not isinstance(built, nn.Module):
+                    raise BuildError(f"builder {entry.obj.name!r} built {type(built).__name__} for model="
+                                     f"{model.__name__}, not a torch.nn.Module", plugin=entry.plugin)
+                return built, f"{entry.obj.name} (model={model.__name__})"
     if model is not None:
         return from_argument(model, dtype), "model="
     return build_skeleton(manager, checkpoint, dtype)

@@ -40,6 +40,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "fp8": "loaderkit.plugins.fp8",
     "transformers": "loaderkit.plugins.transformers_builder",
     "diffusers": "loaderkit.plugins.diffusers_builder",
+    "diffusers-single-file": "loaderkit.plugins.diffusers_single_file",
     "diffusers-pipelines": "loaderkit.plugins.diffusers_pipeline",
 }
 

@@ -14,8 +14,8 @@ import torch
 
 from ..contract.layout import looks_like_quantization_data
 from ..contract.plan import Decision
-from ..contract.records import CheckpointInfo, FusedTensor, KeyMap, ModelFacts, QuantizedWeight, TensorInfo
-from ..errors import PlanError, StateDictMismatchError, UnsupportedCheckpointError
+from ..contract.records import CheckpointInfo, FrozenDict, FusedTensor, KeyMap, ModelFacts, QuantizedWeight, TensorInfo
+from ..errors import LoaderKitError, PlanError, StateDictMismatchError, UnsupportedCheckpointError
 
 
 LIBRARY_IGNORES = "the model's library ignores this key on load"
@@ -94,6 +94,8 @@ def match_keys(
                     "weight and compute on unquantized activations (its native fp8 matmul scales "
                     "activations dynamically)"
                 )
+    for k, why in keymap.ignored.items():
+        ignored.setdefault(k, why)
     groups = _tie_groups(slots, facts)
     source_of: dict[str, str] = {}
     also: dict[str, list[str]] = {}
@@ -105,8 +107,14 @@ def match_keys(
             source_of[mk] = mk
             also[mk] = [k for k in group if k != mk]
             done.update(group)
+    # a source of a tensor the library builds but the model does not hold is not loaded whole
+    absent_sources = {s for mk, f in keymap.fused.items() if mk not in slots for s in f.sources}
     for ck in ckpt_keys:
+        if ck in keymap.ignored:
+            continue
         if ck in fused_sources:
+            if ck in absent_sources:
+                unexpected.append(ck)
             continue
         mk = keymap.renamed.get(ck, ck)
         if mk not in slots:
@@ -137,7 +145,10 @@ def match_keys(
     mismatched = []
     for mk, ck in source_of.items():
         if mk in keymap.fused:
-            continue  # a fused tensor's shape is the library's result: checked as it is built
+            shape = keymap.fused[mk].shape  # the library's result: known from headers, or checked as built
+            if shape is not None and tuple(shape) != tuple(slots[mk].tensor.shape):
+                mismatched.append((mk, tuple(shape), tuple(slots[mk].tensor.shape)))
+            continue
         want = tuple(slots[mk].tensor.shape)
         got = checkpoint.tensors[ck].shape
         if want != got:
@@ -237,7 +248,11 @@ def library_keymap(checkpoint: CheckpointInfo, facts: ModelFacts) -> KeyMap:
         return KeyMap()
     q = checkpoint.quantization
     companions = q.companion_keys() if q else set()
-    return facts.key_mapping(tuple(k for k in checkpoint.tensors if k not in companions))
+    tensors = FrozenDict({k: t for k, t in checkpoint.tensors.items() if k not in companions})
+    try:
+        return facts.key_mapping(tensors)
+    except LoaderKitError as exc:
+        raise exc.with_context(path=checkpoint.path)
 
 
 #: per-source scale granularities the library's operations can fuse: per tensor and per channel
@@ -262,8 +277,8 @@ def fused_info(
     info = TensorInfo(name=fused.key, shape=tuple(slot.tensor.shape), dtype=dtypes[0], file=infos[0].file,
                       nbytes=sum(i.nbytes for i in infos))
     quantized = [q.weights[s] for s in fused.sources if q is not None and s in q.weights]
-    if not quantized:
-        return info, None
+    if not quantized or (len(quantized) == len(infos) and all(w.granularity == "none" and not w.scale for w in quantized)):
+        return info, None  # unscaled fp8 sources fuse to unscaled fp8: the bytes are all there is
     bad = [w for w in quantized if not w.scale or w.granularity not in FUSABLE_SCALES
            or len(checkpoint.tensors[w.weight].shape) != 2 or (w.granularity == "block") != (quantized[0].granularity == "block")]
     blocks = {w.block for w in quantized if w.granularity == "block"}

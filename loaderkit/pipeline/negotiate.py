@@ -172,12 +172,13 @@ def negotiate(
     order = {k: i for i, k in enumerate(checkpoint.tensors)}
     tensors = dict(sorted(tensors.items(), key=lambda kv: order[(kv[1].sources or (kv[1].source,))[0]]))
     if virtual:
-        n = sum(len(keymap.fused[k].sources) for k in virtual)
+        n = len({s_ for k in virtual for s_ in keymap.fused[k].sources})
         transforms = sorted({keymap.fused[k].transform for k in virtual})
         decisions.append(Decision(
             subject="library conversions",
             choice=f"{len(virtual)} tensors built from {n} checkpoint tensors",
-            reason=f"the model's library fuses them on load ({'; '.join(transforms)})", by="the model's library",
+            reason=f"the model's library fuses them on load ({'; '.join(transforms[:5])}"
+                   f"{f'; and {len(transforms) - 5} more' if len(transforms) > 5 else ''})", by="the model's library",
         ))
     renamed = sum(1 for ck, mk in keymap.renamed.items() if source_of.get(mk) == ck)
     if renamed:

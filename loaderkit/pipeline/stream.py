@@ -67,8 +67,9 @@ def read_all(
         tensor, scale = _read_one(tp, plan, reader, manager, keymap)
         if scale is not None and tp.conversion == "none":
             _check_kept_range(tensor, scale, tp, plan)
-        if not zero_copy and tp.conversion == "none" and not tp.sources and not (tp.device == "disk" and writer is not None):
+        if not zero_copy and tp.conversion == "none" and not (tp.device == "disk" and writer is not None):
             tensor = tensor.clone()  # private memory: later changes to the file do not reach the model
+            # (a tensor the library built from others may be a slice of the file too)
             scale = None if scale is None else scale.clone()  # a float32 scale may be a view too
         mod, _, local = tp.key.rpartition(".")
         if tp.device == "disk" and writer is not None:
