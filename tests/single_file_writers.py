@@ -171,3 +171,15 @@ def comfy_scaled_fp8(sd: dict[str, torch.Tensor], prefix: str = "model.diffusion
 def plain_fp8(sd: dict[str, torch.Tensor], fp8: torch.dtype, prefix: str = "") -> dict[str, torch.Tensor]:
     """Every 2-D ``weight`` cast to ``fp8`` (no scales), as plain fp8 releases store them."""
     return {prefix + k: (t.to(fp8) if k.endswith(".weight") and t.dim() == 2 else t) for k, t in sd.items()}
+
+
+def wan_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Wan transformer's state dict in the original (release) layout, by inverting diffusers'
+    own ``convert_wan_transformer_to_diffusers`` (its rename table, read from its source)."""
+    from diffusers.loaders import single_file_utils as sfu
+
+    fn = sfu.convert_wan_transformer_to_diffusers
+    known = frozenset(k for v in sfu.CHECKPOINT_KEY_NAMES.values() for k in ([v] if isinstance(v, str) else v))
+    table = rename_table(fn, "TRANSFORMER_KEYS_RENAME_DICT")
+    keys = per_key_preimages(lambda c: fn(c), table, list(state), known)
+    return original_state_dict(lambda c: fn(c), list(keys), state)

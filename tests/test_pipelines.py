@@ -354,3 +354,26 @@ def test_a_given_component_must_cast_a_mismatched_boundary(saved):
     transformer = loaderkit.load(saved["wan"] / "transformer", "bf16")  # cast_inputs=True
     p = loaderkit.plan_pipeline(saved["wan"], {"text_encoder": "fp32"}, components={"transformer": transformer})
     assert next(f for f in p.flows if f.consumer == "transformer").action == "cast"
+
+
+def test_a_comfy_fp8_single_file_transformer_in_a_pipeline(saved, reference, tmp_path):
+    """The DiffSynth / ComfyUI way: the transformer from a ComfyUI scaled-fp8 file in the
+    original layout (``model.diffusion_model.`` keys), the rest from the pipeline directory."""
+    from safetensors.torch import load_file, save_file
+
+    import single_file_writers as writers
+    from diffusers import WanTransformer3DModel
+    from loaderkit.plugins import diffusers_single_file as single_file
+
+    tdir = saved["wan"] / "transformer"
+    state = load_file(str(tdir / "diffusion_pytorch_model.safetensors"))
+    path = tmp_path / "wan_t2v_fp8_scaled.safetensors"
+    save_file({k: v.contiguous() for k, v in writers.comfy_scaled_fp8(writers.wan_original(state)).items()}, str(path))
+    transformer = loaderkit.load(path, "fp8", model=single_file.model(WanTransformer3DModel, tdir))
+    assert sum(p.dtype == torch.float8_e4m3fn for p in transformer.parameters()) > 0
+    pipe = loaderkit.load_pipeline(saved["wan"], "fp8", components={"transformer": transformer})
+    pplan = loaderkit.plan_of(pipe)
+    assert pplan.components["transformer"].given and pplan.components["transformer"].plan.key_conversions()
+    assert all(loaderkit.verify(getattr(pipe, n)).ok for n in ("text_encoder", "transformer", "vae"))
+    err = (tp.run(pipe, "wan") - reference["wan"]).abs().max().item()
+    assert err <= FP8_BOUND, err

@@ -59,10 +59,7 @@ class Family:
 
 
 def _wan_original(state, config):
-    fn = sfu.convert_wan_transformer_to_diffusers
-    table = writers.rename_table(fn, "TRANSFORMER_KEYS_RENAME_DICT")
-    keys = writers.per_key_preimages(lambda c: fn(c), table, list(state), KNOWN)
-    return writers.original_state_dict(lambda c: fn(c), list(keys), state)
+    return writers.wan_original(state)
 
 
 def _sd3_original(state, config):
