@@ -22,13 +22,14 @@ from .errors import (
     CheckpointError,
     ConvertError,
     LoaderKitError,
+    LoraError,
     PlanError,
     PluginError,
     StateDictMismatchError,
     StrategyError,
     VerifyError,
 )
-from .loader import inspect, load, plan, strategy
+from .loader import add_lora, inspect, load, plan, remove_lora, strategy
 from .pipeline.bind import plan_of
 from .pipeline.convert import convert
 from .pipeline.discover import register, unregister
@@ -38,6 +39,7 @@ __all__ = [
     "CheckpointError",
     "ConvertError",
     "LoaderKitError",
+    "LoraError",
     "Plan",
     "PlanError",
     "PluginError",
@@ -45,6 +47,7 @@ __all__ = [
     "StrategyError",
     "VerifyError",
     "__version__",
+    "add_lora",
     "convert",
     "hookimpl",
     "inspect",
@@ -52,6 +55,7 @@ __all__ = [
     "plan",
     "plan_of",
     "register",
+    "remove_lora",
     "strategy",
     "unregister",
     "verify",

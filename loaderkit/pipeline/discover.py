@@ -20,6 +20,7 @@ import pluggy
 
 from ..contract import hookspecs
 from ..contract.bases import Builder, Format, Scheme, Strategy
+from ..contract.lora import LoraFormat
 from ..contract.env import env_flag
 from ..errors import LoaderKitError, PluginError, StrategyError
 
@@ -39,6 +40,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "fp8": "loaderkit.plugins.fp8",
     "transformers": "loaderkit.plugins.transformers_builder",
     "diffusers": "loaderkit.plugins.diffusers_builder",
+    "lora-formats": "loaderkit.plugins.lora_formats",
 }
 
 _KINDS = {
@@ -46,6 +48,7 @@ _KINDS = {
     "schemes": "loaderkit_register_schemes",
     "strategies": "loaderkit_register_strategies",
     "builders": "loaderkit_register_builders",
+    "lora_formats": "loaderkit_register_lora_formats",
 }
 
 
@@ -255,7 +258,8 @@ class PluginManager:
             return self._registries
 
     def _collect(self) -> dict[str, list[Entry]]:
-        bases = {"formats": Format, "schemes": Scheme, "strategies": Strategy, "builders": Builder}
+        bases = {"formats": Format, "schemes": Scheme, "strategies": Strategy, "builders": Builder,
+                 "lora_formats": LoraFormat}
         out: dict[str, list[Entry]] = {}
         for rec in self.records.values():
             rec.provides = {}
@@ -268,7 +272,7 @@ class PluginManager:
                     _check_contribution(obj, bases[_kind], _kind, _plugin)
                     if obj.name in seen:
                         raise PluginError(
-                            f"duplicate {_kind[:-1] if _kind != 'strategies' else 'strategy'} name "
+                            f"duplicate {_kind[:-1].replace('_', ' ') if _kind != 'strategies' else 'strategy'} name "
                             f"{obj.name!r}: registered by plugin {seen[obj.name].plugin!r} and by "
                             f"plugin {_plugin!r}; block one of them ({BLOCK_ENV}=<name>)",
                             plugin=_plugin,
@@ -302,6 +306,9 @@ class PluginManager:
 
     def builders(self) -> list[Entry]:
         return self.registries()["builders"]
+
+    def lora_formats(self) -> list[Entry]:
+        return self.registries()["lora_formats"]
 
     def get(self, kind: str, name: str) -> Entry | None:
         for e in self.registries()[kind]:
