@@ -12,8 +12,9 @@ from safetensors.torch import load_file, save_file
 
 import loaderkit
 from loaderkit import runtime
+from loaderkit.errors import LoraError
 from loaderkit.demo import TinyVideoDiT, save_sample
-from loaderkit.kernels.quant import decode_stored, quantize
+from loaderkit.kernels.quant import quantize
 from loaderkit.plugin import LoraFormat, LoraLayout, LoraPair, ModelFacts
 
 peft = pytest.importorskip("peft")
@@ -225,7 +226,7 @@ def test_unmatched_keys_are_all_listed_at_plan_time(ckpt, tmp_path):
     sd["base_model.model.nope.lora_B.weight"] = torch.zeros(8, 4)
     sd["base_model.model.blocks.0.fc1.lora_magnitude_vector"] = torch.ones(512)
     f = _write(tmp_path, "bad.safetensors", sd)
-    with pytest.raises(loaderkit.LoraError) as exc:
+    with pytest.raises(LoraError) as exc:
         loaderkit.plan(ckpt["path"], "fp8", model=TinyVideoDiT, lora=[f])
     msg = str(exc.value)
     for key in ("nope.lora_A.weight", "nope.lora_B.weight", "lora_magnitude_vector"):
@@ -238,11 +239,11 @@ def test_shape_mismatch_is_refused_and_model_untouched(ckpt, tmp_path):
     sd["base_model.model.blocks.0.fc1.lora_A.weight"] = torch.zeros(4, 7)
     sd["base_model.model.blocks.0.fc2.lora_B.weight"] = torch.zeros(3, 4)
     f = _write(tmp_path, "shape.safetensors", sd)
-    with pytest.raises(loaderkit.LoraError, match=r"blocks\.0\.fc1: down \[4, 7\][\s\S]*blocks\.0\.fc2"):
+    with pytest.raises(LoraError, match=r"blocks\.0\.fc1: down \[4, 7\][\s\S]*blocks\.0\.fc2"):
         loaderkit.plan(ckpt["path"], "fp8", model=TinyVideoDiT, lora=[f])
     model = loaderkit.load(ckpt["path"], "fp8", model=TinyVideoDiT)
     before = _run(model)
-    with pytest.raises(loaderkit.LoraError):
+    with pytest.raises(LoraError):
         loaderkit.add_lora(model, f)
     assert not runtime.cast_rule_of(model.blocks[0].fc1).deltas
     assert torch.equal(_run(model), before) and loaderkit.plan_of(model).loras == ()
@@ -251,19 +252,19 @@ def test_shape_mismatch_is_refused_and_model_untouched(ckpt, tmp_path):
 def test_bad_files(ckpt, tmp_path):
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file")
-    with pytest.raises(loaderkit.LoraError, match="cannot read LoRA file"):
+    with pytest.raises(LoraError, match="cannot read LoRA file"):
         loaderkit.plan(ckpt["path"], "bf16", model=TinyVideoDiT, lora=[junk])
-    with pytest.raises(loaderkit.LoraError, match="no LoRA format reads"):
+    with pytest.raises(LoraError, match="no LoRA format reads"):
         loaderkit.plan(ckpt["path"], "bf16", model=TinyVideoDiT, lora=[_write(tmp_path, "x.safetensors", {"w": torch.zeros(2)})])
-    with pytest.raises(loaderkit.LoraError, match="cannot read LoRA file"):
+    with pytest.raises(LoraError, match="cannot read LoRA file"):
         loaderkit.plan(ckpt["path"], "bf16", model=TinyVideoDiT, lora=[tmp_path / "missing.safetensors"])
-    with pytest.raises(loaderkit.LoraError, match="list of LoRAs"):
+    with pytest.raises(LoraError, match="list of LoRAs"):
         loaderkit.plan(ckpt["path"], "bf16", model=TinyVideoDiT, lora=str(ckpt["lora"]))
-    with pytest.raises(loaderkit.LoraError, match="finite number"):
+    with pytest.raises(LoraError, match="finite number"):
         loaderkit.plan(ckpt["path"], "bf16", model=TinyVideoDiT, lora=[(ckpt["lora"], float("nan"))])
-    with pytest.raises(loaderkit.LoraError, match="two LoRAs are named"):
+    with pytest.raises(LoraError, match="two LoRAs are named"):
         loaderkit.plan(ckpt["path"], "bf16", model=TinyVideoDiT, lora=[ckpt["lora"], ckpt["lora"]])
-    with pytest.raises(loaderkit.LoraError, match="unknown LoRA mode"):
+    with pytest.raises(LoraError, match="unknown LoRA mode"):
         loaderkit.plan(ckpt["path"], "bf16", model=TinyVideoDiT, lora=[ckpt["lora"]], lora_mode="fuse")
 
 
@@ -274,7 +275,7 @@ def test_nan_factor_fails_the_load_and_leaves_model_as_it_was(ckpt, tmp_path):
     user = TinyVideoDiT()
     params = {n: p for n, p in user.named_parameters()}
     for mode in ("cast", "merge"):
-        with pytest.raises(loaderkit.LoraError, match="NaN"):
+        with pytest.raises(LoraError, match="NaN"):
             loaderkit.load(ckpt["path"], "fp8", model=user, lora=[f], lora_mode=mode)
         assert all(p is params[n] for n, p in user.named_parameters())
         assert runtime.cast_rules(user) == {}
@@ -282,11 +283,11 @@ def test_nan_factor_fails_the_load_and_leaves_model_as_it_was(ckpt, tmp_path):
 
 def test_remove_errors(ckpt):
     model = loaderkit.load(ckpt["path"], "fp8", model=TinyVideoDiT, lora=[(ckpt["lora"], 1.0, "m")], lora_mode="merge")
-    with pytest.raises(loaderkit.LoraError, match="merged into the weights"):
+    with pytest.raises(LoraError, match="merged into the weights"):
         loaderkit.remove_lora(model, "m")
-    with pytest.raises(loaderkit.LoraError, match="no LoRA named 'x'; it has: m"):
+    with pytest.raises(LoraError, match="no LoRA named 'x'; it has: m"):
         loaderkit.remove_lora(model, "x")
-    with pytest.raises(loaderkit.LoraError, match="already has a LoRA named 'm'"):
+    with pytest.raises(LoraError, match="already has a LoRA named 'm'"):
         loaderkit.add_lora(model, ckpt["lora"], name="m")
 
 

@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from ..contract.dtypes import SAFETENSORS_DTYPES, is_fp8, to_torch
-from ..contract.lora import LoraFile, LoraLayout, LoraMode, LoraPlan, LoraTarget
+from ..contract.lora import LoraFile, LoraLayout, LoraPlan, LoraTarget
 from ..contract.plan import Plan, TensorPlan
 from ..contract.records import TensorInfo
 from ..errors import LoaderKitError, LoraError
@@ -76,7 +76,7 @@ def describe(path: str) -> LoraFile:
                 shape = tuple(sl.get_shape())
                 dtype = SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype())
                 tensors[k] = TensorInfo(name=k, shape=shape, dtype=dtype, file=Path(path).name, nbytes=0)
-    except (OSError, ValueError, RuntimeError, Exception) as exc:  # safetensors raises its own error type
+    except Exception as exc:  # safetensors raises its own error type besides OSError
         raise LoraError(f"cannot read LoRA file {path} as safetensors ({exc}); LoRAs are read from "
                         ".safetensors files", path=path) from exc
     config = None
@@ -171,6 +171,10 @@ def plan_all(reqs: Sequence[LoraRequest], mode: str, model: torch.nn.Module, pla
     loaded = {tp.key.rpartition(".")[0] for tp in plan.tensors.values() if tp.key.endswith("weight") and not tp.sources}
     shapes = weight_shapes(model, {m for m in loaded if f"{m}.weight" in plan.tensors})
     loras = tuple(plan_one(r, mode, shapes, mgr) for r in reqs)
+    native = sorted(m for lp in loras if lp.mode == "cast" for m in lp.targets if plan.modules[m].kernel == "native")
+    if native:
+        raise LoraError(f"{', '.join(native)} run the native fp8 matmul, which never decodes the weight, so a LoRA "
+                        "cannot be added at cast time; use lora_mode='merge'", module=native[0])
     tensors, modules = dict(plan.tensors), dict(plan.modules)
     for key in merged_keys(loras):
         tp = tensors[key]
@@ -210,7 +214,6 @@ class Merge:
 
     def apply(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``w`` (float32) plus every update, stored as :attr:`final` says."""
-        w = w.clone() if not w.is_floating_point() or w.dtype != torch.float32 else w
         w = w.float()
         for path, t in self.updates:
             down, up = _factors(path, t, torch.float32, torch.device("cpu"))
@@ -273,10 +276,12 @@ def attach(model: torch.nn.Module, lp: LoraPlan) -> None:
             down, up = _factors(lp.path, t, compute, runtime.execution_device(module))
             runtime.add_low_rank(module, runtime.LowRank(lp.name, "weight", up, down, t.scale), name=mod)
             done.append(module)
-    except LoaderKitError:
+    except LoaderKitError as exc:
         for module in done:
             runtime.remove_low_rank(module, lp.name)
-        raise
+        if isinstance(exc, LoraError):
+            raise
+        raise LoraError(f"LoRA {lp.path}: {exc.message}", path=lp.path, module=exc.module) from exc
 
 
 def detach(model: torch.nn.Module, lp: LoraPlan) -> None:
