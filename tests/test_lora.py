@@ -366,3 +366,19 @@ def test_loaderkit_register_lora_formats_hook(ckpt, tmp_path):
             loaderkit.register(_HalfPlugin(), name="half-ab-2")
     finally:
         loaderkit.unregister(name)
+
+
+def test_merge_into_a_tied_weight_is_refused(tmp_path):
+    """Merging into embed_tokens would change the tied lm_head too: refused, cast mode works."""
+    transformers = pytest.importorskip("transformers")
+    from tiny_configs import TINY_LLAMA
+
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_LLAMA, tie_word_embeddings=True))
+    base.save_pretrained(tmp_path / "llm")
+    f = _write(tmp_path, "emb.safetensors", {"base_model.model.model.embed_tokens.lora_A.weight": torch.randn(2, 32),
+                                             "base_model.model.model.embed_tokens.lora_B.weight": torch.randn(64, 2)})
+    with pytest.raises(LoraError, match=r"tied weights too: model\.embed_tokens \(tied to lm_head\.weight\)"):
+        loaderkit.plan(tmp_path / "llm", "bf16", lora=[f], lora_mode="merge")
+    plan = loaderkit.plan(tmp_path / "llm", "bf16", lora=[f])
+    assert list(plan.loras[0].targets) == ["model.embed_tokens"]

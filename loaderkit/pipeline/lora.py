@@ -171,6 +171,11 @@ def plan_all(reqs: Sequence[LoraRequest], mode: str, model: torch.nn.Module, pla
     loaded = {tp.key.rpartition(".")[0] for tp in plan.tensors.values() if tp.key.endswith("weight") and not tp.sources}
     shapes = weight_shapes(model, {m for m in loaded if f"{m}.weight" in plan.tensors})
     loras = tuple(plan_one(r, mode, shapes, mgr) for r in reqs)
+    tied = sorted(f"{m} (tied to {', '.join(plan.tensors[f'{m}.weight'].also)})" for lp in loras if lp.mode == "merge"
+                  for m in lp.targets if plan.tensors[f"{m}.weight"].also)
+    if tied:
+        raise LoraError(f"a merged LoRA would change tied weights too: {', '.join(tied)}; use lora_mode='cast'",
+                        module=tied[0].split(" ")[0])
     native = sorted(m for lp in loras if lp.mode == "cast" for m in lp.targets if plan.modules[m].kernel == "native")
     if native:
         raise LoraError(f"{', '.join(native)} run the native fp8 matmul, which never decodes the weight, so a LoRA "
