@@ -382,3 +382,15 @@ def test_merge_into_a_tied_weight_is_refused(tmp_path):
         loaderkit.plan(tmp_path / "llm", "bf16", lora=[f], lora_mode="merge")
     plan = loaderkit.plan(tmp_path / "llm", "bf16", lora=[f])
     assert list(plan.loras[0].targets) == ["model.embed_tokens"]
+
+
+@pytest.mark.parametrize(("strategy", "value", "strength"), [("fp16", 1e6, 1.0), ("fp8", 3e38, 1e3)])
+def test_merge_that_overflows_is_refused(ckpt, tmp_path, strategy, value, strength):
+    """fp16 cannot hold the merged weight; for fp8 (fresh scales) only a float32 overflow can fail."""
+    sd = dict(ckpt["sd"])
+    sd["base_model.model.blocks.3.fc2.lora_B.weight"] = torch.full_like(sd["base_model.model.blocks.3.fc2.lora_B.weight"], value)
+    f = _write(tmp_path, "huge.safetensors", sd)
+    user = TinyVideoDiT()
+    with pytest.raises(LoraError, match=r"into 'blocks\.3\.fc2\.weight' gives values .* cannot hold"):
+        loaderkit.load(ckpt["path"], strategy, model=user, lora=[(f, strength)], lora_mode="merge")
+    assert user.blocks[3].fc2.weight.dtype == torch.float32 and runtime.cast_rules(user) == {}

@@ -219,19 +219,33 @@ class Merge:
 
     def apply(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``w`` (float32) plus every update, stored as :attr:`final` says."""
-        w = w.float()
-        for path, t in self.updates:
+        shape, w = w.shape, w.float().flatten(1)
+        for i, (path, t) in enumerate(self.updates):
             down, up = _factors(path, t, torch.float32, torch.device("cpu"))
-            w = w + t.scale * (up.flatten(1) @ down.flatten(1)).reshape(w.shape)
-        if not bool(torch.isfinite(w).all()):
-            raise LoraError(f"merging LoRA {path} into {self.final.key!r} gives infinite values; lower its strength",
-                            path=path, tensor=self.final.key)
+            if i == 0:  # out of place: ``w`` may be a view of the checkpoint
+                w = torch.addmm(w, up.flatten(1), down.flatten(1), alpha=t.scale)
+            else:
+                w.addmm_(up.flatten(1), down.flatten(1), alpha=t.scale)
+        w = w.view(shape)
         target = to_torch(self.final.target_dtype)
         if self.final.conversion == "quantize":
+            from ..errors import ConversionError
             from ..kernels.quant import quantize
 
-            return quantize(w, target, granularity="channel")
-        return w.to(target), None
+            try:
+                return quantize(w, target, granularity="channel")
+            except ConversionError as exc:  # inf/NaN after the merge
+                raise self._overflow(exc) from exc
+        out = w.to(target)
+        if not bool(torch.isfinite(out).all()):
+            raise self._overflow(None)
+        return out, None
+
+    def _overflow(self, exc) -> LoraError:
+        paths = ", ".join(sorted({p for p, _ in self.updates}))
+        return LoraError(f"merging LoRA {paths} into {self.final.key!r} gives values {self.final.target_dtype} cannot "
+                         f"hold{f' ({exc.message})' if exc is not None else ''}; lower its strength or use lora_mode='cast'",
+                         path=paths, tensor=self.final.key)
 
 
 def merges(plan: Plan, checkpoint_quantized: set[str]) -> dict[str, Merge]:
