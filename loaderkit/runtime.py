@@ -129,10 +129,17 @@ class LowRank:
     def rank(self) -> int:
         return int(self.down.shape[0])
 
-    def add_to(self, w: torch.Tensor, inplace: bool) -> torch.Tensor:
-        """``w + scale * up @ down`` in ``w``'s dtype (in place only into a private buffer)."""
-        delta = (self.up.flatten(1) @ self.down.flatten(1)).reshape(w.shape)
-        return w.add_(delta, alpha=self.scale) if inplace else w.add(delta, alpha=self.scale)
+    def add_to(self, w: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """``w + scale * up @ down`` in ``w``'s dtype, one fused ``addmm``, written into ``out``
+        (which may be ``w`` itself, a private buffer) or a new tensor."""
+        flat, up, down = w.reshape(w.shape[0], -1), self.up.flatten(1), self.down.flatten(1)
+        if out is w:
+            flat.addmm_(up, down, alpha=self.scale)  # w is contiguous: flat is a view of it
+        elif out is None:
+            return torch.addmm(flat, up, down, alpha=self.scale).view(w.shape)
+        else:
+            torch.addmm(flat, up, down, alpha=self.scale, out=out.view(flat.shape))
+        return out
 
 
 # -- public API --------------------------------------------------------------------------------
@@ -448,12 +455,31 @@ class CastHook(ModelHook):
                 compute, pooled = Fp8LinearWeight.wrap(stored, scale, self.rule.compute_dtype), False
                 swapped = compute
             else:
-                compute, pooled = self._decode(tc, stored, scale)
-                for d in deltas:  # a pooled buffer is private; any other decoded copy may be shared
-                    compute = d.add_to(compute, inplace=pooled and compute is not stored)
+                compute, pooled = self._patched(tc, stored, scale, deltas) if deltas else self._decode(tc, stored, scale)
                 swapped = nn.Parameter(compute, requires_grad=False) if is_param else compute
             (owner._parameters if is_param else owner._buffers)[key] = swapped
             self._swapped.append(_Swap(owner, key, is_param, stored, swapped, compute if pooled else None))
+
+    def _patched(self, tc: TensorCast, stored: torch.Tensor, scale: torch.Tensor | None, deltas: list[LowRank]):
+        """The decoded tensor plus its low-rank updates. A tensor already in the compute dtype is
+        not copied first: the first update writes ``stored + delta`` into a fresh (or pooled)
+        buffer; a decoded copy is private, so updates go into it in place — except a resident
+        decoded copy, which stays as decoded."""
+        if stored.dtype == self.rule.compute_dtype and tc.scale is None:
+            data = stored.detach()
+            pool = self.pooled and data.device.type == "cpu" and not torch.is_grad_enabled()
+            out = _POOL.take(tuple(data.shape), data.dtype) if pool else None
+            first, rest = deltas[0], deltas[1:]
+            compute = first.add_to(data, out=out)
+        else:
+            compute, pool = self._decode(tc, stored, scale)
+            rest = deltas
+            if self.rule.resident:
+                compute = rest[0].add_to(compute, out=None)
+                rest = rest[1:]
+        for d in rest:
+            d.add_to(compute, out=compute)
+        return compute, pool
 
     def _decode(self, tc: TensorCast, stored: torch.Tensor, scale: torch.Tensor | None):
         """(decoded tensor, whether it came from the workspace pool)."""
