@@ -394,3 +394,24 @@ def test_merge_that_overflows_is_refused(ckpt, tmp_path, strategy, value, streng
     with pytest.raises(LoraError, match=r"into 'blocks\.3\.fc2\.weight' gives values .* cannot hold"):
         loaderkit.load(ckpt["path"], strategy, model=user, lora=[(f, strength)], lora_mode="merge")
     assert user.blocks[3].fc2.weight.dtype == torch.float32 and runtime.cast_rules(user) == {}
+
+
+def test_resident_decoded_copy_is_not_changed_by_the_lora(ckpt):
+    """With resident decoded copies the LoRA is added to a new tensor: removing it gives the
+    original output, and the cached copy still equals the plain decode."""
+    strategy = loaderkit.strategy("fp8", resident=True)
+    plain = _run(loaderkit.load(ckpt["path"], strategy, model=TinyVideoDiT))
+    model = loaderkit.load(ckpt["path"], strategy, model=TinyVideoDiT, lora=[(ckpt["lora"], 1.0, "s")])
+    styled = _run(model)
+    assert torch.equal(_run(model), styled)  # twice: the cached copy was not updated in place
+    loaderkit.remove_lora(model, "s")
+    assert torch.equal(_run(model), plain)
+
+
+def test_plan_table_and_json_show_the_loras(ckpt):
+    plan = loaderkit.plan(ckpt["path"], "fp8", model=TinyVideoDiT, lora=[(ckpt["lora"], 0.5, "style")], lora_mode="merge")
+    text = plan.table()
+    assert "lora style" in text and "mode merge" in text and "blocks.0.fc1: rank 4, scale 1" in text
+    assert plan.to_dict()["loras"][0]["targets"]["patch_embed"]["rank"] == 4
+    assert plan.tensors["blocks.0.fc1.weight"].conversion == "quantize"  # fp8: re-quantized
+    assert plan.tensors["patch_embed.weight"].conversion == "cast"  # kept in bf16 by the fp8 strategy
