@@ -274,8 +274,9 @@ def _read(path: str, keys: Sequence[str]) -> dict[str, torch.Tensor]:
         raise LoraError(f"cannot read {', '.join(keys)} from LoRA file {path}: {exc}", path=path) from exc
 
 
-def _factors(path: str, t: LoraTarget, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    got = _read(path, (t.down, t.up))
+def _factors(path: str, t: LoraTarget, dtype: torch.dtype, device: torch.device,
+             got: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    got = got if got is not None else _read(path, (t.down, t.up))
     down, up = (got[k].to(device=device, dtype=dtype) for k in (t.down, t.up))
     if not (bool(torch.isfinite(down).all()) and bool(torch.isfinite(up).all())):
         raise LoraError(f"LoRA file {path}: {t.down!r} or {t.up!r} holds NaN or infinite values", path=path)
@@ -289,10 +290,11 @@ def attach(model: torch.nn.Module, lp: LoraPlan) -> None:
     named = dict(model.named_modules())
     done = []
     try:
+        got = _read(lp.path, [k for t in lp.targets.values() for k in (t.down, t.up)])
         for mod, t in lp.targets.items():
             module = named[mod]
             compute = runtime.delta_dtype(module)
-            down, up = _factors(lp.path, t, compute, runtime.execution_device(module))
+            down, up = _factors(lp.path, t, compute, runtime.execution_device(module), got)
             runtime.add_low_rank(module, runtime.LowRank(lp.name, "weight", up, down, t.scale), name=mod)
             done.append(module)
     except LoaderKitError as exc:
