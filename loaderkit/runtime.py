@@ -218,10 +218,15 @@ def add_low_rank(module: nn.Module, delta: LowRank, *, name: str = "") -> CastRu
         used on the module, or a delta whose shape does not fit the tensor.
     """
     label = name or type(module).__name__
+    owner, key = _resolve(module, delta.tensor)
+    stored = owner._parameters.get(key, owner._buffers.get(key))
+    up, down = tuple(delta.up.shape), tuple(delta.down.shape)
+    if stored is not None and (len(up) < 2 or up[0] != stored.shape[0] or down[1:] != tuple(stored.shape[1:])
+                               or up[1] != down[0] or any(s != 1 for s in up[2:])):
+        raise CastRuleError(f"{label}.{delta.tensor}: up {list(up)} and down {list(down)} do not make its shape "
+                            f"{list(stored.shape)}", module=name, tensor=delta.tensor)
     rule = cast_rule_of(module)
     if rule is None:
-        owner, key = _resolve(module, delta.tensor)
-        stored = owner._parameters.get(key, owner._buffers.get(key))
         if stored is None or not stored.is_floating_point() or stored.dtype.itemsize == 1:
             raise CastRuleError(f"{label}.{delta.tensor} has no cast rule and is not stored in a compute dtype",
                                 module=name, tensor=delta.tensor)

@@ -415,3 +415,16 @@ def test_plan_table_and_json_show_the_loras(ckpt):
     assert plan.to_dict()["loras"][0]["targets"]["patch_embed"]["rank"] == 4
     assert plan.tensors["blocks.0.fc1.weight"].conversion == "quantize"  # fp8: re-quantized
     assert plan.tensors["patch_embed.weight"].conversion == "cast"  # kept in bf16 by the fp8 strategy
+
+
+def test_low_rank_that_does_not_fit_is_refused():
+    lin = torch.nn.Linear(8, 4)
+    bad = runtime.LowRank("x", "weight", torch.zeros(4, 2), torch.zeros(2, 7), 1.0)
+    with pytest.raises(loaderkit.errors.CastRuleError, match=r"up \[4, 2\] and down \[2, 7\] do not make its shape \[4, 8\]"):
+        runtime.add_low_rank(lin, bad)
+    assert runtime.cast_rule_of(lin) is None
+    good = runtime.add_low_rank(lin, runtime.LowRank("y", "weight", torch.ones(4, 2), torch.ones(2, 8), 0.5))
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.allclose(lin(x), x @ (lin.weight + 1.0).T + lin.bias)
+    assert good.for_deltas and runtime.remove_low_rank(lin, "y") and runtime.cast_rule_of(lin) is None

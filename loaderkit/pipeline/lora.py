@@ -222,6 +222,9 @@ class Merge:
         shape, w = w.shape, w.float().flatten(1)
         for i, (path, t) in enumerate(self.updates):
             down, up = _factors(path, t, torch.float32, torch.device("cpu"))
+            if (up.shape[0], down[0].numel()) != tuple(w.shape):
+                raise LoraError(f"LoRA file {path}: {t.up!r} / {t.down!r} no longer fit {self.final.key!r}: the file "
+                                "changed since it was planned; plan again", path=path, tensor=t.down)
             if i == 0:  # out of place: ``w`` may be a view of the checkpoint
                 w = torch.addmm(w, up.flatten(1), down.flatten(1), alpha=t.scale)
             else:
@@ -278,6 +281,9 @@ def _factors(path: str, t: LoraTarget, dtype: torch.dtype, device: torch.device,
              got: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     got = got if got is not None else _read(path, (t.down, t.up))
     down, up = (got[k].to(device=device, dtype=dtype) for k in (t.down, t.up))
+    if down.dim() < 2 or up.dim() < 2 or down.shape[0] != t.rank or up.shape[1] != t.rank:
+        raise LoraError(f"LoRA file {path}: {t.down!r} / {t.up!r} are not of rank {t.rank} as planned: the file "
+                        "changed since; plan again", path=path, tensor=t.down)
     if not (bool(torch.isfinite(down).all()) and bool(torch.isfinite(up).all())):
         raise LoraError(f"LoRA file {path}: {t.down!r} or {t.up!r} holds NaN or infinite values", path=path)
     return down, up
