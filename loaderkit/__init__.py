@@ -29,7 +29,7 @@ from .errors import (
     VerifyError,
 )
 from .assembly import load_pipeline, plan_pipeline
-from .loader import inspect, load, plan, strategy
+from .loader import add_lora, inspect, load, plan, remove_lora, strategy
 from .pipeline.bind import plan_of
 from .pipeline.convert import convert
 from .pipeline.discover import register, unregister
@@ -46,6 +46,7 @@ __all__ = [
     "StrategyError",
     "VerifyError",
     "__version__",
+    "add_lora",
     "convert",
     "hookimpl",
     "inspect",
@@ -55,6 +56,7 @@ __all__ = [
     "plan_pipeline",
     "plan_of",
     "register",
+    "remove_lora",
     "strategy",
     "unregister",
     "verify",

@@ -164,6 +164,11 @@ class ConvertError(LoaderKitError):
     """A conversion cannot be done (bad destination, unsupported combination) or failed to write."""
 
 
+class LoraError(LoaderKitError):
+    """A LoRA file cannot be applied: unreadable, in no known format, with keys that match no module
+    or shapes that do not fit, or asked to do what its mode cannot (remove a merged LoRA)."""
+
+
 class VerifyError(LoaderKitError):
     """A model fails the dtype-consistency check; raised by ``verify(..., strict=True)``."""
 
@@ -178,6 +183,7 @@ __all__ = [
     "CorruptCheckpointError",
     "DtypeError",
     "LoaderKitError",
+    "LoraError",
     "OffloadError",
     "PlanError",
     "PluginError",

@@ -17,7 +17,9 @@ from .contract.bases import Strategy
 from .contract.plan import Plan
 from .contract.records import CheckpointInfo, KeyMap, ModelFacts
 from .errors import PlanError
-from .pipeline import bind, build, negotiate, place, stream
+from .contract.lora import LoraPlan
+from .errors import LoraError
+from .pipeline import bind, build, lora, negotiate, place, stream
 from .pipeline.discover import PluginManager, get_manager
 from .pipeline.inspect import describe
 from .pipeline.verify import verify
@@ -25,6 +27,7 @@ from .pipeline.verify import verify
 StrategyArg = str | Strategy
 DeviceMap = str | torch.device | dict
 ModelArg = torch.nn.Module | Callable[[], torch.nn.Module] | None
+LoraArg = list | tuple | None
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,8 @@ class LoadRequest:
     progress: bool | None = None
     layout: str | None = None
     zero_copy: bool = True
+    lora: tuple[lora.LoraRequest, ...] = ()
+    lora_mode: str = "cast"
 
     def placement(self) -> place.Placement:
         return place.normalise(
@@ -82,6 +87,7 @@ def prepare(request: LoadRequest, mgr: PluginManager) -> Prepared:
         checkpoint=checkpoint, model=skeleton, facts=facts, strategy=strat, strategy_entry=entry,
         device=caps, builder=builder, manager=mgr, strict=request.strict, layout=layout, keymap=keymap,
     )
+    plan_ = lora.plan_all(request.lora, request.lora_mode, skeleton, plan_, mgr)
     plan_ = place.place(skeleton, plan_, placement, facts.no_split)
     mgr.hook.loaderkit_plan_ready(plan=plan_)
     return Prepared(request, checkpoint, skeleton, facts, plan_, placement, keymap)
@@ -104,6 +110,9 @@ def execute(prep: Prepared, mgr: PluginManager) -> torch.nn.Module:
         stream.check_complete(model_, plan_)
         place.dispatch(model_, plan_, prep.placement, writer)
         bind.bind_runtime(model_, plan_, request.cast_inputs)
+        for lp in plan_.loras:
+            if lp.mode == "cast":
+                lora.attach(model_, lp)
         model_.eval()
         report = verify(model_, plan=plan_)
         if not report.ok:
@@ -130,7 +139,8 @@ def _stream_into(prep: Prepared, mgr: PluginManager, writer: place.DiskWriter | 
         total = sum(t.nbytes for t in plan_.tensors.values())
         with torch.no_grad(), progress_bar(total, "loading", progress=prep.request.progress, delay=2.0) as update:
             loaded = stream.read_all(plan_, reader, mgr, writer, prep.placement.offload_buffers, progress=update,
-                                     keymap=prep.keymap, zero_copy=prep.request.zero_copy)
+                                     keymap=prep.keymap, zero_copy=prep.request.zero_copy,
+                                     merges=lora.merges(plan_, _quantized(plan_)))
         if writer is not None:
             writer.finish()
     finally:
@@ -138,6 +148,11 @@ def _stream_into(prep: Prepared, mgr: PluginManager, writer: place.DiskWriter | 
     with torch.no_grad():
         stream.assign(prep.model, plan_, loaded)
     stream.check_assigned(prep.model, plan_)
+
+
+def _quantized(plan_: Plan) -> set[str]:
+    q = plan_.checkpoint.quantization
+    return set(q.weights) if q is not None else set()
 
 
 class _Snapshot:
@@ -207,6 +222,8 @@ def plan(
     strict: bool = True,
     format: str | None = None,
     layout: str | None = None,
+    lora: LoraArg = None,
+    lora_mode: str = "cast",
     manager: PluginManager | None = None,
 ) -> Plan:
     """Negotiate the plan for loading ``path``, from headers and config alone (no tensor data).
@@ -219,7 +236,7 @@ def plan(
     """
     request = LoadRequest(
         path, strategy, model, device_map, max_memory, offload_folder, offload_buffers,
-        no_split_module_classes, strict, format, layout=layout,
+        no_split_module_classes, strict, format, layout=layout, lora=_lora_requests(lora), lora_mode=lora_mode,
     )
     return prepare(request, manager or get_manager()).plan
 
@@ -239,6 +256,8 @@ def load(
     cast_inputs: bool = True,
     progress: bool | None = None,
     zero_copy: bool = True,
+    lora: LoraArg = None,
+    lora_mode: str = "cast",
     manager: PluginManager | None = None,
 ) -> torch.nn.Module:
     """Load a checkpoint into a model whose dtypes follow the negotiated plan.
@@ -272,11 +291,72 @@ def load(
         (default): no copy and no extra memory, but the model then *aliases the file* — rewriting
         the file in place afterwards changes the loaded weights (and truncating it can crash the
         process). ``False`` copies them into private memory.
+    :param lora: LoRA safetensors files to apply: paths, ``(path, strength)`` or
+        ``(path, strength, name)``; checked against the model at plan time (see ``docs/lora.md``).
+    :param lora_mode: ``"cast"`` (default): the cast rules add each LoRA in the compute dtype at
+        every forward, the stored weights untouched, so :func:`remove_lora` can take it off;
+        ``"merge"``: merged into the weights as they load (re-quantized per channel when stored
+        in fp8); no forward overhead, not removable.
     :returns: the model in eval mode. A failed load raises and returns nothing.
     """
     request = LoadRequest(
         path, strategy, model, device_map, max_memory, offload_folder, offload_buffers,
         no_split_module_classes, strict, format, cast_inputs, progress, zero_copy=zero_copy,
+        lora=_lora_requests(lora), lora_mode=lora_mode,
     )
     mgr = manager or get_manager()
     return execute(prepare(request, mgr), mgr)
+
+
+def _lora_requests(arg: LoraArg) -> tuple[lora.LoraRequest, ...]:
+    if isinstance(arg, (str, os.PathLike)):
+        raise LoraError("lora= takes a list of LoRAs: lora=[path] or lora=[(path, strength)]")
+    return lora.requests(arg)
+
+
+def add_lora(
+    model: torch.nn.Module, path: str | os.PathLike, scale: float = 1.0, *, name: str | None = None,
+    manager: PluginManager | None = None,
+) -> LoraPlan:
+    """Add a LoRA to a loaded model, at cast time: each updated module's cast rule adds
+    ``scale * up @ down`` in its compute dtype at every forward (a module without one gets a
+    rule that only adds it); the stored weights are not touched.
+
+    The file is checked against the model before anything changes: keys that match no module
+    and shapes that do not fit are one :class:`LoraError` listing them all, and the model is
+    left as it was. Works on any model; for one loaded by loaderkit, the LoRA is added to
+    :func:`plan_of`'s plan.
+
+    :param scale: the LoRA's strength (multiplies the format's ``alpha / r``).
+    :param name: its name, for :func:`remove_lora` (default: the file's stem).
+    :returns: the LoRA's plan: the modules it updates, with rank and scale.
+    """
+    (req,) = lora.requests([(path, scale) if name is None else (path, scale, name)])
+    old = bind.plan_of(model)
+    used = [lp.name for lp in old.loras] if old is not None else lora.names_on(model)
+    if req.name in used:
+        raise LoraError(f"the model already has a LoRA named {req.name!r}; remove it first or pass another name=",
+                        path=req.path)
+    lp = lora.plan_one(req, "cast", lora.weight_shapes(model), manager or get_manager())
+    lora.attach(model, lp)
+    if old is not None:
+        bind.remember(model, old.replace(loras=old.loras + (lp,)))
+    return lp
+
+
+def remove_lora(model: torch.nn.Module, name: str) -> None:
+    """Remove a LoRA added at cast time (by ``load(..., lora=...)`` or :func:`add_lora`): the
+    model computes exactly as it did without it. A merged LoRA cannot be removed (reload without
+    it); an unknown name is a :class:`LoraError` listing the model's LoRAs."""
+    old = bind.plan_of(model)
+    loras = old.loras if old is not None else ()
+    lp = next((x for x in loras if x.name == name), None)
+    if lp is not None and lp.mode == "merge":
+        raise LoraError(f"LoRA {name!r} was merged into the weights at load; reload the model without it "
+                        "(or load it with lora_mode='cast' to remove it later)", path=lp.path)
+    if lp is None and not lora.remove_named(model, name):
+        have = [x.name for x in loras] or lora.names_on(model)
+        raise LoraError(f"the model has no LoRA named {name!r}; it has: {', '.join(have) or 'none'}")
+    if lp is not None:
+        lora.detach(model, lp)
+        bind.remember(model, old.replace(loras=tuple(x for x in loras if x.name != name)))

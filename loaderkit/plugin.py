@@ -54,6 +54,7 @@ from .contract.layout import (
     looks_like_quantization_data,
     scale_fits,
 )
+from .contract.lora import LoraFile, LoraFormat, LoraLayout, LoraPair, LoraPlan, LoraTarget
 from .contract.modules import KERNEL_LAYERS, STRICT_KERNELS, module_kind, read_by_parent
 from .contract.plan import Conversion, Decision, ModulePlan, Plan, TensorPlan
 from .contract.records import (
@@ -107,6 +108,12 @@ __all__ = [
     "KERNEL_LAYERS",
     "Kernel",
     "Layout",
+    "LoraFile",
+    "LoraFormat",
+    "LoraLayout",
+    "LoraPair",
+    "LoraPlan",
+    "LoraTarget",
     "ModelContext",
     "ModelFacts",
     "ModuleContext",

@@ -76,6 +76,9 @@ class CastRule:
     :ivar resident: whether decoded copies are kept between calls.
     :ivar native: whether the native fp8 matmul runs (decided when the rule is attached).
     :ivar native_reason: when native fp8 matmul was asked for, why it is (not) used.
+    :ivar deltas: low-rank updates added to the decoded tensors at each forward (LoRAs).
+    :ivar for_deltas: the rule was attached only to add :attr:`deltas` (the module stores its
+        tensors in the compute dtype); it goes away with its last delta.
     """
 
     compute_dtype: torch.dtype
@@ -83,6 +86,8 @@ class CastRule:
     resident: bool = False
     native: bool = False
     native_reason: str = ""
+    deltas: list["LowRank"] = field(default_factory=list)
+    for_deltas: bool = False
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -100,7 +105,41 @@ class CastRule:
             "resident": self.resident,
             "native": self.native,
             "native_reason": self.native_reason,
+            "deltas": [{"name": d.name, "tensor": d.tensor, "rank": d.rank, "scale": d.scale} for d in self.deltas],
         }
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """A low-rank update ``tensor += scale * up @ down`` added after decoding (a LoRA).
+
+    :ivar name: who added it (the LoRA's name); unique per module.
+    :ivar tensor: the covered tensor it updates (``"weight"``).
+    :ivar up: ``[out, r, 1...]`` and :attr:`down` ``[r, *tensor.shape[1:]]``, in the compute
+        dtype, on the module's execution device.
+    """
+
+    name: str
+    tensor: str
+    up: torch.Tensor
+    down: torch.Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    def add_to(self, w: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """``w + scale * up @ down`` in ``w``'s dtype, one fused ``addmm``, written into ``out``
+        (which may be ``w`` itself, a private buffer) or a new tensor."""
+        flat, up, down = w.reshape(w.shape[0], -1), self.up.flatten(1), self.down.flatten(1)
+        if out is w:
+            flat.addmm_(up, down, alpha=self.scale)  # w is contiguous: flat is a view of it
+        elif out is None:
+            return torch.addmm(flat, up, down, alpha=self.scale).view(w.shape)
+        else:
+            torch.addmm(flat, up, down, alpha=self.scale, out=out.view(flat.shape))
+        return out
 
 
 # -- public API --------------------------------------------------------------------------------
@@ -169,6 +208,61 @@ def attach_cast(
     add_hook_to_module(module, hook, append=True)
     hook.guard = module.register_forward_hook(hook.forward_exit, always_call=True)
     return rule
+
+
+def add_low_rank(module: nn.Module, delta: LowRank, *, name: str = "") -> CastRule:
+    """Add ``delta`` to ``module``'s cast rule, attaching one that only adds deltas when the
+    module has none. The stored tensors are not changed; :func:`remove_low_rank` undoes it.
+
+    :raises CastRuleError: for a native fp8 rule (it never decodes the weight), a name already
+        used on the module, or a delta whose shape does not fit the tensor.
+    """
+    label = name or type(module).__name__
+    owner, key = _resolve(module, delta.tensor)
+    stored = owner._parameters.get(key, owner._buffers.get(key))
+    up, down = tuple(delta.up.shape), tuple(delta.down.shape)
+    if stored is not None and (len(up) < 2 or up[0] != stored.shape[0] or down[1:] != tuple(stored.shape[1:])
+                               or up[1] != down[0] or any(s != 1 for s in up[2:])):
+        raise CastRuleError(f"{label}.{delta.tensor}: up {list(up)} and down {list(down)} do not make its shape "
+                            f"{list(stored.shape)}", module=name, tensor=delta.tensor)
+    rule = cast_rule_of(module)
+    if rule is None:
+        if stored is None or not stored.is_floating_point() or stored.dtype.itemsize == 1:
+            raise CastRuleError(f"{label}.{delta.tensor} has no cast rule and is not stored in a compute dtype",
+                                module=name, tensor=delta.tensor)
+        rule = attach_cast(module, stored.dtype, names=[delta.tensor], name=name)
+        rule.for_deltas = True
+    if rule.native:
+        raise CastRuleError(f"{label} runs the native fp8 matmul, which never decodes its weight, so a LoRA "
+                            "cannot be added at cast time; merge it at load (lora_mode='merge')", module=name)
+    if any(d.name == delta.name for d in rule.deltas):
+        raise CastRuleError(f"{label} already has an update named {delta.name!r}", module=name)
+    rule.deltas.append(delta)
+    return rule
+
+
+def remove_low_rank(module: nn.Module, delta_name: str) -> bool:
+    """Remove the update named ``delta_name`` from ``module``'s cast rule; a rule attached only
+    for deltas goes with its last one. Returns whether there was one."""
+    rule = cast_rule_of(module)
+    if rule is None or not any(d.name == delta_name for d in rule.deltas):
+        return False
+    rule.deltas[:] = [d for d in rule.deltas if d.name != delta_name]
+    if rule.for_deltas and not rule.deltas:
+        _remove_hooks(module, lambda h: isinstance(h, CastHook))
+    return True
+
+
+def delta_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a low-rank update of ``module``'s weight is added in: its cast rule's compute
+    dtype, else its weight's dtype."""
+    rule = cast_rule_of(module)
+    return rule.compute_dtype if rule is not None else module._parameters["weight"].dtype
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """Where ``module``'s forward runs: its offload hook's execution device, else its weight's."""
+    return _execution_device(module, module._parameters["weight"])
 
 
 def cast_rule_of(module: nn.Module) -> CastRule | None:
@@ -372,7 +466,8 @@ class CastHook(ModelHook):
             owner, key = _resolve(module, tc.name)
             is_param = key in owner._parameters
             stored = owner._parameters[key] if is_param else owner._buffers.get(key)
-            if stored is None or (stored.dtype == self.rule.compute_dtype and tc.scale is None):
+            deltas = [d for d in self.rule.deltas if d.tensor == tc.name]
+            if stored is None or (stored.dtype == self.rule.compute_dtype and tc.scale is None and not deltas):
                 continue
             if stored.device.type == "meta":
                 raise CastRuleError(
@@ -387,10 +482,31 @@ class CastHook(ModelHook):
                 compute, pooled = Fp8LinearWeight.wrap(stored, scale, self.rule.compute_dtype), False
                 swapped = compute
             else:
-                compute, pooled = self._decode(tc, stored, scale)
+                compute, pooled = self._patched(tc, stored, scale, deltas) if deltas else self._decode(tc, stored, scale)
                 swapped = nn.Parameter(compute, requires_grad=False) if is_param else compute
             (owner._parameters if is_param else owner._buffers)[key] = swapped
             self._swapped.append(_Swap(owner, key, is_param, stored, swapped, compute if pooled else None))
+
+    def _patched(self, tc: TensorCast, stored: torch.Tensor, scale: torch.Tensor | None, deltas: list[LowRank]):
+        """The decoded tensor plus its low-rank updates. A tensor already in the compute dtype is
+        not copied first: the first update writes ``stored + delta`` into a fresh (or pooled)
+        buffer; a decoded copy is private, so updates go into it in place — except a resident
+        decoded copy, which stays as decoded."""
+        if stored.dtype == self.rule.compute_dtype and tc.scale is None:
+            data = stored.detach()
+            pool = self.pooled and data.device.type == "cpu" and not torch.is_grad_enabled()
+            out = _POOL.take(tuple(data.shape), data.dtype) if pool else None
+            first, rest = deltas[0], deltas[1:]
+            compute = first.add_to(data, out=out)
+        else:
+            compute, pool = self._decode(tc, stored, scale)
+            rest = deltas
+            if self.rule.resident:
+                compute = rest[0].add_to(compute, out=None)
+                rest = rest[1:]
+        for d in rest:
+            d.add_to(compute, out=compute)
+        return compute, pool
 
     def _decode(self, tc: TensorCast, stored: torch.Tensor, scale: torch.Tensor | None):
         """(decoded tensor, whether it came from the workspace pool)."""

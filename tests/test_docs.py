@@ -116,7 +116,7 @@ def test_hook_has_a_test(hook):
 
 
 API_FUNCTIONS = ("load", "plan", "inspect", "verify", "strategy", "register", "unregister", "convert", "plan_of",
-                 "load_pipeline", "plan_pipeline")
+                 "load_pipeline", "plan_pipeline", "add_lora", "remove_lora")
 
 
 def _plain_signature(fn) -> str:

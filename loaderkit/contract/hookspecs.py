@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
     from .assembly import Assembler
     from .bases import Builder, Format, Scheme, Strategy
+    from .lora import LoraFormat
     from .plan import Plan
     from .records import DeviceCaps, ModelFacts
 
@@ -90,6 +91,19 @@ def loaderkit_register_assemblers(register: Callable[["Assembler"], None]) -> No
     be unique across all plugins; a duplicate is a :class:`loaderkit.PluginError` naming both.
 
     :param register: the callback that validates and records an assembler.
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec
+def loaderkit_register_lora_formats(register: Callable[["LoraFormat"], None]) -> None:
+    """Register LoRA key formats (how a LoRA file names its low-rank factors and their scaling).
+
+    Call ``register(lora_format)`` once per :class:`loaderkit.plugin.LoraFormat` instance. Names
+    must be unique across all plugins; a duplicate is a :class:`loaderkit.PluginError` naming both.
+
+    :param register: the callback that validates and records a LoRA format.
 
     .. versionadded:: 0.2
     """

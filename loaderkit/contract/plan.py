@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from .bases import Kernel
+from .lora import LoraPlan
 from .modules import ModuleKind
 from .records import CheckpointInfo, DeviceCaps, Frozen, Granularity, ReadOnly, ScaleEncoding, thaw
 
@@ -130,6 +131,7 @@ class Plan(Frozen):
     :ivar device_map: module name -> device (``"cuda:0"``, ``"cpu"``, ``"disk"``) when the model is
         spread over several places; ``None`` when it sits on one device.
     :ivar offload_folder: where disk-offloaded tensors are written, if any.
+    :ivar loras: the LoRAs applied, in order: the modules each updates and in which mode.
     """
 
     checkpoint: CheckpointInfo
@@ -147,6 +149,7 @@ class Plan(Frozen):
     kept: tuple[str, ...] = ()
     device_map: ReadOnly[dict[str, str]] | None = None
     offload_folder: str | None = None
+    loras: tuple[LoraPlan, ...] = ()
 
     # -- views --------------------------------------------------------------------------------
 
@@ -206,6 +209,7 @@ class Plan(Frozen):
             "initialized": list(self.initialized),
             "device_map": None if self.device_map is None else thaw(self.device_map),
             "offload_folder": self.offload_folder,
+            "loras": [lp.model_dump(mode="json") for lp in self.loras],
         }
 
     def table(self, all_modules: bool = False) -> str:
@@ -261,6 +265,14 @@ class Plan(Frozen):
                 lines.append(f"  - {k} {how}")
             if len(converted) > 20:
                 lines.append(f"  ... and {len(converted) - 20} more (plan.key_conversions())")
+        for lp in self.loras:
+            lines.append("")
+            lines.append(f"lora {lp.name}  {lp.path}  [{lp.format}]  strength {lp.strength:g}, mode {lp.mode}, "
+                         f"{len(lp.targets)} modules")
+            for t in list(lp.targets.values())[:20]:
+                lines.append(f"  - {t.module}: rank {t.rank}, scale {t.scale:g}")
+            if len(lp.targets) > 20:
+                lines.append(f"  ... and {len(lp.targets) - 20} more")
         if self.ignored:
             lines.append("")
             lines.append(f"ignored checkpoint keys ({len(self.ignored)})")

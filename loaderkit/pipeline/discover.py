@@ -21,6 +21,7 @@ import pluggy
 from ..contract import hookspecs
 from ..contract.assembly import Assembler
 from ..contract.bases import Builder, Format, Scheme, Strategy
+from ..contract.lora import LoraFormat
 from ..contract.env import env_flag
 from ..errors import LoaderKitError, PluginError, StrategyError
 
@@ -42,6 +43,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "diffusers": "loaderkit.plugins.diffusers_builder",
     "diffusers-single-file": "loaderkit.plugins.diffusers_single_file",
     "diffusers-pipelines": "loaderkit.plugins.diffusers_pipeline",
+    "lora-formats": "loaderkit.plugins.lora_formats",
 }
 
 _KINDS = {
@@ -50,6 +52,7 @@ _KINDS = {
     "strategies": "loaderkit_register_strategies",
     "builders": "loaderkit_register_builders",
     "assemblers": "loaderkit_register_assemblers",
+    "lora_formats": "loaderkit_register_lora_formats",
 }
 
 
@@ -260,7 +263,7 @@ class PluginManager:
 
     def _collect(self) -> dict[str, list[Entry]]:
         bases = {"formats": Format, "schemes": Scheme, "strategies": Strategy, "builders": Builder,
-                 "assemblers": Assembler}
+                 "assemblers": Assembler, "lora_formats": LoraFormat}
         out: dict[str, list[Entry]] = {}
         for rec in self.records.values():
             rec.provides = {}
@@ -273,7 +276,7 @@ class PluginManager:
                     _check_contribution(obj, bases[_kind], _kind, _plugin)
                     if obj.name in seen:
                         raise PluginError(
-                            f"duplicate {_kind[:-1] if _kind != 'strategies' else 'strategy'} name "
+                            f"duplicate {_kind[:-1].replace('_', ' ') if _kind != 'strategies' else 'strategy'} name "
                             f"{obj.name!r}: registered by plugin {seen[obj.name].plugin!r} and by "
                             f"plugin {_plugin!r}; block one of them ({BLOCK_ENV}=<name>)",
                             plugin=_plugin,
@@ -310,6 +313,8 @@ class PluginManager:
 
     def assemblers(self) -> list[Entry]:
         return self.registries()["assemblers"]
+    def lora_formats(self) -> list[Entry]:
+        return self.registries()["lora_formats"]
 
     def get(self, kind: str, name: str) -> Entry | None:
         for e in self.registries()[kind]:

@@ -48,6 +48,7 @@ def read_all(
     progress=None,
     keymap: KeyMap | None = None,
     zero_copy: bool = True,
+    merges: dict | None = None,
 ) -> Loaded:
     """Read and convert every planned tensor. Returns them unassigned.
 
@@ -58,13 +59,19 @@ def read_all(
     Tensors planned for ``"disk"`` go to ``writer`` as they stream (or are pointed at in their
     safetensors file when they need no conversion) and are represented in the result by meta
     tensors of their storage dtype, which accelerate's offload hooks fill at forward time.
+
+    ``merges`` maps model keys to an object with ``read`` (the tensor plan to read it by) and
+    ``apply(tensor) -> (tensor, scale)`` (what is stored): a LoRA merged while loading.
     """
     out = Loaded()
     for tp in plan.tensors.values():
         if tp.device == "disk" and writer is not None and _point_at_source(tp, plan, writer):
             out.tensors[tp.key] = _meta_like(tp)
             continue
-        tensor, scale = _read_one(tp, plan, reader, manager, keymap)
+        merge = (merges or {}).get(tp.key)
+        tensor, scale = _read_one(merge.read if merge is not None else tp, plan, reader, manager, keymap)
+        if merge is not None:
+            tensor, scale = merge.apply(tensor)
         if scale is not None and tp.conversion == "none":
             _check_kept_range(tensor, scale, tp, plan)
         if not zero_copy and tp.conversion == "none" and not (tp.device == "disk" and writer is not None):
