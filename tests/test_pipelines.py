@@ -377,3 +377,34 @@ def test_a_comfy_fp8_single_file_transformer_in_a_pipeline(saved, reference, tmp
     assert all(loaderkit.verify(getattr(pipe, n)).ok for n in ("text_encoder", "transformer", "vae"))
     err = (tp.run(pipe, "wan") - reference["wan"]).abs().max().item()
     assert err <= FP8_BOUND, err
+
+
+def test_a_lora_on_an_fp8_pipeline_transformer_swaps_without_reloading(saved, tmp_path):
+    """A peft LoRA of the transformer (written by peft's save_pretrained), added at cast time to
+    the fp8 transformer of a loaded pipeline: the generation matches diffusers' bf16 pipeline with
+    the LoRA merged by peft, and removing it restores the pipeline's own output bitwise."""
+    import copy
+
+    from diffusers import DiffusionPipeline
+    from peft import LoraConfig, get_peft_model
+
+    pipe = loaderkit.load_pipeline(saved["wan"], "fp8")
+    before = tp.run(pipe, "wan")
+    ref = DiffusionPipeline.from_pretrained(saved["wan"], dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(copy.deepcopy(ref.transformer.float()),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_v", "ffn.net.2"]))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    peft_model.save_pretrained(tmp_path / "style")
+    ref.transformer = peft_model.merge_and_unload().to(torch.bfloat16)
+    want = tp.run(ref, "wan")
+    lora = loaderkit.add_lora(pipe.transformer, tmp_path / "style" / "adapter_model.safetensors", name="style")
+    assert lora.targets and all(t.module.endswith(("to_q", "to_v", "ffn.net.2")) for t in lora.targets.values())
+    with_lora = tp.run(pipe, "wan")
+    assert (with_lora - before).abs().max().item() > 2 * FP8_BOUND / 3  # the LoRA does something
+    assert (with_lora - want).abs().max().item() <= FP8_BOUND
+    loaderkit.remove_lora(pipe.transformer, "style")
+    assert torch.equal(tp.run(pipe, "wan"), before)
