@@ -19,6 +19,7 @@ silently; ``"torch.state_dict_key"`` records an unwrapped key.
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import threading
@@ -29,8 +30,10 @@ from typing import Callable
 
 import torch
 
-from loaderkit.plugin import CheckpointInfo, dtype_name, Format, hookimpl, TensorInfo
-from loaderkit.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError, UnsupportedCheckpointError
+from loaderkit.plugin import CheckpointInfo, dtype_name, fd_path, Format, hookimpl, opened_contained, TensorInfo
+from loaderkit.errors import (
+    CheckpointError, CorruptCheckpointError, LoaderKitError, UnsafeCheckpointError, UnsupportedCheckpointError,
+)
 
 from ._st_header import looks_like_safetensors
 from .directory import checkpoint_file, claims_directory, output_names
@@ -57,6 +60,16 @@ _slot_lock = threading.Lock()
 def _key(path: Path) -> tuple:
     st = path.stat()
     return (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _take_cached(path: Path, st: os.stat_result) -> Loaded | None:
+    """Take the slot's file if it is ``path`` as ``st`` describes it (the same inode, unchanged)."""
+    global _slot
+    with _slot_lock:
+        if _slot is not None and _slot[0] == (str(path), st.st_ino, st.st_size, st.st_mtime_ns):
+            loaded, _slot = _slot[1], None
+            return loaded
+    return None
 
 
 def load_file(path: Path, *, keep: bool) -> Loaded:
@@ -255,7 +268,7 @@ class TorchReader(ClosingReader):
         path = self._root / info.file
         loaded = self._files.get(info.file)
         if loaded is None:
-            loaded = self._files[info.file] = load_file(self._locate(info.file), keep=False)
+            loaded = self._files[info.file] = self._load(self._locate(info.file))
         t = loaded.tensors.get(name)
         if t is None:
             raise CorruptCheckpointError(
@@ -266,6 +279,34 @@ class TorchReader(ClosingReader):
             )
         check_tensor(t, info, path)
         return t
+
+    def _load(self, path: Path) -> Loaded:
+        """Load a file of the checkpoint through the descriptor it was opened as, after checking
+        where that descriptor really is (a name swapped for an outside link after it was checked
+        is refused); a file named directly is the user's choice."""
+        if Path(self.checkpoint.path) == path:
+            return load_file(path, keep=False)
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise CheckpointError(f"cannot read torch checkpoint {path}: {exc}", path=path) from exc
+        try:
+            opened_contained(self._root, fd, path, "torch checkpoint")
+            cached = _take_cached(path, os.fstat(fd))
+            if cached is not None:  # what describe loaded from this very file
+                return cached
+            link = fd_path(fd)
+            if link is None:
+                return load_file(path, keep=False)
+            try:
+                return _load_uncached(Path(link))  # the same open file, whatever the name points to now
+            except LoaderKitError as exc:
+                exc.message = exc.message.replace(link, str(path))
+                exc.args = (exc.message, *exc.args[1:])
+                exc.path = str(path) if exc.path in (None, link) else exc.path
+                raise
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         """Drop the loaded files (tensors already returned stay valid)."""

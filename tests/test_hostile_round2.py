@@ -38,7 +38,7 @@ def test_a_weights_file_linked_from_outside_the_directory_is_refused(tmp_path):
     assert loaderkit.inspect(outside / "model.safetensors")  # the file itself, named directly, is fine
 
 
-@pytest.mark.parametrize("layout", ["single", "sharded"])
+@pytest.mark.parametrize("layout", ["single", "sharded", "torch"])
 def test_a_file_swapped_for_an_outside_link_between_check_and_open_is_not_read(tmp_path, monkeypatch, layout):
     """The name is checked, then swapped for a link to an outside file with the same tensors,
     then opened: where the opened descriptor really is decides, not the name."""
@@ -49,6 +49,9 @@ def test_a_file_swapped_for_an_outside_link_between_check_and_open_is_not_read(t
     if layout == "single":
         save_st(ckpt / "model.safetensors", model)
         target = ckpt / "model.safetensors"
+    elif layout == "torch":
+        torch.save(model.state_dict(), ckpt / "pytorch_model.bin")
+        target = ckpt / "pytorch_model.bin"
     else:
         sd = {k: v.contiguous() for k, v in model.state_dict().items()}
         keys = sorted(sd)
@@ -57,8 +60,11 @@ def test_a_file_swapped_for_an_outside_link_between_check_and_open_is_not_read(t
         weight_map = {k: "a.safetensors" if k in keys[:2] else "b.safetensors" for k in keys}
         (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
         target = ckpt / "b.safetensors"
-    secret = outside / "secret.safetensors"
-    save_file({k: torch.full_like(v, 7.0) for k, v in load_file(str(target)).items()}, str(secret))
+    secret = outside / ("secret.bin" if layout == "torch" else "secret.safetensors")
+    if layout == "torch":
+        torch.save({k: torch.full_like(v, 7.0) for k, v in model.state_dict().items()}, secret)
+    else:
+        save_file({k: torch.full_like(v, 7.0) for k, v in load_file(str(target)).items()}, str(secret))
     real_open, swapped = os.open, []
 
     def racing_open(path, flags, *args, **kwargs):
@@ -69,7 +75,7 @@ def test_a_file_swapped_for_an_outside_link_between_check_and_open_is_not_read(t
         return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", racing_open)
-    with pytest.raises(UnsafeCheckpointError, match=r"was opened as .*secret.safetensors, outside"):
+    with pytest.raises(UnsafeCheckpointError, match=r"was opened as .*secret\.(bin|safetensors), outside"):
         loaderkit.load(ckpt, "fp32", model=seeded(TinyNet, seed=1))
     assert swapped
 
