@@ -12,16 +12,26 @@
   written as underscores (``lora_te_``, ``lora_te1_``, ``lora_transformer_``... prefixes alike).
   The scaling is ``alpha / r`` (1 without ``alpha``).
 
+  Files in the *original* naming of a model diffusers converts (Flux:
+  ``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``...), whose names a diffusers
+  model's modules do not match, go through diffusers' own converter
+  (``_convert_kohya_flux_lora_to_diffusers``, what ``FluxPipeline.load_lora_weights`` runs), which
+  turns them into peft keys — splitting fused ``qkv`` factors and folding each ``alpha`` into them — and
+  the factors are those it computes. The file is small; it is read whole, once, to convert it.
+
 Keys a format does not consume (DoRA magnitudes, LoKr/LoHa factors, text-encoder keys for a
 denoiser) are reported as unmatched, never skipped.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
+import os
 from typing import Callable, Sequence
 
-from loaderkit.plugin import LoraFile, LoraFormat, LoraLayout, LoraPair, hookimpl
+from loaderkit.plugin import LoraFile, LoraFormat, LoraLayout, LoraPair, TensorInfo, dtype_name, hookimpl
 
 #: peft's wrapper prefix, and the diffusers pipeline components a LoRA file may be saved under.
 PEFT_PREFIX = "base_model.model."
@@ -87,6 +97,16 @@ class KohyaLora(LoraFormat):
         return any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in lora.tensors)
 
     def read(self, lora: LoraFile, modules: Sequence[str], scalar: Callable[[str], float]) -> LoraLayout:
+        plain = self._plain(lora, modules, scalar)
+        if (plain.pairs and not plain.unmatched) or importlib.util.find_spec("diffusers") is None:
+            return plain  # the names are the model's own (or no converter to try)
+        return _original_layout(lora, modules) or plain
+
+    def tensors(self, lora: LoraFile, keys: Sequence[str]) -> dict:
+        converted = _converted(lora.path, *_stamp(lora.path)) or {}
+        return {k: converted[k] for k in keys if k in converted}
+
+    def _plain(self, lora: LoraFile, modules: Sequence[str], scalar: Callable[[str], float]) -> LoraLayout:
         flat: dict[str, list[str]] = {}
         for m in modules:
             flat.setdefault(m.replace(".", "_"), []).append(m)
@@ -116,6 +136,49 @@ def _kohya_module(stem: str, flat: dict[str, list[str]]) -> str | None:
             if hit is not None:
                 return hit[0] if len(hit) == 1 else None
     return None
+
+
+def _original_layout(lora: LoraFile, modules: Sequence[str]) -> LoraLayout | None:
+    """``lora`` in a model's original naming, converted by diffusers' own converter into peft
+    keys whose factors it computes; ``None`` when the converter does not take it."""
+    converted = _converted(lora.path, *_stamp(lora.path))
+    if converted is None:
+        return None
+    known, pairs, used = set(modules), [], set()
+    for key in converted:
+        stem, sep, suffix = key.rpartition(".lora_A.")
+        up = f"{stem}.lora_B.{suffix}"
+        module = _peft_module(stem, known) if sep and up in converted else None
+        if module is not None:  # the converter folded each alpha into the factors
+            pairs.append(LoraPair(module=module, down=key, up=up, scale=1.0))
+            used.update((key, up))
+    if not pairs:
+        return None
+    derived = {k: TensorInfo(name=k, shape=tuple(converted[k].shape), dtype=dtype_name(converted[k].dtype),
+                             file=os.path.basename(lora.path), nbytes=0) for k in used}
+    return LoraLayout(pairs=tuple(pairs), unmatched=tuple(k for k in converted if k not in used), derived=derived)
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=4)
+def _converted(path: str, size: int, mtime_ns: int) -> dict | None:
+    """The file converted by diffusers' converter for original-layout kohya Flux LoRAs, or
+    ``None`` when that converter does not take it (another family)."""
+    from safetensors.torch import load_file
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    state = load_file(path)
+    try:
+        out = _convert_kohya_flux_lora_to_diffusers(dict(state))
+    except (ValueError, KeyError, AssertionError, RuntimeError):
+        return None
+    if not isinstance(out, dict) or not out:
+        return None
+    return {k: v.contiguous() for k, v in out.items()}
 
 
 @hookimpl

@@ -408,3 +408,50 @@ def test_a_lora_on_an_fp8_pipeline_transformer_swaps_without_reloading(saved, tm
     assert (with_lora - want).abs().max().item() <= FP8_BOUND
     loaderkit.remove_lora(pipe.transformer, "style")
     assert torch.equal(tp.run(pipe, "wan"), before)
+
+
+def test_a_kohya_flux_lora_in_the_original_naming(saved, tmp_path):
+    """A kohya/ComfyUI Flux LoRA in Black Forest Labs' naming (``lora_unet_double_blocks_0_...``,
+    fused ``qkv`` factors, ``alpha``): converted by diffusers' own converter, it matches
+    ``FluxPipeline.load_lora_weights`` on diffusers' bf16 pipeline."""
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import save_file
+
+    pipe = loaderkit.load_pipeline(saved["flux"], "fp8")
+    attn = pipe.transformer.transformer_blocks[0].attn
+    hidden, rank = attn.to_q.in_features, 4
+    qkv = sum(m.out_features for m in (attn.to_q, attn.to_k, attn.to_v))
+    gen = torch.Generator().manual_seed(0)
+    factors = {"img_attn_qkv": (hidden, qkv), "img_attn_proj": (attn.to_out[0].in_features, attn.to_out[0].out_features)}
+    lora = {}
+    for stem, (d_in, d_out) in factors.items():
+        key = f"lora_unet_double_blocks_0_{stem}"
+        lora[f"{key}.lora_down.weight"] = torch.randn(rank, d_in, generator=gen) * 0.3
+        lora[f"{key}.lora_up.weight"] = torch.randn(d_out, rank, generator=gen) * 0.3
+        lora[f"{key}.alpha"] = torch.tensor(float(rank) * 2)
+    path = tmp_path / "style.safetensors"
+    save_file(lora, str(path))
+
+    before = tp.run(pipe, "flux")
+    planned = loaderkit.add_lora(pipe.transformer, path, name="style")
+    assert planned.derived and planned.format == "kohya"
+    assert {"transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_v",
+            "transformer_blocks.0.attn.to_out.0"} <= set(planned.targets)
+    ours = tp.run(pipe, "flux")
+    ref = DiffusionPipeline.from_pretrained(saved["flux"], dtype=torch.bfloat16)
+    ref.load_lora_weights(str(path))
+    want = tp.run(ref, "flux")
+    assert (ours - before).abs().max().item() > 0.05  # the LoRA does something
+    assert (ours - want).abs().max().item() <= FP8_BOUND
+    loaderkit.remove_lora(pipe.transformer, "style")
+    assert torch.equal(tp.run(pipe, "flux"), before)
+    # merged at load instead: the converted factors are merged and re-quantized per channel
+    merged = loaderkit.load(saved["flux"] / "transformer", "fp8", lora=[path], lora_mode="merge")
+    assert loaderkit.plan_of(merged).loras[0].derived
+    pipe = loaderkit.load_pipeline(saved["flux"], "fp8", components={"transformer": merged})
+    assert (tp.run(pipe, "flux") - want).abs().max().item() <= FP8_BOUND
+    # a kohya file neither in the model's names nor a layout diffusers converts: every key listed
+    save_file({"lora_unet_nowhere.lora_down.weight": torch.zeros(2, 4), "lora_unet_nowhere.lora_up.weight": torch.zeros(4, 2)},
+              str(tmp_path / "bad.safetensors"))
+    with pytest.raises(loaderkit.errors.LoraError, match="lora_unet_nowhere"):
+        loaderkit.add_lora(pipe.transformer, tmp_path / "bad.safetensors")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Callable, Literal, Sequence
 
+from pydantic import Field
+
 from .records import Frozen, FrozenJSON, ReadOnly, TensorInfo
 
 #: how a LoRA reaches the weights: merged into them on load, or added when the cast rule decodes.
@@ -52,10 +54,14 @@ class LoraLayout(Frozen):
 
     :ivar pairs: one pair per updated module.
     :ivar unmatched: the file's keys that name no module of the model (reported, never skipped).
+    :ivar derived: factors the format *computes* (by its library's converter) rather than reads,
+        by the key pairs name them with: their descriptions, checked like the file's own. The
+        core gets their values from :meth:`LoraFormat.tensors`.
     """
 
     pairs: tuple[LoraPair, ...]
     unmatched: tuple[str, ...] = ()
+    derived: ReadOnly[dict[str, TensorInfo]] = Field(default_factory=dict)
 
 
 class LoraFormat:
@@ -76,6 +82,11 @@ class LoraFormat:
         """Place ``lora``'s tensors on the model's ``modules`` (qualified names of the modules that
         have a weight). ``scalar(key)`` reads a one-element tensor of the file (an ``alpha``)."""
         raise NotImplementedError
+
+    def tensors(self, lora: LoraFile, keys: Sequence[str]) -> dict:
+        """The values of ``keys`` among the layout's ``derived`` factors (only formats that
+        derive factors implement it)."""
+        raise NotImplementedError(f"LoRA format {self.name!r} derives no factors")
 
 
 class LoraTarget(Frozen):
@@ -104,6 +115,8 @@ class LoraPlan(Frozen):
     :ivar mode: ``"merge"`` (merged into the weights while they load) or ``"cast"`` (added to the
         decoded weight at each forward; removable).
     :ivar targets: module name -> target, for every module it updates.
+    :ivar derived: its factors are computed by its format (:attr:`LoraLayout.derived`), not read
+        from the file as they are.
     """
 
     name: str
@@ -113,3 +126,4 @@ class LoraPlan(Frozen):
     strength: float
     mode: LoraMode
     targets: ReadOnly[dict[str, LoraTarget]]
+    derived: bool = False

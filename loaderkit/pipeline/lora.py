@@ -112,6 +112,9 @@ def plan_one(req: LoraRequest, mode: str, shapes: dict[str, tuple[int, ...]], mg
                         f"registered LoRA formats: {names}", path=req.path)
     scalar = _scalar_reader(req.path, lora)
     layout = mgr.call(entry, entry.obj.read, lora, tuple(shapes), scalar, returns=LoraLayout)
+    if layout.derived:  # factors its format computes: described beside the file's own
+        lora = lora.replace(tensors={**lora.tensors, **layout.derived})
+        _DERIVERS[(req.path, entry.plugin, entry.name)] = (entry, mgr)
     problems = [f"{k!r} matches no module of the model" for k in layout.unmatched]
     targets: dict[str, LoraTarget] = {}
     for pair in layout.pairs:
@@ -132,7 +135,7 @@ def plan_one(req: LoraRequest, mode: str, shapes: dict[str, tuple[int, ...]], mg
                         "\nUse a LoRA made for this model (or the model it was trained on)", path=req.path,
                         plugin=entry.plugin)
     return LoraPlan(name=req.name, path=req.path, format=entry.name, plugin=entry.plugin, strength=req.strength,
-                    mode=mode, targets=targets)
+                    mode=mode, targets=targets, derived=bool(layout.derived))
 
 
 def _scalar_reader(path: str, lora: LoraFile) -> Callable[[str], float]:
@@ -215,13 +218,14 @@ class Merge:
 
     read: TensorPlan
     final: TensorPlan
-    updates: tuple[tuple[str, LoraTarget], ...]  # (file, target)
+    updates: tuple[tuple[LoraPlan, LoraTarget], ...]
 
     def apply(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``w`` (float32) plus every update, stored as :attr:`final` says."""
         shape, w = w.shape, w.float().flatten(1)
-        for i, (path, t) in enumerate(self.updates):
-            down, up = _factors(path, t, torch.float32, torch.device("cpu"))
+        for i, (lp, t) in enumerate(self.updates):
+            path = lp.path
+            down, up = _factors(path, t, torch.float32, torch.device("cpu"), factors_of(lp, (t.down, t.up)))
             if (up.shape[0], down[0].numel()) != tuple(w.shape):
                 raise LoraError(f"LoRA file {path}: {t.up!r} / {t.down!r} no longer fit {self.final.key!r}: the file "
                                 "changed since it was planned; plan again", path=path, tensor=t.down)
@@ -245,7 +249,7 @@ class Merge:
         return out, None
 
     def _overflow(self, exc) -> LoraError:
-        paths = ", ".join(sorted({p for p, _ in self.updates}))
+        paths = ", ".join(sorted({lp.path for lp, _ in self.updates}))
         return LoraError(f"merging LoRA {paths} into {self.final.key!r} gives values {self.final.target_dtype} cannot "
                          f"hold{f' ({exc.message})' if exc is not None else ''}; lower its strength or use lora_mode='cast'",
                          path=paths, tensor=self.final.key)
@@ -259,12 +263,32 @@ def merges(plan: Plan, checkpoint_quantized: set[str]) -> dict[str, Merge]:
         conversion = "dequantize" if final.source in checkpoint_quantized else "cast"
         read = final.replace(target_dtype="float32", conversion=conversion, granularity=None, block=None, scale=None)
         mod = key.rpartition(".")[0]
-        ups = tuple((lp.path, lp.targets[mod]) for lp in plan.loras if lp.mode == "merge" and mod in lp.targets)
+        ups = tuple((lp, lp.targets[mod]) for lp in plan.loras if lp.mode == "merge" and mod in lp.targets)
         out[key] = Merge(read, final, ups)
     return out
 
 
 # -- at cast time -------------------------------------------------------------------------------
+
+
+#: (file, plugin, format) -> the format that derives that LoRA's factors, and its manager
+_DERIVERS: dict[tuple[str, str, str], tuple] = {}
+
+
+def factors_of(lp: LoraPlan, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The factors ``keys`` of a planned LoRA: read from its file, or computed by its format."""
+    if not lp.derived:
+        return _read(lp.path, keys)
+    found = _DERIVERS.get((lp.path, lp.plugin, lp.format))
+    if found is None:
+        raise LoraError(f"LoRA {lp.path} was planned in another process; plan it again here", path=lp.path)
+    entry, mgr = found
+    got = mgr.call(entry, entry.obj.tensors, describe(lp.path), tuple(keys), returns=dict)
+    missing = [k for k in keys if not isinstance(got.get(k), torch.Tensor)]
+    if missing:
+        raise LoraError(f"LoRA format {lp.format!r} gave no tensors for {', '.join(missing)} of {lp.path}",
+                        path=lp.path, plugin=lp.plugin)
+    return got
 
 
 def _read(path: str, keys: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -296,7 +320,7 @@ def attach(model: torch.nn.Module, lp: LoraPlan) -> None:
     named = dict(model.named_modules())
     done = []
     try:
-        got = _read(lp.path, [k for t in lp.targets.values() for k in (t.down, t.up)])
+        got = factors_of(lp, [k for t in lp.targets.values() for k in (t.down, t.up)])
         for mod, t in lp.targets.items():
             module = named[mod]
             compute = runtime.delta_dtype(module)
