@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from .contract.assembly import Assembler, Component, ComponentPlan, Flow, PipelinePlan
+from .contract.assembly import Component, ComponentPlan, Flow, PipelinePlan
 from .contract.plan import Plan
 from .errors import CheckpointNotFoundError, LoaderKitError, PlanError, UnsupportedCheckpointError, UsageError
 from .loader import LoadRequest, Prepared, StrategyArg, execute, prepare
@@ -162,7 +162,7 @@ def _prepare(path: Path, strategy, device, max_memory, offload, cast_inputs, mgr
         records[comp.name] = ComponentPlan(component=comp, strategy=strat, plan=plan_, device=rests,
                                            given=comp.name in given, nbytes=sizes.get(comp.name, 0))
     pplan = PipelinePlan(
-        path=str(path), assembler=entry.name, pipeline_class=_pipeline_class(path, components, entry),
+        path=str(path), assembler=entry.name, pipeline_class=mgr.call(entry, entry.obj.pipeline_class, path, returns=str),
         components=records, flows=flows, device=device, offload=mode,
         order=order, budget=budget, reason=reason,
     )
@@ -209,17 +209,6 @@ def _assembler(path: Path, mgr: PluginManager) -> Entry:
         "pipeline directory holds model_index.json. For a single model use loaderkit.load(path)",
         path=str(path),
     )
-
-
-def _pipeline_class(path: Path, components: tuple[Component, ...], entry: Entry) -> str:
-    from .contract.io import read_json
-
-    index = path / "model_index.json"
-    if index.is_file():
-        name = read_json(index, "pipeline index").get("_class_name")
-        if isinstance(name, str):
-            return name
-    return type(entry.obj).__name__
 
 
 def _strategies(strategy: PipelineStrategy, components: tuple[Component, ...]) -> dict[str, StrategyArg]:

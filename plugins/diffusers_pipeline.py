@@ -66,6 +66,9 @@ class DiffusersAssembler(Assembler):
                                  weights=weights, role=role))
         return _with_flows(tuple(out))
 
+    def pipeline_class(self, path: Path) -> str:
+        return str(self._index(path)["_class_name"])
+
     def offload_order(self, path: Path, components: tuple[Component, ...]) -> tuple[str, ...]:
         cls = _class("diffusers", self._index(path)["_class_name"], path)
         seq = [n for n in (getattr(cls, "model_cpu_offload_seq", None) or "").split("->") if n]

@@ -14,8 +14,6 @@ import abc
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
-
 from .plan import Plan, fmt_bytes
 from .records import Frozen, ReadOnly
 
@@ -64,6 +62,10 @@ class Assembler(abc.ABC):
     @abc.abstractmethod
     def components(self, path: Path) -> tuple[Component, ...]:
         """Every component the pipeline at ``path`` declares, in the library's order."""
+
+    def pipeline_class(self, path: Path) -> str:
+        """The name of the pipeline class ``path`` is loaded as (default: the assembler's name)."""
+        return self.name
 
     def offload_order(self, path: Path, components: tuple[Component, ...]) -> tuple[str, ...]:
         """The order the pipeline runs its models in (model offload moves them in this order).
