@@ -8,6 +8,8 @@ per model module; the core checks them against the model and records them in the
 
 from __future__ import annotations
 
+import abc
+
 from typing import Callable, Literal, Sequence
 
 from pydantic import Field
@@ -64,7 +66,7 @@ class LoraLayout(Frozen):
     derived: ReadOnly[dict[str, TensorInfo]] = Field(default_factory=dict)
 
 
-class LoraFormat:
+class LoraFormat(abc.ABC):
     """Base class of LoRA key formats (registered with ``loaderkit_register_lora_formats``).
 
     :cvar name: unique name.
@@ -74,18 +76,18 @@ class LoraFormat:
     name: str = ""
     priority: int = 0
 
+    @abc.abstractmethod
     def claim(self, lora: LoraFile) -> bool:
         """Whether this format reads ``lora`` (from its names and metadata alone)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def read(self, lora: LoraFile, modules: Sequence[str], scalar: Callable[[str], float]) -> LoraLayout:
         """Place ``lora``'s tensors on the model's ``modules`` (qualified names of the modules that
         have a weight). ``scalar(key)`` reads a one-element tensor of the file (an ``alpha``)."""
-        raise NotImplementedError
 
     def tensors(self, lora: LoraFile, keys: Sequence[str]) -> dict:
         """The values of ``keys`` among the layout's ``derived`` factors (only formats that
-        derive factors implement it)."""
+        derive factors implement it; the core calls it only for those)."""
         raise NotImplementedError(f"LoRA format {self.name!r} derives no factors")
 
 
