@@ -16,10 +16,10 @@ import torch
 from .contract.bases import Strategy
 from .contract.plan import Plan
 from .contract.records import CheckpointInfo, KeyMap, ModelFacts
-from .errors import PlanError
+from .errors import PlanError, UsageError
 from .contract.lora import LoraPlan
 from .errors import LoraError
-from .pipeline import bind, build, lora, negotiate, place, stream
+from .pipeline import bind, build, distribute, lora, negotiate, place, stream
 from .pipeline.discover import PluginManager, get_manager
 from .pipeline.inspect import describe
 from .pipeline.verify import verify
@@ -50,10 +50,20 @@ class LoadRequest:
     zero_copy: bool = True
     lora: tuple[lora.LoraRequest, ...] = ()
     lora_mode: str = "cast"
+    parallel: distribute.Parallel | None = None
 
     def placement(self) -> place.Placement:
+        device_map = self.device_map
+        if self.parallel is not None:
+            if not (isinstance(device_map, str) and device_map == "cpu") or self.max_memory or self.offload_folder:
+                raise UsageError("device_mesh= puts each rank's shards on the mesh's device: leave device_map, "
+                                 "max_memory and offload_folder unset")
+            if isinstance(self.model, torch.nn.Module):
+                raise UsageError("device_mesh= parallelizes the skeleton in place: pass model= a class or a "
+                                 "factory, not a module instance")
+            device_map = self.parallel.device
         return place.normalise(
-            self.device_map, self.max_memory, self.offload_folder, self.offload_buffers,
+            device_map, self.max_memory, self.offload_folder, self.offload_buffers,
             self.no_split_module_classes,
         )
 
@@ -89,6 +99,12 @@ def prepare(request: LoadRequest, mgr: PluginManager) -> Prepared:
     )
     plan_ = lora.plan_all(request.lora, request.lora_mode, skeleton, plan_, mgr)
     plan_ = place.place(skeleton, plan_, placement, facts.no_split)
+    if request.parallel is not None:
+        reader = stream.open_source(checkpoint, mgr)
+        try:
+            plan_ = distribute.plan_shards(skeleton, plan_, facts, request.parallel, reader)
+        finally:
+            reader.close()
     mgr.hook.loaderkit_plan_ready(plan=plan_)
     return Prepared(request, checkpoint, skeleton, facts, plan_, placement, keymap)
 
@@ -96,6 +112,8 @@ def prepare(request: LoadRequest, mgr: PluginManager) -> Prepared:
 def execute(prep: Prepared, mgr: PluginManager) -> torch.nn.Module:
     """Stages 6-10: stream (and check the assignment), finalize, dispatch, bind the runtime, verify.
     A failure leaves the model as it was."""
+    if prep.plan.parallel is not None:
+        return distribute.execute(prep, mgr)
     plan_, model_, request = prep.plan, prep.model, prep.request
     snapshot = _Snapshot(model_)
     writer = None
@@ -224,6 +242,8 @@ def plan(
     layout: str | None = None,
     lora: LoraArg = None,
     lora_mode: str = "cast",
+    device_mesh: Any = None,
+    parallelize: Any = None,
     manager: PluginManager | None = None,
 ) -> Plan:
     """Negotiate the plan for loading ``path``, from headers and config alone (no tensor data).
@@ -237,7 +257,10 @@ def plan(
     request = LoadRequest(
         path, strategy, model, device_map, max_memory, offload_folder, offload_buffers,
         no_split_module_classes, strict, format, layout=layout, lora=_lora_requests(lora), lora_mode=lora_mode,
+        parallel=distribute.request(device_mesh, parallelize),
     )
+    if request.parallel is not None and layout is not None:
+        raise UsageError("layout= plans a conversion, which runs in one process: drop device_mesh=")
     return prepare(request, manager or get_manager()).plan
 
 
@@ -258,6 +281,8 @@ def load(
     zero_copy: bool = True,
     lora: LoraArg = None,
     lora_mode: str = "cast",
+    device_mesh: Any = None,
+    parallelize: Any = None,
     manager: PluginManager | None = None,
 ) -> torch.nn.Module:
     """Load a checkpoint into a model whose dtypes follow the negotiated plan.
@@ -297,12 +322,19 @@ def load(
         every forward, the stored weights untouched, so :func:`remove_lora` can take it off;
         ``"merge"``: merged into the weights as they load (re-quantized per channel when stored
         in fp8); no forward overhead, not removable.
+    :param device_mesh: a ``torch.distributed`` DeviceMesh to load over (every rank of it calls
+        ``load`` with the same arguments): each rank reads only the parts of the tensors its
+        shards hold and gets DTensor parameters (see ``docs/distributed.md``).
+    :param parallelize: with ``device_mesh``: ``"fsdp"`` (default; FSDP2 ``fully_shard`` per
+        block the model's library declares, then the root), ``"tp"`` (the model library's own
+        tensor-parallel plan), a dict of module pattern -> torch parallel style, or a
+        ``callable(model, mesh)`` that parallelizes the meta skeleton in place.
     :returns: the model in eval mode. A failed load raises and returns nothing.
     """
     request = LoadRequest(
         path, strategy, model, device_map, max_memory, offload_folder, offload_buffers,
         no_split_module_classes, strict, format, cast_inputs, progress, zero_copy=zero_copy,
-        lora=_lora_requests(lora), lora_mode=lora_mode,
+        lora=_lora_requests(lora), lora_mode=lora_mode, parallel=distribute.request(device_mesh, parallelize),
     )
     mgr = manager or get_manager()
     return execute(prepare(request, mgr), mgr)

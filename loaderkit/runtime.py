@@ -33,6 +33,7 @@ run forward from several threads at once. Code that calls ``module.forward`` dir
 
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -157,7 +158,14 @@ def supports(module: nn.Module) -> bool:
         return False
     if torch.nn.utils.parametrize.is_parametrized(module):
         return False
-    return all(type(p) in (nn.Parameter, torch.Tensor) for p in module.parameters(recurse=False))
+    return all(type(p) in (nn.Parameter, torch.Tensor) or _is_dtensor(p) for p in module.parameters(recurse=False))
+
+
+def _is_dtensor(t) -> bool:
+    """Whether ``t`` is a ``torch.distributed`` DTensor (sharded by FSDP2 or tensor parallelism),
+    checked without importing ``torch.distributed.tensor`` when it was never loaded."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
 
 
 def attach_cast(
@@ -481,6 +489,9 @@ class CastHook(ModelHook):
 
                 compute, pooled = Fp8LinearWeight.wrap(stored, scale, self.rule.compute_dtype), False
                 swapped = compute
+            elif _is_dtensor(stored):
+                compute, pooled = self._decode_shard(tc, stored, scale, deltas), False
+                swapped = nn.Parameter(compute, requires_grad=False) if is_param else compute
             else:
                 compute, pooled = self._patched(tc, stored, scale, deltas) if deltas else self._decode(tc, stored, scale)
                 swapped = nn.Parameter(compute, requires_grad=False) if is_param else compute
@@ -507,6 +518,27 @@ class CastHook(ModelHook):
         for d in rest:
             d.add_to(compute, out=compute)
         return compute, pool
+
+    def _decode_shard(self, tc: TensorCast, stored: torch.Tensor, scale: torch.Tensor | None, deltas: list[LowRank]):
+        """A tensor-parallel shard (a DTensor the kernel reads as it is): its local part decoded
+        with its own rows' scale, wrapped back with the same placements."""
+        from torch.distributed.tensor import DTensor
+
+        if deltas:
+            raise CastRuleError(f"{tc.name}: low-rank updates of a tensor-parallel shard are not supported; "
+                                "merge the LoRA at load (lora_mode='merge')", tensor=tc.name)
+        local = stored.to_local().detach()
+        if self.rule.resident:
+            key = (weakref.ref(stored), local._version, local.data_ptr(), _version(scale))
+            hit = self._cache.get(tc.name)
+            if hit is not None and hit[0][0]() is stored and hit[0][1:] == key[1:]:
+                return hit[1]
+        out = decode_stored(local, self.rule.compute_dtype, scale, tc.granularity, tc.block)
+        out = DTensor.from_local(out, stored.device_mesh, stored.placements, shape=stored.shape,
+                                 stride=stored.stride(), run_check=False)
+        if self.rule.resident:
+            self._cache[tc.name] = (key, out)
+        return out
 
     def _decode(self, tc: TensorCast, stored: torch.Tensor, scale: torch.Tensor | None):
         """(decoded tensor, whether it came from the workspace pool)."""
@@ -681,6 +713,8 @@ def _tensor_cast(module: nn.Module, tname: str, spec, label: str, mname: str) ->
     tensor = owner._parameters.get(key, owner._buffers.get(key))
     shape = tuple(tensor.shape) if tensor is not None else ()
     block = tuple(block) if block is not None else None
+    if _is_dtensor(tensor) and scale_fits(tuple(tensor.to_local().shape), tuple(scale.shape), granularity, block):
+        shape = tuple(tensor.to_local().shape)  # a tensor-parallel shard decodes with its own rows' scale
     if not scale_fits(shape, tuple(scale.shape), granularity, block):
         raise CastRuleError(
             f"{where}: a {granularity} scale of shape {list(scale.shape)} does not fit a tensor of shape "

@@ -11,6 +11,7 @@ The header is validated strictly by loaderkit itself (``_st_header``); tensors a
 
 from __future__ import annotations
 
+import itertools
 import os
 
 from pathlib import Path
@@ -143,6 +144,32 @@ class SafetensorsReader(ClosingReader):
         check_tensor(t, info, path)
         return t
 
+    def reads_box(self, name: str) -> bool:
+        return True
+
+    def read_box(self, name: str, box: tuple[tuple[int, int], ...]) -> torch.Tensor:
+        """Return the part ``box`` of tensor ``name``, read with ``pread`` straight into a new
+        tensor: one read per contiguous run of the box, nothing else of the tensor."""
+        info = self._info(name)
+        fd, spans = self._raw(info.file)
+        begin, end = spans[name]
+        path = self._root / info.file
+        shape = tuple(b - a for a, b in box)
+        out = torch.empty(shape, dtype=info.torch_dtype)
+        if out.numel() == 0:
+            return out
+        item = info.torch_dtype.itemsize
+        dst = memoryview(out.view(-1).view(torch.uint8).numpy())
+        for offset, length, at in box_runs(info.shape, box, item):
+            got = os.preadv(fd, [dst[at:at + length]], begin + offset)
+            if got != length or begin + offset + length > end:
+                raise CorruptCheckpointError(
+                    f"safetensors file {path} ended inside tensor {name!r} (it changed since it was described)",
+                    path=path,
+                    tensor=name,
+                )
+        return out
+
     def _raw(self, file: str) -> tuple[int, dict[str, tuple[int, int]]]:
         """An open descriptor and the absolute byte spans of ``file``'s tensors (header re-read)."""
         raw = self._raws.get(file)
@@ -163,6 +190,29 @@ class SafetensorsReader(ClosingReader):
         for fd in fds.values():
             os.close(fd)
         self._scratch = bytearray()
+
+
+def box_runs(shape: tuple[int, ...], box: tuple[tuple[int, int], ...], item: int):
+    """The contiguous byte runs of ``box`` in a row-major tensor of ``shape``: ``(offset in the
+    tensor, length, offset in the box's own buffer)``, in order. The box's trailing whole
+    dimensions merge into each run."""
+    if not shape:
+        yield 0, item, 0
+        return
+    d = len(shape) - 1  # the innermost dimension that is not whole starts the runs
+    inner = item
+    while d > 0 and box[d] == (0, shape[d]):
+        inner *= shape[d]
+        d -= 1
+    run = (box[d][1] - box[d][0]) * inner
+    strides = [item] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        strides[i] = strides[i + 1] * shape[i + 1]
+    at = 0
+    for index in itertools.product(*(range(a, b) for a, b in box[:d])):
+        offset = sum(i * s for i, s in zip(index, strides)) + box[d][0] * strides[d]
+        yield offset, run, at
+        at += run
 
 
 def check_tensor(t: torch.Tensor, info: TensorInfo, path: object) -> None:

@@ -183,6 +183,17 @@ class ShardedReader(ClosingReader):
             return self._torch.get(name)
         return self._st.get(name)  # also reports unknown names
 
+    def _safetensors(self, name: str) -> bool:
+        info = self.checkpoint.tensors.get(name)
+        return info is None or info.file.lower().endswith(".safetensors")
+
+    def read_box(self, name: str, box: tuple[tuple[int, int], ...]) -> torch.Tensor:
+        """The part ``box`` of tensor ``name``: only its bytes from a safetensors shard."""
+        return self._st.read_box(name, box) if self._safetensors(name) else super().read_box(name, box)
+
+    def reads_box(self, name: str) -> bool:
+        return self._safetensors(name)
+
     def close(self) -> None:
         """Close every shard."""
         self._st.close()

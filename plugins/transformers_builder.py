@@ -33,7 +33,7 @@ from loaderkit.plugin import (
     thaw,
     to_torch,
 )
-from loaderkit.errors import BuildError
+from loaderkit.errors import BuildError, PlanError
 
 #: Config keys describing a quantized checkpoint; loaderkit decodes such weights itself, so the
 #: model is built dense (as if the checkpoint had been dequantized).
@@ -308,8 +308,47 @@ def facts_for(model: torch.nn.Module) -> ModelFacts:
         initialize=initialize_missing,
         linear_types=_linear_types(model),
         stacked_linear=_stacked_linear(model),
+        tp_plan=functools.partial(tp_plan, model) if getattr(model, "tp_plan", None) else None,
         source=("transformers",),
     )
+
+
+def _torch_style(name: str):
+    """A maker of torch's parallel style for a transformers style name that torch's own styles
+    express for inference (making ``None``: the module stays replicated, as
+    ``replicated_with_grad_allreduce`` only matters to gradients), or ``None``."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    return {
+        "colwise": lambda: ColwiseParallel(),
+        "rowwise": lambda: RowwiseParallel(),
+        "colwise_gather_output": lambda: ColwiseParallel(output_layouts=Replicate()),
+        "embedding_rowwise": lambda: RowwiseParallel(input_layouts=Replicate()),
+        "replicated_with_grad_allreduce": lambda: None,
+    }.get(name)
+
+
+def tp_plan(model: torch.nn.Module, degree: int) -> dict[str, Any]:
+    """The model's own tensor-parallel plan (``model.tp_plan``: its config's
+    ``base_model_tp_plan`` under the model's prefix, and the head's ``_tp_plan``) in torch's
+    parallel styles, for ``degree`` ranks. Heads must divide evenly (the attention reshapes by
+    head count); styles torch does not express (packed or expert-parallel MoE layers) are refused."""
+    config = getattr(model, "config", None)
+    for field in ("num_attention_heads", "num_key_value_heads"):
+        heads = getattr(config, field, None)
+        if isinstance(heads, int) and heads % degree:
+            raise PlanError(f"{type(model).__name__}: config {field}={heads} is not divisible by the "
+                            f"tensor-parallel degree {degree}; use a degree that divides it, or parallelize='fsdp'")
+    out: dict[str, Any] = {}
+    for pattern, style in dict(model.tp_plan).items():
+        make = _torch_style(style)
+        if make is None:
+            raise PlanError(f"{type(model).__name__}: transformers' tensor-parallel plan shards {pattern!r} as "
+                            f"{style!r}, which torch's parallel styles do not express; pass your own plan "
+                            "(parallelize={pattern: style}) or parallelize='fsdp'")
+        out[pattern] = make()
+    return out
 
 
 def initialize_missing(model: torch.nn.Module, keys: tuple[str, ...]) -> None:

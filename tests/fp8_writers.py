@@ -293,15 +293,16 @@ def write_compressed_tensors(
     return directory, _ct_reference(sd, compressor.quantization_config.config_groups["group_0"].weights)
 
 
-def write_compressed_tensors_llama(directory: Path, preset: str = "FP8_DYNAMIC", seed: int = 0) -> Path:
+def write_compressed_tensors_llama(directory: Path, preset: str = "FP8_DYNAMIC", seed: int = 0, **config_kw) -> Path:
     """llm-compressor's full save path on a tiny transformers Llama: quantize with a preset,
     ``compress_model``, ``save_pretrained``, ``update_config``. Returns the directory; the
-    reference reader is transformers' ``from_pretrained`` with ``dequantize=True``."""
+    reference reader is transformers' ``from_pretrained`` with ``dequantize=True``. ``config_kw``
+    overrides the tiny ``LlamaConfig``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+    config = LlamaConfig(**{**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=64, max_position_embeddings=64), **config_kw})
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     compressor = _quantize_and_compress(model, preset, ("lm_head",))
     model.save_pretrained(directory)

@@ -60,6 +60,17 @@ class TensorReader(abc.ABC):
         """Return tensor ``name`` for a conversion (default: :meth:`get`)."""
         return self.get(name)
 
+    def read_box(self, name: str, box: tuple[tuple[int, int], ...]) -> torch.Tensor:
+        """Return a private copy of the part ``box`` (``(start, stop)`` per dimension) of tensor
+        ``name``: what one rank of a parallel load holds. Readers that can read only those bytes
+        override it (the safetensors readers ``pread`` exactly the box); the default takes the
+        box out of :meth:`get`, which maps the whole tensor."""
+        return self.get(name)[tuple(slice(a, b) for a, b in box)].clone()
+
+    def reads_box(self, name: str) -> bool:
+        """Whether :meth:`read_box` reads only the box's bytes of tensor ``name`` (default: no)."""
+        return False
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release files and maps."""

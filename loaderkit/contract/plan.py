@@ -102,6 +102,57 @@ class ModulePlan(Frozen):
     reason: str = ""
 
 
+class ShardPlan(Frozen):
+    """What one rank holds and reads of one model tensor under a parallel plan.
+
+    :ivar key: the model's state-dict key.
+    :ivar placements: the DTensor placements, in words (``"Shard(0)"``, ``"Replicate()"``).
+    :ivar box: this rank's part of the tensor: ``(start, stop)`` per dimension.
+    :ivar read: the part of the checkpoint tensor this rank reads: the box, or more when the
+        conversion needs it (whole rows for a per-row scale computed on load, whole fp8 blocks,
+        the whole tensor when the model's library builds it from several tensors).
+    :ivar nbytes_read: the bytes of :attr:`read` (scales included).
+    :ivar why: why :attr:`read` is wider than :attr:`box`, when it is.
+    :ivar gathered: FSDP gathers the whole tensor before each forward, so its scale is kept
+        whole on every rank (a tensor-parallel shard keeps the scale of its own rows or blocks).
+    """
+
+    key: str
+    placements: str
+    box: tuple[tuple[int, int], ...]
+    read: tuple[tuple[int, int], ...]
+    nbytes_read: int
+    why: str = ""
+    gathered: bool = False
+
+
+class ParallelPlan(Frozen):
+    """One rank's share of a load over a device mesh (``load(..., device_mesh=, parallelize=)``).
+
+    :ivar style: ``"fsdp"``, ``"tp"``, ``"tp-plan"`` (a plan given as a dict) or ``"custom"``.
+    :ivar rank: this process's global rank; :attr:`world_size` the number of processes.
+    :ivar mesh: the mesh's shape and :attr:`mesh_dims` its dimension names.
+    :ivar backend: the process group's backend (``"gloo"``, ``"nccl"``, ``"fake"``).
+    :ivar shards: model key -> this rank's shard of every planned tensor.
+    :ivar groups: for FSDP, the modules ``fully_shard`` groups parameters by.
+    """
+
+    style: str
+    rank: int
+    world_size: int
+    mesh: tuple[int, ...]
+    mesh_dims: tuple[str, ...] = ()
+    backend: str = ""
+    shards: ReadOnly[dict[str, ShardPlan]] = Field(default_factory=dict)
+    groups: tuple[str, ...] = ()
+
+    def bytes_read(self) -> int:
+        return sum(s.nbytes_read for s in self.shards.values())
+
+    def sharded(self) -> int:
+        return sum(1 for s in self.shards.values() if "Shard" in s.placements)
+
+
 class Decision(Frozen):
     """A choice made during negotiation, with the reason. ``by`` names who made it."""
 
@@ -132,6 +183,7 @@ class Plan(Frozen):
         spread over several places; ``None`` when it sits on one device.
     :ivar offload_folder: where disk-offloaded tensors are written, if any.
     :ivar loras: the LoRAs applied, in order: the modules each updates and in which mode.
+    :ivar parallel: this rank's share when loading over a device mesh, else ``None``.
     """
 
     checkpoint: CheckpointInfo
@@ -150,6 +202,7 @@ class Plan(Frozen):
     device_map: ReadOnly[dict[str, str]] | None = None
     offload_folder: str | None = None
     loras: tuple[LoraPlan, ...] = ()
+    parallel: ParallelPlan | None = None
 
     # -- views --------------------------------------------------------------------------------
 
@@ -210,6 +263,7 @@ class Plan(Frozen):
             "device_map": None if self.device_map is None else thaw(self.device_map),
             "offload_folder": self.offload_folder,
             "loras": [lp.model_dump(mode="json") for lp in self.loras],
+            "parallel": None if self.parallel is None else self.parallel.model_dump(mode="json"),
         }
 
     def table(self, all_modules: bool = False) -> str:
@@ -265,6 +319,8 @@ class Plan(Frozen):
                 lines.append(f"  - {k} {how}")
             if len(converted) > 20:
                 lines.append(f"  ... and {len(converted) - 20} more (plan.key_conversions())")
+        if self.parallel is not None:
+            lines.extend(_parallel_lines(self))
         for lp in self.loras:
             lines.append("")
             lines.append(f"lora {lp.name}  {lp.path}  [{lp.format}]  strength {lp.strength:g}, mode {lp.mode}, "
@@ -284,6 +340,29 @@ class Plan(Frozen):
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _parallel_lines(plan: Plan) -> list[str]:
+    par = plan.parallel
+    total = sum(plan.checkpoint.tensors[t.source].nbytes if t.source in plan.checkpoint.tensors else t.nbytes
+                for t in plan.tensors.values())
+    read = par.bytes_read()
+    lines = ["", f"parallel    {par.style} on mesh {list(par.mesh)}"
+             + (f" {list(par.mesh_dims)}" if par.mesh_dims else "")
+             + f" ({par.backend or '?'}), rank {par.rank} of {par.world_size}: reads {fmt_bytes(read)} of "
+             f"{fmt_bytes(total)} ({read / total:.0%})" if total else ""]
+    if par.groups:
+        lines.append(f"  fully_shard groups: {len(par.groups)} ({', '.join(g or '(root)' for g in par.groups[:4])}"
+                     + (" ..." if len(par.groups) > 4 else "") + ")")
+    rows = []
+    for s in list(par.shards.values()):
+        box = "x".join(f"{a}:{b}" for a, b in s.box) or "scalar"
+        rows.append((s.key, s.placements, box, fmt_bytes(s.nbytes_read), s.why or "-"))
+    shown = rows[:24]
+    lines.extend("  " + r for r in _render(("tensor", "placement", "this rank's box", "reads", "wider read because"), shown))
+    if len(rows) > len(shown):
+        lines.append(f"  ... and {len(rows) - len(shown)} more (plan.parallel.shards)")
+    return lines
 
 
 def _storage_str(m: ModulePlan) -> str:

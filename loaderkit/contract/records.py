@@ -368,6 +368,11 @@ class ModelFacts(Frozen):
     :ivar low_precision_advice: non-empty when the library's model is sensitive to low-precision
         storage as a whole (a VAE): why. fp8 strategies keep such a model in its compute dtype
         unless asked otherwise, and say so in the plan.
+    :ivar tp_plan: the library's own tensor-parallel plan: ``tp_plan(degree)`` returns module
+        name patterns (``*`` matches one name component) -> a ``torch.distributed.tensor.parallel``
+        style, or ``None`` for modules left replicated; it raises a :class:`LoaderKitError` when
+        the model cannot be split ``degree`` ways (heads not divisible) or uses a style it cannot
+        express. ``load(..., parallelize="tp")`` applies it.
     :ivar source: who declared these facts.
     """
 
@@ -385,6 +390,7 @@ class ModelFacts(Frozen):
     low_precision_advice: str = ""
     key_mapping: Callable[[tuple[str, ...]], KeyMap] | None = None
     initialize: Callable[[torch.nn.Module, tuple[str, ...]], Any] | None = None
+    tp_plan: Callable[[int], dict[str, Any]] | None = None
     source: tuple[str, ...] = ()
 
     @field_validator("skip_low_precision", "ignore_unexpected", "ignore_missing")
@@ -418,6 +424,7 @@ class ModelFacts(Frozen):
             low_precision_advice=self.low_precision_advice or other.low_precision_advice,
             key_mapping=self.key_mapping or other.key_mapping,
             initialize=self.initialize or other.initialize,
+            tp_plan=self.tp_plan or other.tp_plan,
             source=cat(self.source, other.source),
         )
 

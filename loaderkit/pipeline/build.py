@@ -152,6 +152,7 @@ def collect_facts(model: nn.Module, manager: PluginManager) -> ModelFacts:
             finalize=tuple(functools.partial(manager.invoke, plugin, fn) for fn in f.finalize),
             key_mapping=None if f.key_mapping is None else functools.partial(_key_mapping, manager, plugin, f.key_mapping),
             initialize=None if f.initialize is None else functools.partial(manager.invoke, plugin, f.initialize),
+            tp_plan=None if f.tp_plan is None else functools.partial(manager.invoke, plugin, f.tp_plan),
         )
         facts = facts.merge(f)
     return facts

@@ -201,7 +201,20 @@ class Source:
         without mapping it (possibly in a buffer the next ``read`` reuses); others use ``get``."""
         return self._fetch(key, getattr(self.reader, "read", None) or self.reader.get)
 
-    def _fetch(self, key: str, fn) -> torch.Tensor:
+    def read_box(self, key: str, box: tuple[tuple[int, int], ...]) -> torch.Tensor:
+        """The part ``box`` of tensor ``key`` (a private copy), checked: what one rank of a
+        parallel load reads. Readers without ``read_box`` serve it from ``get``."""
+        fn = getattr(self.reader, "read_box", None)
+        if fn is None:
+            return self.get(key)[tuple(slice(a, b) for a, b in box)].clone()
+        return self._fetch(key, lambda k: fn(k, box), tuple(b - a for a, b in box))
+
+    def reads_box(self, key: str) -> bool:
+        """Whether :meth:`read_box` reads only the box's bytes of ``key``."""
+        fn = getattr(self.reader, "reads_box", None)
+        return bool(fn(key)) if callable(fn) else False
+
+    def _fetch(self, key: str, fn, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         ckpt = self.checkpoint
         info = ckpt.tensors[key]
         try:
@@ -225,10 +238,11 @@ class Source:
                 path=ckpt.path,
                 tensor=key,
             )
-        if tuple(raw.shape) != info.shape or raw.dtype != info.torch_dtype:
+        want = info.shape if shape is None else shape
+        if tuple(raw.shape) != want or raw.dtype != info.torch_dtype:
             raise CorruptCheckpointError(
                 f"{ckpt.path}: tensor {key!r} in {info.file} reads as {str(raw.dtype)} "
-                f"{list(raw.shape)} but its header says {info.dtype} {list(info.shape)}",
+                f"{list(raw.shape)} but its header says {info.dtype} {list(want)}",
                 path=ckpt.path,
                 tensor=key,
                 plugin=self.plugin,

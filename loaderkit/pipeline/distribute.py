@@ -1,0 +1,508 @@
+"""Loading over a device mesh: ``load(path, strategy, device_mesh=mesh, parallelize=...)``.
+
+Every rank negotiates the same plan from the headers, as a single process does. Then, still
+before any tensor data is read:
+
+1. the skeleton (on the meta device) gets the plan's storage dtypes — fp8 where the plan keeps
+   or makes fp8 — and its tied parameters become one parameter;
+2. the parallelization is applied on meta, by torch itself: FSDP2 ``fully_shard`` (one group
+   per block the model's library declares unsplittable, then the root), ``parallelize_module``
+   with the library's own tensor-parallel plan (:attr:`ModelFacts.tp_plan`) or the user's, or
+   the user's own ``callable(model, mesh)``;
+3. each parameter's placements give this rank's box of it
+   (``compute_local_shape_and_global_offset``), and the plan records, per tensor, the box and
+   the part of the checkpoint tensor read for it (:class:`~loaderkit.contract.plan.ShardPlan`);
+   impossible shardings (a tensor-parallel split that is uneven or cuts an fp8 block) are a
+   :class:`PlanError` on every rank, before anything is read.
+
+Loading then reads only those parts (the safetensors readers ``pread`` exactly the box),
+converts them as the plan says — casts element by element, fp8 kept with the scale of its own
+rows or blocks, fp8 made on load with per-row scales computed from whole rows, dequantization by
+the checkpoint's own scheme on the box — and fills DTensors with the same placements. The ranks
+then agree: a rank that failed makes every rank raise, naming it, and no rank is left waiting in
+a collective. Cast rules see FSDP's gathered parameters as plain tensors and tensor-parallel
+shards as DTensors, which they decode locally with the shard's own scale.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..contract.dtypes import is_fp8, to_torch
+from ..contract.plan import ParallelPlan, Plan, ShardPlan, TensorPlan
+from ..contract.records import ModelFacts
+from ..errors import LoaderKitError, PlanError, UsageError
+
+Box = tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """What ``device_mesh=`` and ``parallelize=`` asked for."""
+
+    mesh: Any
+    how: Any  # "fsdp", "tp", a dict of module pattern -> parallel style, or a callable(model, mesh)
+
+    @property
+    def style(self) -> str:
+        return self.how if isinstance(self.how, str) else "tp-plan" if isinstance(self.how, dict) else "custom"
+
+    @property
+    def device(self) -> str:
+        """This rank's device: the mesh's device type, at the current index for accelerators."""
+        kind = self.mesh.device_type
+        if kind == "cpu":
+            return "cpu"
+        return f"{kind}:{torch.get_device_module(kind).current_device()}"
+
+
+def request(device_mesh: Any, parallelize: Any) -> Parallel | None:
+    """Check ``device_mesh=`` / ``parallelize=``; ``None`` for a single-process load."""
+    if device_mesh is None:
+        if parallelize is not None:
+            raise UsageError("parallelize= needs device_mesh=: pass the torch.distributed DeviceMesh to load over")
+        return None
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if not isinstance(device_mesh, DeviceMesh):
+        raise UsageError(f"device_mesh= takes a torch.distributed DeviceMesh (init_device_mesh), not "
+                         f"{type(device_mesh).__name__}")
+    how = "fsdp" if parallelize is None else parallelize
+    if isinstance(how, str) and how not in ("fsdp", "tp"):
+        raise UsageError(f"unknown parallelize={how!r}; use 'fsdp', 'tp', a dict of module pattern -> torch "
+                         "parallel style, or a callable(model, mesh)")
+    if not isinstance(how, (str, dict)) and not callable(how):
+        raise UsageError(f"parallelize= takes 'fsdp', 'tp', a dict or a callable, not {type(how).__name__}")
+    if (how == "tp" or isinstance(how, dict)) and device_mesh.ndim != 1:
+        raise UsageError(f"tensor parallelism here takes a 1-D mesh (got {device_mesh.ndim}-D); for TP combined "
+                         "with FSDP pass parallelize=callable(model, mesh) that applies both")
+    return Parallel(device_mesh, how)
+
+
+# -- plan time ------------------------------------------------------------------------------------
+
+
+def plan_shards(model: torch.nn.Module, plan: Plan, facts: ModelFacts, par: Parallel, reader) -> Plan:
+    """Storage dtypes on meta, the parallelization on meta, and what this rank reads of each
+    tensor. ``reader`` is the checkpoint's opened reader (asked only whether it reads boxes)."""
+    import torch.distributed as dist
+
+    from . import stream
+
+    _check_plan(plan)
+    with torch.no_grad():
+        stream.assign(model, plan, stream.Loaded({tp.key: stream._meta_like(tp) for tp in plan.tensors.values()}))
+    groups = _parallelize(model, plan, facts, par)
+    _retie(model, plan)
+    managed = _fsdp_managed(model)
+    named = dict(model.named_modules(remove_duplicate=False))
+    shards = {tp.key: _shard(_tensor(named, tp.key), tp, plan, id(_tensor(named, tp.key)) in managed, reader)
+              for tp in plan.tensors.values()}
+    mesh = par.mesh
+    pp = ParallelPlan(
+        style=par.style, rank=dist.get_rank(), world_size=dist.get_world_size(), mesh=tuple(mesh.shape),
+        mesh_dims=tuple(mesh.mesh_dim_names or ()), backend=str(dist.get_backend()), shards=shards, groups=groups,
+    )
+    return plan.replace(parallel=pp)
+
+
+def _check_plan(plan: Plan) -> None:
+    if plan.device_map is not None and len(set(plan.device_map.values())) > 1 or plan.offload_folder:
+        raise UsageError("device_mesh= places every rank's shard on its own device: device_map policies, "
+                         "max_memory and offloading do not apply")
+    if plan.loras:
+        raise UsageError("LoRAs are not applied when loading over a device mesh yet: load without lora= and "
+                         "merge the LoRA into the checkpoint first")
+
+
+def _tensor(named: dict, key: str) -> torch.Tensor:
+    mod, _, local = key.rpartition(".")
+    m = named[mod]
+    return m._parameters[local] if local in m._parameters else m._buffers[local]
+
+
+def _parallelize(model: torch.nn.Module, plan: Plan, facts: ModelFacts, par: Parallel) -> tuple[str, ...]:
+    """Apply the parallelization to the meta skeleton; returns FSDP's groups (module names)."""
+    how = par.how
+    if how == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        named = dict(model.named_modules())
+        blocks = [n for n, m in named.items() if n and type(m).__name__ in set(facts.no_split)]
+        blocks = [n for n in blocks if not any(n.startswith(o + ".") for o in blocks if o != n)]
+        groups = (*blocks, "")
+        _check_gatherable(model, named, blocks, par)
+        for n in blocks:
+            fully_shard(named[n], mesh=par.mesh)
+        fully_shard(model, mesh=par.mesh)
+        return groups
+    if how == "tp" or isinstance(how, dict):
+        from torch.distributed.tensor.parallel import parallelize_module
+
+        if how == "tp":
+            if facts.tp_plan is None:
+                raise PlanError(f"{plan.checkpoint.path}: {plan.model_type}'s library declares no tensor-parallel plan; "
+                                "pass parallelize={module pattern: torch parallel style} or parallelize='fsdp'",
+                                path=plan.checkpoint.path)
+            styles = facts.tp_plan(par.mesh.size())
+        else:
+            styles = how
+        styles = {k: v for k, v in styles.items() if v is not None}
+        _check_patterns(model, styles)
+        parallelize_module(model, par.mesh, styles)
+        _check_even(model, plan)
+        return ()
+    out = how(model, par.mesh)
+    if out is not None and out is not model:
+        raise UsageError("parallelize=callable(model, mesh) must parallelize the model in place (return None or "
+                         "the model itself)")
+    return ()
+
+
+def _check_patterns(model: torch.nn.Module, styles: dict) -> None:
+    import fnmatch
+
+    names = [n for n, _ in model.named_modules() if n]
+    for pattern in styles:
+        parts = pattern.split(".")
+        if not any(len(n.split(".")) == len(parts) and all(fnmatch.fnmatchcase(a, b) for a, b in zip(n.split("."), parts))
+                   for n in names):
+            raise PlanError(f"the tensor-parallel plan names {pattern!r}, which matches no module of "
+                            f"{type(model).__name__}; check the pattern (e.g. 'model.layers.*.self_attn.q_proj')")
+
+
+def _check_gatherable(model: torch.nn.Module, named: dict, blocks: list[str], par: Parallel) -> None:
+    """gloo cannot all-gather fp8: an FSDP group whose parameters are all fp8 fails at the
+    first forward there (groups of several dtypes are gathered as bytes and work)."""
+    import torch.distributed as dist
+
+    if str(dist.get_backend(par.mesh.get_group(0) if par.mesh.ndim == 1 else None)) != "gloo":
+        return
+    for n in (*blocks, ""):
+        inner = [b + "." for b in blocks if b != n and (not n or b.startswith(n + "."))]
+        dtypes = {p.dtype for k, p in named[n].named_parameters() if not any((f"{n}.{k}" if n else k).startswith(i) for i in inner)}
+        if dtypes and all(is_fp8(str(d).removeprefix("torch.")) for d in dtypes):
+            raise PlanError(f"FSDP group {n or '(root)'!r} holds only fp8 parameters, which the gloo backend cannot "
+                            "all-gather; use NCCL, or a strategy that keeps a parameter of that group in "
+                            "another dtype")
+
+
+def _check_even(model: torch.nn.Module, plan: Plan) -> None:
+    """A tensor-parallel split must be even: the model's own reshapes (heads) assume it."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    for tp in plan.tensors.values():
+        t = _tensor(dict(model.named_modules(remove_duplicate=False)), tp.key)
+        if not isinstance(t, DTensor):
+            continue
+        for i, p in enumerate(t.placements):
+            if isinstance(p, Shard) and t.shape[p.dim] % t.device_mesh.size(i):
+                raise PlanError(f"{plan.checkpoint.path}: tensor parallelism splits {tp.key!r} along dimension "
+                                f"{p.dim} of size {t.shape[p.dim]} over {t.device_mesh.size(i)} ranks, which is not "
+                                "even; use a degree that divides it, or parallelize='fsdp'",
+                                path=plan.checkpoint.path, tensor=tp.key)
+
+
+def _retie(model: torch.nn.Module, plan: Plan) -> None:
+    """Tied keys share one parameter again (parallelize_module distributes each module's own)."""
+    named = dict(model.named_modules(remove_duplicate=False))
+    for tp in plan.tensors.values():
+        if not tp.also:
+            continue
+        first = _tensor(named, tp.key)
+        for k in tp.also:
+            mod, _, local = k.rpartition(".")
+            other = _tensor(named, k)
+            if other is first:
+                continue
+            if _placements(other) != _placements(first):
+                raise PlanError(f"{plan.checkpoint.path}: {tp.key!r} and {k!r} are tied, but the parallelization "
+                                f"places them differently ({_placements(first)} vs {_placements(other)}); place "
+                                "them alike", path=plan.checkpoint.path, tensor=k)
+            named[mod]._parameters[local] = first
+
+
+def _placements(t: torch.Tensor) -> str:
+    """``"Shard(0)"``, ``"Replicate()"``, ``"Shard(0), Replicate()"`` (one per mesh dimension)."""
+    placements = getattr(t, "placements", None)
+    if placements is None:
+        return "Replicate()"
+    return ", ".join(f"{type(p).__name__}({getattr(p, 'dim', '')})" for p in placements)
+
+
+def _fsdp_managed(model: torch.nn.Module) -> set[int]:
+    """ids of the parameters FSDP2 manages: gathered whole before each forward."""
+    from torch.distributed.fsdp import FSDPModule
+
+    out: set[int] = set()
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            group = m._get_fsdp_state()._fsdp_param_group
+            for fp in group.fsdp_params if group is not None else ():
+                out.add(id(fp.sharded_param))
+    return out
+
+
+def _box(t: torch.Tensor) -> Box:
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor):
+        return tuple((0, n) for n in t.shape)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return tuple((o, o + n) for o, n in zip(offset, shape))
+
+
+def _shard(t: torch.Tensor, tp: TensorPlan, plan: Plan, gathered: bool, reader) -> ShardPlan:
+    """This rank's box of ``tp`` and what is read for it."""
+    ckpt = plan.checkpoint
+    box = _box(t)
+    full = tuple((0, n) for n in tp.shape)
+    read, why = box, ""
+    if tp.sources:
+        read, why = full, f"built by the model's library from {len(tp.sources)} checkpoint tensors: read whole, then cut"
+        nbytes = sum(ckpt.tensors[k].nbytes for k in (*tp.sources, *tp.companions))
+        return ShardPlan(key=tp.key, placements=_placements(t), box=box, read=read, nbytes_read=nbytes, why=why,
+                         gathered=gathered)
+    gran = tp.granularity
+    if tp.conversion == "quantize" and box != full:
+        if gran == "tensor":
+            read, why = full, "a per-tensor scale made on load needs the whole tensor"
+        elif gran == "block":
+            read, why = _blocks(box, tp.shape, tp.block), "fp8 blocks made on load are whole blocks"
+        elif gran != "none" and box[-1] != full[-1]:
+            read, why = box[:-1] + (full[-1],), "per-row scales made on load need whole rows"
+    qw = ckpt.quantization.weights.get(tp.source) if ckpt.quantization is not None else None
+    block = qw.block if qw is not None and qw.granularity == "block" else None
+    if block is not None and box != full:
+        aligned = _blocks(box, tp.shape, block)
+        if tp.conversion == "dequantize":
+            read, why = aligned, "dequantized by whole fp8 blocks"
+        elif aligned != box and not gathered:
+            raise PlanError(f"{ckpt.path}: the shards of the block-fp8 weight {tp.source!r} {list(tp.shape)} "
+                            f"({_placements(t)}) cut its {list(block)} blocks, so they cannot be decoded with their "
+                            "own scales; use a degree whose shards fall on block boundaries, dequantize it "
+                            "(strategy 'bf16'), or parallelize='fsdp'", path=ckpt.path, tensor=tp.source)
+    info = ckpt.tensors[tp.source]
+    if reader.reads_box(tp.source):
+        nbytes = _numel(read) * info.torch_dtype.itemsize
+    else:
+        read, nbytes, why = full, info.nbytes, why or "the checkpoint's format reads whole tensors"
+    nbytes += sum(ckpt.tensors[k].nbytes for k in tp.companions)
+    return ShardPlan(key=tp.key, placements=_placements(t), box=box, read=read, nbytes_read=nbytes, why=why,
+                     gathered=gathered)
+
+
+def _blocks(box: Box, shape: tuple[int, ...], block) -> Box:
+    """``box`` widened to whole blocks over its last two dimensions."""
+    out = list(box)
+    for d, b in zip((len(shape) - 2, len(shape) - 1), block):
+        if d >= 0:
+            a, z = box[d]
+            out[d] = (a // b * b, min(shape[d], -(-z // b) * b))
+    return tuple(out)
+
+
+def _numel(box: Box) -> int:
+    return math.prod(b - a for a, b in box)
+
+
+# -- load time ------------------------------------------------------------------------------------
+
+
+def read_shards(prep, mgr) -> tuple[dict[str, torch.Tensor], dict[tuple[str, str], torch.Tensor], list]:
+    """Read and convert this rank's part of every planned tensor. Returns the local tensors, the
+    scales, and the scales still to gather from every rank (FSDP, fp8 made on load)."""
+    from . import stream
+
+    plan, ckpt = prep.plan, prep.plan.checkpoint
+    tensors: dict[str, torch.Tensor] = {}
+    scales: dict[tuple[str, str], torch.Tensor] = {}
+    gather: list[tuple[str, str, torch.Tensor, TensorPlan]] = []
+    reader = stream.open_source(ckpt, mgr)
+    try:
+        with torch.no_grad():
+            for tp in plan.tensors.values():
+                sp = plan.parallel.shards[tp.key]
+                local, scale = _read_part(tp, sp, plan, reader, mgr, prep.keymap)
+                mod = tp.key.rpartition(".")[0]
+                tensors[tp.key] = local
+                if scale is not None:
+                    if tp.conversion == "quantize" and sp.gathered and sp.box != _full(tp):
+                        gather.append((mod, tp.scale, scale, tp))
+                    else:
+                        scales[(mod, tp.scale)] = scale
+    finally:
+        reader.close()
+    return tensors, scales, gather
+
+
+def _full(tp: TensorPlan) -> Box:
+    return tuple((0, n) for n in tp.shape)
+
+
+def _cut(t: torch.Tensor, box: Box, within: Box) -> torch.Tensor:
+    """The part ``box`` of a tensor ``t`` that holds the part ``within`` of the whole."""
+    return t[tuple(slice(a - w, b - w) for (a, b), (w, _) in zip(box, within))]
+
+
+def _scale_part(scale: torch.Tensor, box: Box, shape: tuple[int, ...], block) -> torch.Tensor:
+    """The part of a weight's scale that decodes the part ``box`` of the weight: its rows (or
+    stacked rows) for per-row scales, its grid cells for block scales; a single scale whole."""
+    if scale.numel() == 1:
+        return scale
+    if block is not None:
+        lead = len(shape) - 2
+        idx = [slice(a, b) for a, b in box[:lead]]
+        idx += [slice(a // k, -(-b // k)) for (a, b), k in zip(box[lead:], block)]
+        return scale[tuple(idx[: scale.dim()])]
+    idx = []
+    for i in range(min(scale.dim(), len(shape) - 1)):
+        idx.append(slice(*box[i]) if scale.shape[i] == shape[i] else slice(None))
+    return scale[tuple(idx)]
+
+
+def _read_part(tp: TensorPlan, sp: ShardPlan, plan: Plan, reader, mgr, keymap):
+    """(this rank's part of ``tp`` converted as planned, its scale or ``None``)."""
+    from . import stream
+
+    ckpt = plan.checkpoint
+    gathered = sp.gathered
+    if tp.sources:  # built by the library from several tensors: whole, then cut
+        tensor, scale = stream._read_one(tp, plan, reader, mgr, keymap)
+        return _cut(tensor, sp.box, _full(tp)).clone(), _local_scale(scale, tp, sp, gathered)
+    qw = ckpt.quantization.weights.get(tp.source) if ckpt.quantization is not None else None
+    raw = reader.read_box(tp.source, sp.read)
+    if tp.conversion == "none":
+        scale = stream.kept_scale(ckpt, tp, reader, mgr) if tp.companions else None
+        if scale is not None:
+            stream._check_kept_range(raw, _scale_part(scale, sp.read, tp.shape, tp.block), tp, plan)
+        return raw, _local_scale(scale, tp, sp, gathered)
+    if tp.conversion == "dequantize":
+        entry = stream.scheme_entry(ckpt, mgr)
+        block = qw.block if qw.granularity == "block" else None
+        companions = {k: _scale_part(reader.get(k), sp.read, tp.shape, block) if k == qw.scale else reader.get(k)
+                      for k in tp.companions}
+        target = to_torch(tp.target_dtype)
+        try:
+            out = mgr.call(entry, entry.obj.dequantize, qw, raw, companions, target, returns=torch.Tensor)
+        except LoaderKitError as exc:
+            raise exc.with_context(path=ckpt.path, plugin=entry.plugin)
+        stream._check_finite(out, raw, tp, ckpt)
+        return _cut(out, sp.box, sp.read).contiguous(), None
+    part = tp.model_copy(update={"shape": tuple(b - a for a, b in sp.read)})
+    tensor, scale = stream.convert_tensor(part, raw, ckpt, reader, mgr)
+    if tp.conversion == "quantize" and scale is not None:
+        inner = tuple((a - r, b - r) for (a, b), (r, _) in zip(sp.box, sp.read))
+        scale = _scale_part(scale, inner, part.shape, tp.block)
+    return _cut(tensor, sp.box, sp.read).contiguous(), scale
+
+
+def _local_scale(scale, tp: TensorPlan, sp: ShardPlan, gathered: bool):
+    """The scale a rank keeps: whole where FSDP gathers the weight before the forward, else the
+    part of its own rows or blocks."""
+    if scale is None or gathered:
+        return scale
+    return _scale_part(scale, sp.box, tp.shape, tp.block).contiguous()
+
+
+def execute(prep, mgr) -> torch.nn.Module:
+    """Read this rank's shards, agree with every rank, then fill the parallelized skeleton, bind
+    its runtime and verify it."""
+    from . import bind, stream
+    from .verify import verify
+
+    plan, model = prep.plan, prep.model
+    device = torch.device(prep.placement.main_device)
+    error: BaseException | None = None
+    try:
+        tensors, scales, gather = read_shards(prep, mgr)
+    except Exception as exc:  # every rank must reach the agreement below, or the others wait forever
+        error, tensors, scales, gather = exc, {}, {}, []
+    _agree(error, plan)
+    with torch.no_grad():
+        for mod, name, local, tp in gather:
+            scales[(mod, name)] = _gather_rows(local, tp, plan.parallel.shards[tp.key], prep.model)
+        _fill(model, plan, tensors, scales, device)
+        if plan.initialized:
+            prep.facts.initialize(model, plan.initialized)
+        for fn in prep.facts.finalize:
+            fn(model)
+    stream.check_complete(model, plan)
+    bind.bind_runtime(model, plan, prep.request.cast_inputs)
+    model.eval()
+    report = verify(model, plan=plan)
+    if not report.ok:
+        raise PlanError(f"{plan.checkpoint.path}: the loaded shard of rank {plan.parallel.rank} failed its dtype "
+                        f"check, which is a bug in a plugin or in loaderkit; please report it: {report}")
+    bind.remember(model, plan)
+    mgr.hook.loaderkit_model_loaded(model=model, plan=plan)
+    return model
+
+
+def _agree(error: BaseException | None, plan: Plan) -> None:
+    """Every rank learns whether every rank read its shards; any failure raises on all of them."""
+    import torch.distributed as dist
+
+    mine = None if error is None else f"{type(error).__name__}: {error}"
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    failed = [(r, m) for r, m in enumerate(every) if m is not None]
+    if error is not None:
+        raise error
+    if failed:
+        r, m = failed[0]
+        raise LoaderKitError(f"{plan.checkpoint.path}: rank {r} could not load its shards ({m}); no rank keeps a "
+                             "half-loaded model", path=plan.checkpoint.path)
+
+
+def _gather_rows(local: torch.Tensor, tp: TensorPlan, sp: ShardPlan, model) -> torch.Tensor:
+    """The whole per-row scale of an fp8 weight made on load under FSDP, from every rank's rows."""
+    from torch.distributed.tensor import DTensor
+
+    weight = _tensor(dict(model.named_modules(remove_duplicate=False)), tp.key)
+    rows = tuple(local.shape)
+    whole = (tp.shape[0],) + rows[1:]
+    stride = tuple(math.prod(whole[i + 1:]) for i in range(len(whole)))
+    dt = DTensor.from_local(local.contiguous(), weight.device_mesh, weight.placements, shape=whole, stride=stride,
+                            run_check=False)
+    return dt.full_tensor()
+
+
+def _fill(model: torch.nn.Module, plan: Plan, tensors: dict, scales: dict, device: torch.device) -> None:
+    """Put each local part into the skeleton as a DTensor with the placements the
+    parallelization gave it (tied keys share it), then the scales; everything else the
+    skeleton holds (computed buffers) moves to this rank's device."""
+    from torch.distributed.tensor import DTensor
+
+    named = dict(model.named_modules(remove_duplicate=False))
+    for key, local in tensors.items():
+        tp = plan.tensors[key]
+        meta = _tensor(named, key)
+        local = local.to(device)
+        if isinstance(meta, DTensor):
+            local = DTensor.from_local(local, meta.device_mesh, meta.placements, shape=meta.shape,
+                                       stride=meta.stride(), run_check=False)
+        value = None
+        for k in (key, *tp.also):
+            mod, _, name = k.rpartition(".")
+            m = named[mod]
+            if name in m._parameters:
+                if value is None:
+                    value = torch.nn.Parameter(local, requires_grad=meta.requires_grad)
+                m._parameters[name] = value
+            else:
+                m._buffers[name] = local
+    for (mod, name), scale in scales.items():
+        m = named[mod]
+        m._buffers.pop(name, None)
+        m.register_buffer(name, scale.to(device), persistent=True)
+    for m in named.values():
+        for name, b in list(m._buffers.items()):
+            if b is not None and b.device.type != "meta" and b.device != device:
+                m._buffers[name] = b.to(device)

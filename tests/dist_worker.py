@@ -1,0 +1,168 @@
+"""Ranks for the distributed tests: ``python tests/dist_worker.py SPEC.json`` spawns
+``spec["world"]`` processes on a gloo mesh; each runs every case of the spec with
+``loaderkit.load(..., device_mesh=mesh, parallelize=...)`` and compares what it got with a
+single-process ``loaderkit.load`` of the same checkpoint, made in the same rank:
+
+* every parameter and buffer the parallel load made whole (``full_tensor()``; fp8 gathered as
+  bytes, since gloo has no fp8) must equal the single-process tensor bitwise;
+* a tensor-parallel scale must equal the single-process scale's part for the rank's rows
+  (or blocks), and every tensor-parallel fp8 shard, decoded with it, must equal the part of the
+  single-process decoded weight;
+* the bytes ``pread`` while reading shards are counted.
+
+Each rank writes ``OUT/<case>.<rank>.json``; the test reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor):
+        return t.detach()
+    if t.dtype.itemsize == 1 and t.dtype.is_floating_point:  # gloo cannot gather fp8: gather the bytes
+        local = t.to_local().view(torch.uint8)
+        d = DTensor.from_local(local, t.device_mesh, t.placements, shape=t.shape, stride=t.stride(), run_check=False)
+        return d.full_tensor().view(t.dtype)
+    return t.full_tensor()
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype.itemsize == 1 and a.dtype.is_floating_point:
+        a, b = a.view(torch.uint8), b.view(torch.uint8)
+    return torch.equal(a, b)
+
+
+def _compare(model, ref, plan) -> list[str]:
+    from loaderkit.kernels.quant import decode_stored
+    from loaderkit.pipeline.distribute import _scale_part
+
+    bad = []
+    mine = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    theirs = dict(ref.named_parameters(remove_duplicate=False)) | dict(ref.named_buffers(remove_duplicate=False))
+    local_scales = _tp_scales(plan)
+    for k, want in theirs.items():
+        got = mine.get(k)
+        if got is None:
+            bad.append(f"{k}: missing")
+        elif k not in local_scales:
+            whole = _whole(got)
+            if not _same(whole, want.detach()):
+                bad.append(f"{k}: differs ({whole.dtype} {list(whole.shape)} vs {want.dtype} {list(want.shape)})")
+        else:  # a tensor-parallel shard's scale: the part of the single-process scale for its rows
+            wkey, wtp = local_scales[k]
+            sp = plan.parallel.shards[wkey]
+            if not _same(got.detach(), _scale_part(want.detach(), sp.box, wtp.shape, wtp.block).contiguous()):
+                bad.append(f"{k}: not the rank's part of the scale")
+            decoded = decode_stored(mine[wkey].to_local(), torch.float32, got, wtp.granularity, wtp.block)
+            whole_dec = decode_stored(theirs[wkey].detach(), torch.float32, want, wtp.granularity, wtp.block)
+            if not torch.equal(decoded, whole_dec[tuple(slice(a, b) for a, b in sp.box)]):
+                bad.append(f"{wkey}: the shard decoded with its scale differs from the single-process weight")
+    return bad
+
+
+def _tp_scales(plan) -> dict[str, tuple[str, object]]:
+    out = {}
+    for tp in plan.tensors.values():
+        sp = plan.parallel.shards[tp.key]
+        if tp.scale and not sp.gathered:
+            mod = tp.key.rpartition(".")[0]
+            out[f"{mod}.{tp.scale}" if mod else tp.scale] = (tp.key, tp)
+    return out
+
+
+def run_case(case: dict, out: Path, rank: int, mesh) -> None:
+    import loaderkit
+    from loaderkit.errors import CorruptCheckpointError
+    from loaderkit.pipeline import distribute
+
+    result: dict = {"rank": rank}
+    counted = [0]
+    real_preadv, real_read = os.preadv, distribute.read_shards
+
+    def counting(*a, **k):
+        def preadv(fd, bufs, offset, *rest):
+            n = real_preadv(fd, bufs, offset, *rest)
+            counted[0] += n
+            return n
+
+        os.preadv = preadv
+        try:
+            if case.get("fail_rank") == rank:
+                raise CorruptCheckpointError(f"injected read failure on rank {rank}")
+            return real_read(*a, **k)
+        finally:
+            os.preadv = real_preadv
+
+    distribute.read_shards = counting
+    try:
+        model = loaderkit.load(case["path"], case["strategy"], device_mesh=mesh, parallelize=case["parallelize"])
+    except loaderkit.LoaderKitError as exc:
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        model = None
+    finally:
+        distribute.read_shards = real_read
+    if model is not None:
+        result["params"] = {n: type(p).__name__ for n, p in model.named_parameters()}  # before a forward
+        plan = loaderkit.plan_of(model)
+        ref = loaderkit.load(case["path"], case["strategy"])
+        ids = torch.tensor(case["ids"])
+        with torch.no_grad():
+            got, want = model(ids).logits, ref(ids).logits
+            again = model(ids).logits
+        result.update(
+            mismatches=_compare(model, ref, plan),
+            verify=loaderkit.verify(model).ok,
+            logits_max_diff=float((got.float() - want.float()).abs().max()),
+            logits_scale=float(want.float().abs().max()),
+            logits_repeat=bool(torch.equal(got, again)),
+            read=counted[0],
+            planned=sum(_data_bytes(plan, sp) for sp in plan.parallel.shards.values()),
+            whole=sum(plan.checkpoint.tensors[t.source].nbytes for t in plan.tensors.values()),
+            replicated=sum(plan.checkpoint.tensors[t.source].nbytes for t in plan.tensors.values()
+                           if "Shard" not in plan.parallel.shards[t.key].placements),
+            tied=model.get_output_embeddings().weight is model.get_input_embeddings().weight,
+            plan=str(plan) if rank == 0 else "",
+        )
+    (out / f"{case['name']}.{rank}.json").write_text(json.dumps(result))
+
+
+def _data_bytes(plan, sp) -> int:
+    tp = plan.tensors[sp.key]
+    return sp.nbytes_read - sum(plan.checkpoint.tensors[k].nbytes for k in tp.companions)
+
+
+def rank_main(rank: int, spec: dict) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(spec["port"]))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=spec["world"])
+    try:
+        mesh = init_device_mesh("cpu", (spec["world"],))
+        for case in spec["cases"]:
+            try:
+                run_case(case, Path(spec["out"]), rank, mesh)
+            except Exception:
+                (Path(spec["out"]) / f"{case['name']}.{rank}.json").write_text(
+                    json.dumps({"rank": rank, "crash": traceback.format_exc()}))
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    torch.multiprocessing.spawn(rank_main, args=(spec,), nprocs=spec["world"], join=True)
