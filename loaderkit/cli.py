@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pipeline directories: a memory budget, e.g. cuda:0=8GiB (repeatable)")
     s.add_argument("--offload", choices=("auto", "none", "model"), default="auto",
                    help="pipeline directories: model offload (default: auto, by the budget)")
+    s.add_argument("--world-size", type=int, metavar="N",
+                   help="plan one rank of a load over N ranks (a simulated process group; nothing is started)")
+    s.add_argument("--rank", type=int, metavar="R", help="the rank to plan, with --world-size (default: 0)")
+    s.add_argument("--parallelize", choices=("fsdp", "tp"), help="with --world-size: FSDP2 (default) or the "
+                   "model library's tensor-parallel plan")
     s.add_argument("--json", action="store_true", help="print JSON")
 
     s = sub.add_parser("plugins", help="list plugins: version, source and what each provides")
@@ -213,8 +218,17 @@ def cmd_plan(args) -> int:
     if args.component or args.max_memory:
         raise UsageError("--component and --max-memory apply to pipeline directories (model_index.json) only")
     model = _import_model(args.model) if args.model else None
-    p = plan(args.path, strat, model=model, device_map=args.device, format=args.format,
-             strict=not args.non_strict, layout=args.layout)
+    if args.world_size is None:
+        if args.rank is not None or args.parallelize is not None:
+            raise UsageError("--rank and --parallelize plan one rank of a parallel load: give --world-size too")
+        p = plan(args.path, strat, model=model, device_map=args.device, format=args.format,
+                 strict=not args.non_strict, layout=args.layout)
+    else:
+        from .pipeline.distribute import simulated_mesh
+
+        with simulated_mesh(args.world_size, args.rank or 0) as mesh:
+            p = plan(args.path, strat, model=model, format=args.format, strict=not args.non_strict,
+                     device_mesh=mesh, parallelize=args.parallelize or "fsdp")
     if args.json:
         print(json.dumps(p.to_dict(), indent=2, default=str))
     else:

@@ -26,6 +26,7 @@ shards as DTensors, which they decode locally with the shard's own scale.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -81,6 +82,26 @@ def request(device_mesh: Any, parallelize: Any) -> Parallel | None:
         raise UsageError(f"tensor parallelism here takes a 1-D mesh (got {device_mesh.ndim}-D); for TP combined "
                          "with FSDP pass parallelize=callable(model, mesh) that applies both")
     return Parallel(device_mesh, how)
+
+
+@contextlib.contextmanager
+def simulated_mesh(world_size: int, rank: int):
+    """A 1-D CPU mesh over torch's fake process group, in this one process: any rank's plan can
+    be made without starting the others (``loaderkit plan --world-size N --rank R``). Planning
+    runs no collective, so the plan is the one that rank would make."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if not 0 <= rank < world_size:
+        raise UsageError(f"--rank {rank} is not a rank of a world of {world_size}")
+    if dist.is_initialized():
+        raise UsageError("a process group is already initialized in this process: plan with its own mesh")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        yield init_device_mesh("cpu", (world_size,))
+    finally:
+        dist.destroy_process_group()
 
 
 # -- plan time ------------------------------------------------------------------------------------
