@@ -1,5 +1,5 @@
 """Ranks for the distributed tests: ``python tests/dist_worker.py SPEC.json`` spawns
-``spec["world"]`` processes on a gloo mesh; each runs every case of the spec with
+``spec["world"]`` processes on a gloo mesh (CPU) or, with ``"backend": "nccl"``, one per GPU; each runs every case of the spec with
 ``loaderkit.load(..., device_mesh=mesh, parallelize=...)`` and compares what it got with a
 single-process ``loaderkit.load`` of the same checkpoint, made in the same rank:
 
@@ -117,8 +117,8 @@ def run_case(case: dict, out: Path, rank: int, mesh) -> None:
     if model is not None:
         result["params"] = {n: type(p).__name__ for n, p in model.named_parameters()}  # before a forward
         plan = loaderkit.plan_of(model)
-        ref = loaderkit.load(case["path"], case["strategy"])
-        ids = torch.tensor(case["ids"])
+        ref = loaderkit.load(case["path"], case["strategy"], device_map=plan.device.device)
+        ids = torch.tensor(case["ids"], device=plan.device.device)
         with torch.no_grad():
             got, want = model(ids).logits, ref(ids).logits
             again = model(ids).logits
@@ -130,8 +130,8 @@ def run_case(case: dict, out: Path, rank: int, mesh) -> None:
             logits_repeat=bool(torch.equal(got, again)),
             read=counted[0],
             planned=sum(_data_bytes(plan, sp) for sp in plan.parallel.shards.values()),
-            whole=sum(plan.checkpoint.tensors[t.source].nbytes for t in plan.tensors.values()),
-            replicated=sum(plan.checkpoint.tensors[t.source].nbytes for t in plan.tensors.values()
+            whole=sum(_stored(plan, t) for t in plan.tensors.values()),
+            replicated=sum(_stored(plan, t) for t in plan.tensors.values()
                            if "Shard" not in plan.parallel.shards[t.key].placements),
             tied=model.get_output_embeddings().weight is model.get_input_embeddings().weight,
             plan=str(plan) if rank == 0 else "",
@@ -139,8 +139,15 @@ def run_case(case: dict, out: Path, rank: int, mesh) -> None:
     (out / f"{case['name']}.{rank}.json").write_text(json.dumps(result))
 
 
+def _stored(plan, tp) -> int:
+    """Bytes of the checkpoint tensors ``tp`` is made from (several, when the library fuses them)."""
+    return sum(plan.checkpoint.tensors[k].nbytes for k in (tp.sources or (tp.source,)))
+
+
 def _data_bytes(plan, sp) -> int:
     tp = plan.tensors[sp.key]
+    if tp.sources:
+        return 0  # fused by the library from tensors it reads whole, through the memory map
     return sp.nbytes_read - sum(plan.checkpoint.tensors[k].nbytes for k in tp.companions)
 
 
@@ -149,9 +156,12 @@ def rank_main(rank: int, spec: dict) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(spec["port"]))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=spec["world"])
+    backend = spec.get("backend", "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=spec["world"])
     try:
-        mesh = init_device_mesh("cpu", (spec["world"],))
+        mesh = init_device_mesh("cuda" if backend == "nccl" else "cpu", (spec["world"],))
         for case in spec["cases"]:
             try:
                 run_case(case, Path(spec["out"]), rank, mesh)

@@ -354,7 +354,8 @@ def read_shards(prep, mgr) -> tuple[dict[str, torch.Tensor], dict[tuple[str, str
                 mod = tp.key.rpartition(".")[0]
                 tensors[tp.key] = local
                 if scale is not None:
-                    if tp.conversion == "quantize" and sp.gathered and sp.box != _full(tp):
+                    if tp.conversion == "quantize" and sp.gathered and sp.box != _full(tp) and not tp.sources:
+                        # only this rank's rows were quantized: their scales are gathered after
                         gather.append((mod, tp.scale, scale, tp))
                     else:
                         scales[(mod, tp.scale)] = scale
