@@ -70,6 +70,16 @@ def _tensors() -> list[tuple[str, str, list[int]]]:
     return out + [("model.norm.weight", "BF16", [H]), ("lm_head.weight", "BF16", [V, H])]
 
 
+def write_sparse(path: Path, header: dict, data_bytes: int) -> None:
+    """A safetensors file with a real header and ``data_bytes`` of data that are a hole."""
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        fh.truncate(8 + len(raw) + data_bytes)
+
+
 def ensure_index() -> Path:
     out = common.BENCH_DIR / "ds3-headers"
     if (out / "model.safetensors.index.json").is_file():
@@ -88,12 +98,7 @@ def ensure_index() -> Path:
             header[key] = {"dtype": dt, "shape": shape, "data_offsets": [offset, offset + n]}
             offset += n
             weight_map[key] = name
-        raw = json.dumps(header).encode()
-        raw += b" " * (-len(raw) % 8)
-        with open(out / name, "wb") as fh:
-            fh.write(struct.pack("<Q", len(raw)))
-            fh.write(raw)
-            fh.truncate(8 + len(raw) + offset)  # the data: a hole
+        write_sparse(out / name, header, offset)
     (out / "config.json").write_text(json.dumps(CONFIG))
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return out

@@ -205,3 +205,138 @@ def test_four_ranks_with_uneven_shards(four):
     assert sum(reads) == four["uneven-fsdp-bf16"][0]["whole"] and len(set(reads)) > 1  # uneven, all read once
     errors = {r["error"] for r in four["uneven-tp-bf16"]}
     assert len(errors) == 1 and "is not even" in errors.pop()
+
+
+# -- in one process: the pieces, and every rank's plan with torch's fake process group --------------
+
+
+@pytest.mark.parametrize("shape, box", [
+    ((6, 4), ((0, 6), (0, 4))), ((6, 4), ((2, 5), (0, 4))), ((6, 4), ((0, 6), (1, 3))),
+    ((3, 4, 5), ((1, 3), (0, 4), (2, 5))), ((3, 4, 5), ((0, 3), (1, 2), (0, 5))), ((7,), ((3, 7),)), ((), ()),
+])
+def test_box_runs_read_exactly_the_box(shape, box):
+    from plugins.safetensors_format import box_runs
+
+    whole = torch.arange(max(1, torch.Size(shape).numel()), dtype=torch.int16).reshape(shape)
+    flat = whole.reshape(-1).view(torch.uint8)
+    part = torch.empty(0, dtype=torch.uint8)
+    for offset, length, at in box_runs(shape, box, 2):
+        assert at == part.numel()
+        part = torch.cat([part, flat[offset:offset + length]])
+    want = whole[tuple(slice(a, b) for a, b in box)].contiguous()
+    assert torch.equal(part.view(torch.int16).reshape(want.shape), want)
+
+
+def test_the_safetensors_reader_preads_only_the_box(tmp_path, monkeypatch):
+    import os
+
+    from safetensors.torch import save_file
+
+    import loaderkit
+    from loaderkit.pipeline.stream import open_source
+    from loaderkit.pipeline.discover import get_manager
+
+    w = torch.randn(64, 48).to(torch.bfloat16)
+    save_file({"w": w, "v": torch.randn(5)}, tmp_path / "m.safetensors")
+    info = loaderkit.inspect(tmp_path / "m.safetensors")
+    reader = open_source(info, get_manager())
+    counted = []
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: counted.append(real(fd, bufs, off)) or counted[-1])
+    try:
+        assert reader.reads_box("w")
+        assert torch.equal(reader.read_box("w", ((8, 24), (0, 48))), w[8:24])
+        assert counted == [16 * 48 * 2]  # one run: whole rows
+        counted.clear()
+        assert torch.equal(reader.read_box("w", ((0, 64), (16, 32))), w[:, 16:32])
+        assert len(counted) == 64 and sum(counted) == 64 * 16 * 2  # one run per row, nothing else
+    finally:
+        reader.close()
+
+
+def _plan_rank(path, world, rank, how, strategy="bf16"):
+    import loaderkit
+    from loaderkit.pipeline.distribute import simulated_mesh
+
+    with simulated_mesh(world, rank) as mesh:
+        return loaderkit.plan(path, strategy, device_mesh=mesh, parallelize=how)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("how", ["fsdp", "tp"])
+def test_the_ranks_boxes_cover_every_tensor_once(tmp_path, world, how):
+    """Every element of every tensor is held by exactly one rank (or by all, replicated)."""
+    path = _llama(tmp_path / "m", vocab_size=60, intermediate_size=60, num_attention_heads=6, num_key_value_heads=6,
+                  hidden_size=36)
+    if how == "tp" and world == 4:
+        from loaderkit.errors import PlanError
+
+        with pytest.raises(PlanError, match="num_attention_heads=6 is not divisible by the tensor-parallel degree 4"):
+            _plan_rank(path, world, 0, how)
+        return
+    plans = [_plan_rank(path, world, r, how) for r in range(world)]
+    for key, tp in plans[0].tensors.items():
+        count = torch.zeros(tp.shape, dtype=torch.int32)
+        for p in plans:
+            sp = p.parallel.shards[key]
+            count[tuple(slice(a, b) for a, b in sp.box)] += 1
+        replicated = plans[0].parallel.shards[key].placements == "Replicate()"
+        assert bool((count == (world if replicated else 1)).all()), key
+    assert {p.parallel.rank for p in plans} == set(range(world))
+
+
+def test_parallelize_needs_a_mesh_and_a_known_style(tmp_path):
+    import loaderkit
+    from loaderkit.errors import UsageError
+
+    path = _llama(tmp_path / "m")
+    with pytest.raises(UsageError, match="parallelize= needs device_mesh="):
+        loaderkit.plan(path, parallelize="fsdp")
+    with pytest.raises(UsageError, match="takes a torch.distributed DeviceMesh"):
+        loaderkit.plan(path, device_mesh="cpu")
+    from loaderkit.pipeline.distribute import simulated_mesh
+
+    with simulated_mesh(2, 0) as mesh:
+        with pytest.raises(UsageError, match="unknown parallelize='zero3'"):
+            loaderkit.plan(path, device_mesh=mesh, parallelize="zero3")
+        with pytest.raises(UsageError, match="leave device_map, max_memory and offload_folder unset"):
+            loaderkit.plan(path, device_mesh=mesh, device_map="auto")
+        with pytest.raises(PlanError := __import__("loaderkit").errors.PlanError, match="matches no module"):
+            loaderkit.plan(path, device_mesh=mesh, parallelize={"model.nothing.*": None, "model.layers.*.mlp.nope": _colwise()})
+
+
+def _colwise():
+    from torch.distributed.tensor.parallel import ColwiseParallel
+
+    return ColwiseParallel()
+
+
+def test_a_custom_parallelization_is_read_as_placed(tmp_path):
+    """A callable parallelizes the skeleton itself; loaderkit reads the placements it gave."""
+    from torch.distributed.fsdp import fully_shard
+
+    path = _llama(tmp_path / "m")
+    seen = []
+
+    def shard_mlps_only(model, mesh):
+        seen.append(type(model).__name__)
+        for layer in model.model.layers:
+            fully_shard(layer.mlp, mesh=mesh)
+
+    plan = _plan_rank(path, 2, 1, shard_mlps_only)
+    assert seen == ["LlamaForCausalLM"] and plan.parallel.style == "custom"
+    sp = plan.parallel.shards
+    assert sp["model.layers.0.mlp.up_proj.weight"].box == ((32, 64), (0, 32))
+    assert sp["model.layers.0.self_attn.q_proj.weight"].placements == "Replicate()"
+    assert sp["model.layers.0.mlp.up_proj.weight"].gathered
+
+
+def test_plan_cli_shows_any_rank(tmp_path):
+    from conftest import run_python
+
+    path = _llama(tmp_path / "m")
+    out = run_python(f"import sys; from loaderkit.cli import main; sys.exit(main(['plan', {path!r}, '-s', 'fp8', "
+                     "'--world-size', '2', '--rank', '1', '--parallelize', 'tp']))")
+    assert out.returncode == 0, out.stderr
+    assert "parallel    tp on mesh [2] (fake), rank 1 of 2" in out.stdout
+    assert "model.layers.0.self_attn.q_proj.weight" in out.stdout

@@ -121,7 +121,7 @@ def plan_shards(model: torch.nn.Module, plan: Plan, facts: ModelFacts, par: Para
     _retie(model, plan)
     managed = _fsdp_managed(model)
     named = dict(model.named_modules(remove_duplicate=False))
-    shards = {tp.key: _shard(_tensor(named, tp.key), tp, plan, id(_tensor(named, tp.key)) in managed, reader)
+    shards = {tp.key: _shard(_tensor(named, tp.key), tp, plan, id(_tensor(named, tp.key)) in managed, reader, par.mesh)
               for tp in plan.tensors.values()}
     mesh = par.mesh
     pp = ParallelPlan(
@@ -268,21 +268,25 @@ def _fsdp_managed(model: torch.nn.Module) -> set[int]:
     return out
 
 
-def _box(t: torch.Tensor) -> Box:
+def _box(t: torch.Tensor, mesh) -> Box:
+    """This rank's box of ``t``, from its placements on ``mesh`` (the requested mesh when the
+    tensor's equals it: torch may hand an equal mesh object made for another simulated rank of
+    this process, and only the requested one knows this rank's coordinate)."""
     from torch.distributed.tensor import DTensor
 
     if not isinstance(t, DTensor):
         return tuple((0, n) for n in t.shape)
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    own = mesh if t.device_mesh == mesh else t.device_mesh
+    shape, offset = compute_local_shape_and_global_offset(t.shape, own, t.placements)
     return tuple((o, o + n) for o, n in zip(offset, shape))
 
 
-def _shard(t: torch.Tensor, tp: TensorPlan, plan: Plan, gathered: bool, reader) -> ShardPlan:
+def _shard(t: torch.Tensor, tp: TensorPlan, plan: Plan, gathered: bool, reader, mesh) -> ShardPlan:
     """This rank's box of ``tp`` and what is read for it."""
     ckpt = plan.checkpoint
-    box = _box(t)
+    box = _box(t, mesh)
     full = tuple((0, n) for n in tp.shape)
     read, why = box, ""
     if tp.sources:
@@ -403,7 +407,7 @@ def _read_part(tp: TensorPlan, sp: ShardPlan, plan: Plan, reader, mgr, keymap):
     if tp.conversion == "none":
         scale = stream.kept_scale(ckpt, tp, reader, mgr) if tp.companions else None
         if scale is not None:
-            stream._check_kept_range(raw, _scale_part(scale, sp.read, tp.shape, tp.block), tp, plan)
+            _check_range(raw, scale, tp, sp, plan, reader)
         return raw, _local_scale(scale, tp, sp, gathered)
     if tp.conversion == "dequantize":
         entry = stream.scheme_entry(ckpt, mgr)
@@ -423,6 +427,26 @@ def _read_part(tp: TensorPlan, sp: ShardPlan, plan: Plan, reader, mgr, keymap):
         inner = tuple((a - r, b - r) for (a, b), (r, _) in zip(sp.box, sp.read))
         scale = _scale_part(scale, inner, part.shape, tp.block)
     return _cut(tensor, sp.box, sp.read).contiguous(), scale
+
+
+def _check_range(raw: torch.Tensor, scale: torch.Tensor, tp: TensorPlan, sp: ShardPlan, plan: Plan, reader) -> None:
+    """The single-process check that a kept fp8 weight's scale cannot overflow its compute
+    dtype, on this rank's part. The check decodes (rarely: only when the scale's bound fails),
+    and decoding needs whole blocks: an FSDP shard that cuts blocks is then re-read whole-block."""
+    from . import stream
+    from ..kernels.quant import fp8_max
+
+    block = tp.block if tp.granularity == "block" else None
+    box = sp.read if block is None else _blocks(sp.read, tp.shape, block)
+    if box != sp.read:
+        mp = plan.modules.get(tp.key.rpartition(".")[0])
+        dtype = to_torch(mp.compute_dtype) if mp is not None else torch.float32
+        if not dtype.is_floating_point or dtype.itemsize < 2:
+            return
+        if fp8_max(raw.dtype) * float(scale.abs().amax()) <= torch.finfo(dtype).max:
+            return  # the bound clears it without decoding
+        raw = reader.read_box(tp.source, box)
+    stream._check_kept_range(raw, _scale_part(scale, box, tp.shape, block), tp, plan)
 
 
 def _local_scale(scale, tp: TensorPlan, sp: ShardPlan, gathered: bool):
