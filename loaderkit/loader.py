@@ -102,7 +102,7 @@ def prepare(request: LoadRequest, mgr: PluginManager) -> Prepared:
     if request.parallel is not None:
         reader = stream.open_source(checkpoint, mgr)
         try:
-            plan_ = distribute.plan_shards(skeleton, plan_, facts, request.parallel, reader)
+            plan_ = distribute.plan_shards(skeleton, plan_, facts, request.parallel, reader, keymap)
         finally:
             reader.close()
     mgr.hook.loaderkit_plan_ready(plan=plan_)

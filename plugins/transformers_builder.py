@@ -406,8 +406,11 @@ def key_map(model: torch.nn.Module, keys: tuple[str, ...]) -> KeyMap:
                              "conversions are not supported yet")
         groups.setdefault(target, (converter, []))[1].append((key, pattern))
 
-    def run(target: str, fetch) -> dict[str, torch.Tensor]:
+    def run(target: str, fetch, rows: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
         converter, sources = groups[target]
+        if rows is not None:
+            keep = {k for per in _per_row(converter, sources)[rows[0]:rows[1]] for k in per}
+            sources = [(k, p) for k, p in sources if k in keep]
         fresh = deepcopy(converter)
         for key, pattern in sources:
             fresh.add_tensor(target, key, pattern, functools.partial(fetch, key))
@@ -415,10 +418,32 @@ def key_map(model: torch.nn.Module, keys: tuple[str, ...]) -> KeyMap:
             return fresh.convert(target, model=model, config=model.config)
 
     fused = {
-        t: FusedTensor(key=t, sources=tuple(k for k, _ in srcs), transform=", ".join(map(repr, conv.operations)))
+        t: FusedTensor(key=t, sources=tuple(k for k, _ in srcs), transform=", ".join(map(repr, conv.operations)),
+                       per_row=_per_row(conv, srcs))
         for t, (conv, srcs) in groups.items()
     }
     return KeyMap(renamed=renamed, fused=fused, run=run)
+
+
+def _per_row(converter: Any, sources: list[tuple[str, str]]) -> tuple[tuple[str, ...], ...]:
+    """The sources of each index of dimension 0, when the converter's operations are transformers'
+    ``MergeModulelist(dim=0)`` (a stack of each pattern's tensors, in the order read) and then only
+    ``Concatenate`` along a later dimension: index ``e`` is then made of every pattern's
+    ``e``-th tensor alone. Empty for any other conversion."""
+    from transformers.core_model_loading import Concatenate, MergeModulelist
+
+    ops = list(converter.operations)
+    if not ops or type(ops[0]) is not MergeModulelist or ops[0].dim != 0:
+        return ()
+    if any(type(op) is not Concatenate or op.dim < 1 for op in ops[1:]):
+        return ()
+    by_pattern: dict[str, list[str]] = {}
+    for key, pattern in sources:
+        by_pattern.setdefault(pattern, []).append(key)
+    counts = {len(v) for v in by_pattern.values()}
+    if len(counts) != 1:
+        return ()
+    return tuple(zip(*(by_pattern[p] for p in converter.source_patterns if p in by_pattern)))
 
 
 def _dtype_source(model: torch.nn.Module) -> tuple[str, ...]:

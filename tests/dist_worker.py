@@ -146,7 +146,7 @@ def _stored(plan, tp) -> int:
 
 def _data_bytes(plan, sp) -> int:
     tp = plan.tensors[sp.key]
-    if tp.sources:
+    if tp.sources and sp.read == tuple((0, n) for n in tp.shape):
         return 0  # fused by the library from tensors it reads whole, through the memory map
     return sp.nbytes_read - sum(plan.checkpoint.tensors[k].nbytes for k in tp.companions)
 

@@ -307,12 +307,17 @@ class FusedTensor(Frozen):
     :ivar transform: what the library does with them, in words (its operations).
     :ivar shape: the shape the library's operations give, where it is known from the headers
         alone; it is then checked against the model's at plan time (otherwise as it is built).
+    :ivar per_row: when each index of dimension 0 is made from its own sources alone (stacked
+        experts: index ``e`` from expert ``e``'s tensors), those sources, per index; empty
+        otherwise. ``KeyMap.run(key, fetch, rows=(a, b))`` then builds indices ``a..b-1`` from
+        theirs only: what one rank of a parallel load reads.
     """
 
     key: str
     sources: tuple[str, ...]
     transform: str
     shape: tuple[int, ...] | None = None
+    per_row: tuple[tuple[str, ...], ...] = ()
 
 
 class KeyMap(Frozen):
@@ -322,6 +327,8 @@ class KeyMap(Frozen):
     :ivar fused: model key -> the checkpoint tensors it is built from (many to one).
     :ivar run: ``run(model_key, fetch)`` builds a fused tensor, reading each source with
         ``fetch(checkpoint_key)``, by the library's own code; returns ``{model_key: tensor}``.
+        For a tensor with :attr:`FusedTensor.per_row`, ``run(model_key, fetch, rows=(a, b))``
+        builds only indices ``a..b-1`` of its dimension 0.
         A model tensor made from *one* checkpoint tensor by an operation (a slice of a fused
         ``qkv`` weight, a transposed matrix) is a fused tensor with one source: several model
         tensors may share a source, each reading its own part of it.
@@ -332,7 +339,7 @@ class KeyMap(Frozen):
     renamed: ReadOnly[dict[str, str]] = Field(default_factory=dict)
     fused: ReadOnly[dict[str, FusedTensor]] = Field(default_factory=dict)
     ignored: ReadOnly[dict[str, str]] = Field(default_factory=dict)
-    run: Callable[[str, Callable[[str], torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    run: Callable[..., dict[str, torch.Tensor]] | None = None
 
 
 class ModelFacts(Frozen):

@@ -107,9 +107,10 @@ def simulated_mesh(world_size: int, rank: int):
 # -- plan time ------------------------------------------------------------------------------------
 
 
-def plan_shards(model: torch.nn.Module, plan: Plan, facts: ModelFacts, par: Parallel, reader) -> Plan:
+def plan_shards(model: torch.nn.Module, plan: Plan, facts: ModelFacts, par: Parallel, reader, keymap=None) -> Plan:
     """Storage dtypes on meta, the parallelization on meta, and what this rank reads of each
-    tensor. ``reader`` is the checkpoint's opened reader (asked only whether it reads boxes)."""
+    tensor. ``reader`` is the checkpoint's opened reader (asked only whether it reads boxes);
+    ``keymap`` the library's key mapping (its fused tensors may be built by rows)."""
     import torch.distributed as dist
 
     from . import stream
@@ -121,7 +122,9 @@ def plan_shards(model: torch.nn.Module, plan: Plan, facts: ModelFacts, par: Para
     _retie(model, plan)
     managed = _fsdp_managed(model)
     named = dict(model.named_modules(remove_duplicate=False))
-    shards = {tp.key: _shard(_tensor(named, tp.key), tp, plan, id(_tensor(named, tp.key)) in managed, reader, par.mesh)
+    fused = keymap.fused if keymap is not None else {}
+    shards = {tp.key: _shard(_tensor(named, tp.key), tp, plan, id(_tensor(named, tp.key)) in managed, reader, par.mesh,
+                             fused.get(tp.key))
               for tp in plan.tensors.values()}
     mesh = par.mesh
     pp = ParallelPlan(
@@ -283,13 +286,20 @@ def _box(t: torch.Tensor, mesh) -> Box:
     return tuple((o, o + n) for o, n in zip(offset, shape))
 
 
-def _shard(t: torch.Tensor, tp: TensorPlan, plan: Plan, gathered: bool, reader, mesh) -> ShardPlan:
+def _shard(t: torch.Tensor, tp: TensorPlan, plan: Plan, gathered: bool, reader, mesh, fused=None) -> ShardPlan:
     """This rank's box of ``tp`` and what is read for it."""
     ckpt = plan.checkpoint
     box = _box(t, mesh)
     full = tuple((0, n) for n in tp.shape)
     read, why = box, ""
     if tp.sources:
+        rows = fused.per_row if fused is not None else ()
+        if rows and len(rows) == tp.shape[0] and box[1:] == full[1:] and box != full and not tp.companions:
+            need = [k for per in rows[box[0][0]:box[0][1]] for k in per]  # this rank's experts' tensors
+            return ShardPlan(key=tp.key, placements=_placements(t), box=box, read=box,
+                             nbytes_read=sum(ckpt.tensors[k].nbytes for k in need), gathered=gathered,
+                             why=f"built by the model's library from its rows' {len(need)} of {len(tp.sources)} "
+                                 "checkpoint tensors")
         read, why = full, f"built by the model's library from {len(tp.sources)} checkpoint tensors: read whole, then cut"
         nbytes = sum(ckpt.tensors[k].nbytes for k in (*tp.sources, *tp.companions))
         return ShardPlan(key=tp.key, placements=_placements(t), box=box, read=read, nbytes_read=nbytes, why=why,
@@ -358,7 +368,7 @@ def read_shards(prep, mgr) -> tuple[dict[str, torch.Tensor], dict[tuple[str, str
                 mod = tp.key.rpartition(".")[0]
                 tensors[tp.key] = local
                 if scale is not None:
-                    if tp.conversion == "quantize" and sp.gathered and sp.box != _full(tp) and not tp.sources:
+                    if tp.conversion == "quantize" and sp.gathered and sp.read != _full(tp):
                         # only this rank's rows were quantized: their scales are gathered after
                         gather.append((mod, tp.scale, scale, tp))
                     else:
@@ -399,6 +409,9 @@ def _read_part(tp: TensorPlan, sp: ShardPlan, plan: Plan, reader, mgr, keymap):
 
     ckpt = plan.checkpoint
     gathered = sp.gathered
+    if tp.sources and sp.read != _full(tp):  # built by the library from its rows' sources only
+        part = tp.model_copy(update={"shape": tuple(b - a for a, b in sp.read)})
+        return stream.convert_tensor(part, _fused_rows(tp, sp, plan, reader, keymap), ckpt, reader, mgr)
     if tp.sources:  # built by the library from several tensors: whole, then cut
         tensor, scale = stream._read_one(tp, plan, reader, mgr, keymap)
         return _cut(tensor, sp.box, _full(tp)).clone(), _local_scale(scale, tp, sp, gathered)
@@ -427,6 +440,27 @@ def _read_part(tp: TensorPlan, sp: ShardPlan, plan: Plan, reader, mgr, keymap):
         inner = tuple((a - r, b - r) for (a, b), (r, _) in zip(sp.box, sp.read))
         scale = _scale_part(scale, inner, part.shape, tp.block)
     return _cut(tensor, sp.box, sp.read).contiguous(), scale
+
+
+def _fused_rows(tp: TensorPlan, sp: ShardPlan, plan: Plan, reader, keymap) -> torch.Tensor:
+    """Rows ``sp.read`` of a tensor the library stacks from per-row sources (experts), by its own
+    operations on those rows' sources alone, each read whole (``pread``) from the checkpoint."""
+    from ..errors import CorruptCheckpointError
+
+    ckpt = plan.checkpoint
+    (a, b), want = sp.read[0], tuple(y - x for x, y in sp.read)
+
+    def fetch(key: str) -> torch.Tensor:
+        return reader.read_box(key, tuple((0, n) for n in ckpt.tensors[key].shape))
+
+    out = keymap.run(tp.key, fetch, rows=(a, b))
+    tensor = out.get(tp.key) if isinstance(out, dict) else None
+    dtype = ckpt.tensors[tp.sources[0]].torch_dtype
+    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != want or tensor.dtype != dtype:
+        got = f"{tensor.dtype} {list(tensor.shape)}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise CorruptCheckpointError(f"{ckpt.path}: rows {a}:{b} of {tp.key!r}, built by the model's library, came "
+                                     f"out {got}, not {dtype} {list(want)}", path=ckpt.path, tensor=tp.key)
+    return tensor
 
 
 def _check_range(raw: torch.Tensor, scale: torch.Tensor, tp: TensorPlan, sp: ShardPlan, plan: Plan, reader) -> None:
