@@ -12,7 +12,9 @@ uses exactly those, without reading tensor data:
   library's operations on some inputs (``chunk`` of a fused ``qkv``, ``cat``, the swapped halves
   of ``norm_out``). Renames become ``KeyMap.renamed``; everything else a fused tensor whose
   ``run`` replays the recorded calls on real tensors, one model tensor at a time, while streaming.
-  fp8 stays fp8 (the operations move bytes), and each scale follows its weight;
+  fp8 stays fp8 (the operations move bytes), and each scale follows its weight. Converters that
+  find blocks by enumerating the keys (the UNet's) see every key of the file, as in
+  ``from_single_file``;
 * a skeleton is built with the config the user gives (:func:`model`), or, for a class or no
   ``model=`` at all, the config diffusers would fetch — found only in the local Hugging Face
   cache (nothing is downloaded).
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import json
 import sys
 from collections import Counter
@@ -233,13 +236,31 @@ def key_map(model: torch.nn.Module, tensors) -> KeyMap:
             f"{', '.join(sfm.SINGLE_FILE_LOADABLE_CLASSES)}. Pass the class the file was made for",
             tensor=keys[0] if keys else None)
     capture = _capture(model, name, tensors, kind)
-    _check_fits(capture, model_keys, cls, kind)
+    _check_fits(capture, model_keys, cls, kind, _config_hint(name, cls))
     return _keymap(capture, cls)
 
 
-def _capture(model: torch.nn.Module, name: str, tensors, kind: str | None) -> op_capture.Capture:
+def _converter(name: str) -> Callable:
     sfm, _ = _library()
-    fn = sfm.SINGLE_FILE_LOADABLE_CLASSES[name]["checkpoint_mapping_fn"]
+    return sfm.SINGLE_FILE_LOADABLE_CLASSES[name]["checkpoint_mapping_fn"]
+
+
+def _config_hint(name: str, cls: str) -> str:
+    """What else to check when a converter that takes the model's config fails (the UNet's counts
+    blocks with ``layers_per_block``): the config given may not be the file's."""
+    fn = _converter(name)
+    try:
+        reads_config = "config" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        reads_config = False
+    if not reads_config:
+        return ""
+    return (f", or the config given is not the file's ({fn.__name__} reads the model's config): pass the "
+            f"config of the {cls} the file was made from")
+
+
+def _capture(model: torch.nn.Module, name: str, tensors, kind: str | None) -> op_capture.Capture:
+    fn = _converter(name)
     config = dict(model.config)
     layout = f"detected layout: {kind}" if kind else "diffusers detects none of its layouts"
     try:
@@ -253,22 +274,29 @@ def _capture(model: torch.nn.Module, name: str, tensors, kind: str | None) -> op
         raise UnsupportedCheckpointError(
             f"diffusers' single-file converter for {type(model).__name__} ({fn.__name__}) failed on this file: "
             f"{type(exc).__name__}: {exc} ({layout}). The file is not a {type(model).__name__} single file in a "
-            "layout diffusers converts; pass the class it was made for",
+            f"layout diffusers converts; pass the class it was made for{_config_hint(name, type(model).__name__)}",
             tensor=str(key) if key else None) from exc
 
 
-def _check_fits(capture: op_capture.Capture, model_keys: set[str], cls: str, kind: str | None) -> None:
+def _check_fits(capture: op_capture.Capture, model_keys: set[str], cls: str, kind: str | None, hint: str) -> None:
     """The converter's output must be mostly the model's keys: otherwise the file is another
-    family's (diffusers' converters rename whatever they are given)."""
+    family's (diffusers' converters rename whatever they are given), or, for a converter that
+    reads the config, the config is not the file's."""
     outputs = list(capture.outputs)
+    detected = f"diffusers detects it as {kind or 'none of its layouts'}"
+    if not outputs:
+        raise UnsupportedCheckpointError(
+            f"diffusers' single-file converter for {cls} found none of the keys it converts in the file: the file "
+            f"is not in a {cls} layout diffusers converts ({detected}; its first key is "
+            f"{next(iter(capture.unused), 'none')!r}); pass the class it was made for")
     hits = sum(k in model_keys for k in outputs)
-    if hits * 2 <= len(outputs) or not outputs:
+    if hits * 2 <= len(outputs):
         stray = [k for k in outputs if k not in model_keys][:3]
         raise UnsupportedCheckpointError(
             f"diffusers' single-file converter for {cls} turned the file into {len(outputs)} keys, of which only "
-            f"{hits} are {cls}'s (e.g. {', '.join(stray) or 'none'}): the file is not in a {cls} layout "
-            f"(diffusers detects it as {kind or 'none of its layouts'}); pass the class it was made for",
-            tensor=stray[0] if stray else None)
+            f"{hits} are {cls}'s (e.g. {', '.join(stray)}): the file is not in a {cls} layout "
+            f"({detected}); pass the class it was made for{hint}",
+            tensor=stray[0])
 
 
 def _keymap(capture: op_capture.Capture, cls: str) -> KeyMap:

@@ -10,6 +10,10 @@ an input tensor itself, otherwise the library's own operations (``chunk``, ``spl
 for one output, fetching only the inputs it needs — so a converted checkpoint is never held in
 memory as a whole.
 
+An output the converter sets to ``None`` (a ``checkpoint.get(key)`` of a key the checkpoint does
+not have) is no tensor: it is left out of the outputs and listed in :attr:`Capture.absent`, so the
+model's key is missing from the checkpoint like any other.
+
 Operations that need tensor values (``item``, comparisons turned into Python booleans) cannot run
 on meta tensors and make :func:`capture` fail with :class:`CaptureError`; so do in-place
 operations, which would write into the source tensors during replay.
@@ -133,11 +137,13 @@ def _has_tensor(value: Any) -> bool:
 
 @dataclass
 class Capture:
-    """What a converter did: each output key's node, and the input keys nothing used."""
+    """What a converter did: each output key's node, the input keys nothing used, and the output
+    keys it set to ``None`` (made of no input: the checkpoint lacks them)."""
 
     outputs: dict[str, Node]
     unused: tuple[str, ...]
     shapes: dict[str, tuple[int, ...]]
+    absent: tuple[str, ...] = ()
 
     def sources(self, key: str) -> tuple[str, ...]:
         """The input keys output ``key`` is made of, in the order the converter used them."""
@@ -218,7 +224,10 @@ def capture(convert: Callable[[dict[str, torch.Tensor]], dict], inputs: dict[str
     if not isinstance(result, dict):
         raise CaptureError(f"the converter returned {type(result).__name__}, not a dict of tensors")
     outputs: dict[str, Node] = {}
+    absent = tuple(k for k, v in result.items() if v is None)
     for key, value in result.items():
+        if value is None:
+            continue
         if not isinstance(value, torch.Tensor) or id(value) not in nodes:
             raise CaptureError(f"the converter's output {key!r} is not made from checkpoint tensors")
         outputs[key] = nodes[id(value)]
@@ -227,4 +236,4 @@ def capture(convert: Callable[[dict[str, torch.Tensor]], dict], inputs: dict[str
         _leaves(node, used)
     used_set = set(used)
     return Capture(outputs=outputs, unused=tuple(k for k in inputs if k not in used_set),
-                   shapes={k: tuple(v.shape) for k, v in result.items()})
+                   shapes={k: tuple(v.shape) for k, v in result.items() if v is not None}, absent=absent)

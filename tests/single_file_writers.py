@@ -9,6 +9,11 @@ converter's own rename table and keeping only preimages the converter maps back 
 valued tensors: every element of every output says which input element it was
 (:func:`original_state_dict`), and the inverse is checked by converting the result forward
 again.
+
+The UNet's converter finds its blocks by enumerating the keys it is given, so probes cannot
+discover them: :func:`unet_original` inverts it from diffusers' own fixed-key mapping, the
+resnet renames in the converter's source and the converter's block arithmetic, and is checked
+the same way (and against ``from_single_file`` in the tests).
 """
 
 from __future__ import annotations
@@ -168,9 +173,12 @@ def comfy_scaled_fp8(sd: dict[str, torch.Tensor], prefix: str = "model.diffusion
     return out
 
 
-def plain_fp8(sd: dict[str, torch.Tensor], fp8: torch.dtype, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Every 2-D ``weight`` cast to ``fp8`` (no scales), as plain fp8 releases store them."""
-    return {prefix + k: (t.to(fp8) if k.endswith(".weight") and t.dim() == 2 else t) for k, t in sd.items()}
+def plain_fp8(sd: dict[str, torch.Tensor], fp8: torch.dtype, prefix: str = "",
+              convs: bool = False) -> dict[str, torch.Tensor]:
+    """Every 2-D ``weight`` cast to ``fp8`` (no scales), as plain fp8 releases store them; with
+    ``convs`` the convolutions' (3-D to 5-D) weights too."""
+    dims = (2, 3, 4, 5) if convs else (2,)
+    return {prefix + k: (t.to(fp8) if k.endswith(".weight") and t.dim() in dims else t) for k, t in sd.items()}
 
 
 def wan_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -183,3 +191,64 @@ def wan_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     table = rename_table(fn, "TRANSFORMER_KEYS_RENAME_DICT")
     keys = per_key_preimages(lambda c: fn(c), table, list(state), known)
     return original_state_dict(lambda c: fn(c), list(keys), state)
+
+
+def replace_chain(fn: Callable) -> list[tuple[str, str]]:
+    """The literal ``.replace(old, new)`` calls inside ``fn``, in source order (a converter's own
+    renames written as a chain of string replacements)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", None) == "replace"
+             and len(n.args) == 2 and all(isinstance(a, ast.Constant) for a in n.args)]
+    calls.sort(key=lambda n: (n.lineno, n.col_offset))
+    return [(n.args[0].value, n.args[1].value) for n in calls]
+
+
+def _unet_block(key: str, layers: int, attended: set[str]) -> str:
+    """The original (``input_blocks``/``middle_block``/``output_blocks``) name of one diffusers
+    UNet key, numbered the way ``convert_ldm_unet_checkpoint`` counts them back."""
+    parts = key.split(".")
+    if parts[0] == "mid_block":  # middle_block.0 / .2 are the resnets, .1 the attention
+        index = 1 if parts[1] == "attentions" else 2 * int(parts[2])
+        return ".".join(["middle_block", str(index), *parts[3:]])
+    block, kind, layer, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+    slot = "1" if kind == "attentions" else "0"  # a layer's resnet, then its attention
+    if parts[0] == "down_blocks":
+        if kind == "downsamplers":  # after the block's resnets: input_blocks.N.0.op
+            return ".".join(["input_blocks", str(1 + block * (layers + 1) + layers), "0", "op", *rest[1:]])
+        return ".".join(["input_blocks", str(1 + block * (layers + 1) + layer), slot, *rest])
+    if kind == "upsamplers":  # in the block's last layer, after its attention if it has one
+        layer, slot = layers, "2" if f"up_blocks.{block}.attentions.{layers}" in attended else "1"
+    return ".".join(["output_blocks", str(block * (layers + 1) + layer), slot, *rest])
+
+
+def unet_original(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """A ``UNet2DConditionModel``'s state dict in the original (LDM / SGM) layout, for diffusers'
+    ``convert_ldm_unet_checkpoint``, which finds blocks by enumerating the keys it is given and so
+    cannot be run backwards on probes. The fixed keys come from diffusers' own
+    ``DIFFUSERS_TO_LDM_MAPPING``, the resnet renames from the converter's replacement chain (read
+    from its source), the block numbering is the converter's arithmetic inverted; the result is
+    checked by converting it forward again (and, in the tests, by ``from_single_file``)."""
+    from diffusers.loaders import single_file_utils as sfu
+
+    fixed = dict(sfu.DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"])
+    for kind in ("class_embed_type", "addition_embed_type"):
+        if config.get(kind) in ("timestep", "projection", "text_time"):
+            fixed.update(sfu.DIFFUSERS_TO_LDM_MAPPING["unet"][kind])
+    resnet = [(new, old) for old, new in replace_chain(sfu.update_unet_resnet_ldm_to_diffusers)]
+    layers = config["layers_per_block"]
+    attended = {".".join(k.split(".")[:4]) for k in state if ".attentions." in k}
+    out = {}
+    for key, value in state.items():
+        if key in fixed:
+            name = fixed[key]
+        else:
+            name = _unet_block(key, layers, attended)
+            if ".resnets." in key:
+                head, tail = name.split(".", 2)[:2], name.split(".", 2)[2]
+                for new, old in resnet:
+                    tail = tail.replace(new, old)
+                name = ".".join([*head, tail])
+        out[sfu.LDM_UNET_KEY + name] = value
+    back = sfu.convert_ldm_unet_checkpoint(dict(out), config)
+    assert set(back) == set(state) and all(back[k] is state[k] for k in back), "the inverse is not exact"
+    return out

@@ -29,19 +29,33 @@ WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in
 SD3 = dict(sample_size=16, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
            num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
            pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16)
+#: Stable Diffusion 1.5's UNet block structure (its default block types: four blocks of two layers,
+#: attention in the first three), at widths of 4 and 8: 12 input and 12 output blocks, as in the release
+SD15 = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(4, 8, 8, 8),
+            cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4)
+#: SDXL's: three blocks, no attention in the first, linear projections, the ``text_time`` embedding
+SDXL = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(4, 8, 8),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 1, 2), cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=4,
+            projection_class_embeddings_input_dim=8 + 6 * 4)
 KNOWN = frozenset(k for v in sfu.CHECKPOINT_KEY_NAMES.values() for k in ([v] if isinstance(v, str) else v))
 COMFY = "model.diffusion_model."
 
 
 class Family:
-    """A tiny model of one family, saved as a diffusers directory, and its original layout."""
+    """A tiny model of one family, saved as a diffusers directory, and its original layout.
 
-    def __init__(self, cls, kwargs: dict, root: Path, original) -> None:
+    ``comfy`` is the prefix ComfyUI's files put in front of the original keys: ``""`` for the
+    UNet, whose original keys have it already (``model.diffusion_model.input_blocks...``)."""
+
+    def __init__(self, name: str, cls, kwargs: dict, root: Path, original, comfy: str = COMFY) -> None:
         torch.manual_seed(0)
         model = cls(**kwargs)
         for p in model.parameters():  # non-trivial values everywhere (norms included)
             p.data.normal_()
-        self.cls, self.dir = cls, root / cls.__name__
+        self.cls, self.dir, self.comfy = cls, root / name, comfy
         model.save_pretrained(self.dir)
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.original = original(self.state, dict(model.config))
@@ -71,9 +85,12 @@ def _sd3_original(state, config):
 @pytest.fixture(scope="module")
 def families(tmp_path_factory):
     root = tmp_path_factory.mktemp("single_file")
+    unet = diffusers.UNet2DConditionModel
     return {
-        "wan": Family(diffusers.WanTransformer3DModel, WAN, root, _wan_original),
-        "sd3": Family(diffusers.SD3Transformer2DModel, SD3, root, _sd3_original),
+        "wan": Family("wan", diffusers.WanTransformer3DModel, WAN, root, _wan_original),
+        "sd3": Family("sd3", diffusers.SD3Transformer2DModel, SD3, root, _sd3_original),
+        "sd15": Family("sd15", unet, SD15, root, writers.unet_original, comfy=""),
+        "sdxl": Family("sdxl", unet, SDXL, root, writers.unet_original, comfy=""),
     }
 
 
@@ -88,9 +105,23 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 # -- agreement with from_single_file ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["wan", "sd3"])
+#: each family as released and as ComfyUI repackages it (the UNet's release keys have the prefix already)
+RELEASES = [("wan", ""), ("wan", COMFY), ("sd3", ""), ("sd3", COMFY), ("sd15", ""), ("sdxl", "")]
+
+
+def test_unet_writer_matches_from_single_file(families, tmp_path):
+    """The UNet's original layout is written by a test-only inverse; diffusers' own loader reads
+    it back into the tiny model exactly."""
+    for name in ("sd15", "sdxl"):
+        fam = families[name]
+        path = fam.write(tmp_path / f"{name}.safetensors", fam.original)
+        lib = fam.cls.from_single_file(str(path), config=str(fam.dir), local_files_only=True).state_dict()
+        _same(lib, fam.state)
+    assert single_file.detect_layout(loaderkit.inspect(tmp_path / "sd15.safetensors").tensors) == "v1"
+
+
+@pytest.mark.parametrize("name,prefix", RELEASES)
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("prefix", ["", COMFY])
 def test_matches_from_single_file(families, tmp_path, name, dtype, prefix):
     fam = families[name]
     path = fam.write(tmp_path / "model.safetensors", {prefix + k: v for k, v in fam.original.items()})
@@ -104,12 +135,14 @@ def _same_as_library(fam: Family, path: Path, got: dict, dtype: torch.dtype) -> 
     ``from_single_file`` casts them too): there it equals diffusers' float32 load bitwise."""
     load = lambda d: fam.cls.from_single_file(str(path), config=str(fam.dir), local_files_only=True,
                                                torch_dtype=d).state_dict()
-    ref, ref32 = load(dtype), load(torch.float32)
     keep = fam.cls._keep_in_fp32_modules or []
     kept = {k for k, v in got.items() if v.dtype == torch.float32 and dtype != torch.float32}
     assert all(any(m in k.split(".") for m in keep) for k in kept), sorted(kept)
+    ref = load(dtype)
     _same({k: v for k, v in ref.items() if k not in kept}, {k: v for k, v in got.items() if k not in kept})
-    _same({k: ref32[k] for k in kept}, {k: got[k] for k in kept})
+    if kept:
+        ref32 = load(torch.float32)
+        _same({k: ref32[k] for k in kept}, {k: got[k] for k in kept})
 
 
 def test_plan_shows_the_conversions(families, tmp_path):
@@ -127,10 +160,26 @@ def test_plan_shows_the_conversions(families, tmp_path):
     assert "key conversions" in text and "chunk(#0, 3, dim=0)[1]" in text
 
 
-def test_plan_reads_headers_only(families, tmp_path):
+def test_unet_plan_shows_the_renames(families, tmp_path):
+    fam = families["sd15"]
+    path = fam.write(tmp_path / "v1-5-tiny.safetensors", fam.original)
+    plan = loaderkit.plan(path, "fp8", model=fam.model())
+    conv = plan.key_conversions()
+    assert conv["down_blocks.0.resnets.0.norm1.weight"] == f"<- {COMFY}input_blocks.1.0.in_layers.0.weight"
+    assert conv["down_blocks.0.downsamplers.0.conv.weight"] == f"<- {COMFY}input_blocks.3.0.op.weight"
+    assert conv["mid_block.resnets.1.conv2.weight"] == f"<- {COMFY}middle_block.2.out_layers.3.weight"
+    assert conv["up_blocks.0.upsamplers.0.conv.weight"] == f"<- {COMFY}output_blocks.2.1.conv.weight"
+    assert conv["up_blocks.1.upsamplers.0.conv.weight"] == f"<- {COMFY}output_blocks.5.2.conv.weight"
+    assert conv["up_blocks.3.resnets.2.conv_shortcut.weight"] == f"<- {COMFY}output_blocks.11.0.skip_connection.weight"
+    assert all(not tp.sources for tp in plan.tensors.values())  # the UNet's converter only renames
+    assert len(conv) == len(plan.tensors)
+
+
+@pytest.mark.parametrize("name", ["sd3", "sd15"])
+def test_plan_reads_headers_only(families, tmp_path, name):
     """The plan of a file whose data is garbage is the plan of the real file: no data is read."""
-    fam = families["sd3"]
-    path = fam.write(tmp_path / "sd3.safetensors", fam.original)
+    fam = families[name]
+    path = fam.write(tmp_path / "model.safetensors", fam.original)
     good = loaderkit.plan(path, "fp8", model=fam.model())
     raw = bytearray(path.read_bytes())
     header = 8 + int.from_bytes(raw[:8], "little")
@@ -148,22 +197,24 @@ def _reference(fam: Family, path: Path) -> dict[str, torch.Tensor]:
     return fam.convert({k: v for k, v in raw.items() if not k.endswith(("scale_weight", "scaled_fp8"))})
 
 
-@pytest.mark.parametrize("name", ["wan", "sd3"])
+@pytest.mark.parametrize("name", ["wan", "sd3", "sd15", "sdxl"])
 def test_comfy_scaled_fp8_keeps_bytes_and_scales(families, tmp_path, name):
     fam = families[name]
-    path = fam.write(tmp_path / "scaled.safetensors", writers.comfy_scaled_fp8(fam.original))
+    path = fam.write(tmp_path / "scaled.safetensors", writers.comfy_scaled_fp8(fam.original, fam.comfy))
     raw = load_file(str(path))
     ref = _reference(fam, path)
     plan = loaderkit.plan(path, "fp8", model=fam.model())
     model = loaderkit.load(path, "fp8", model=fam.model())
     got = model.state_dict()
-    kept = [k for k, tp in plan.tensors.items() if tp.target_dtype == "float8_e4m3fn"]
+    source_of = lambda tp: (tp.sources or (tp.source,))[0]
+    stored = [k for k, tp in plan.tensors.items() if raw[source_of(tp)].dtype == torch.float8_e4m3fn]
+    kept = [k for k in stored if plan.tensors[k].target_dtype == "float8_e4m3fn"]
     assert len(kept) >= 8
     for key in kept:
         tp = plan.tensors[key]
         assert tp.conversion == "none"
         assert torch.equal(got[key].view(torch.uint8), ref[key].view(torch.uint8)), key
-        source = (tp.sources or (tp.source,))[0]
+        source = source_of(tp)
         scale = raw[source[: -len("weight")] + "scale_weight"]
         module = model.get_submodule(key.rpartition(".")[0])
         buf = getattr(module, tp.scale)
@@ -172,17 +223,63 @@ def test_comfy_scaled_fp8_keeps_bytes_and_scales(families, tmp_path, name):
         assert plan.tensors["transformer_blocks.0.attn.to_v.weight"].sources
 
 
-@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
-def test_plain_fp8_keeps_bytes(families, tmp_path, fp8):
-    fam = families["sd3"]
-    path = fam.write(tmp_path / "plain.safetensors", writers.plain_fp8(fam.original, fp8, COMFY))
+@pytest.mark.parametrize("name,convs,fp8", [("sd3", False, torch.float8_e4m3fn), ("sd3", False, torch.float8_e5m2),
+                                             ("sd15", True, torch.float8_e4m3fn)])
+def test_plain_fp8_keeps_bytes(families, tmp_path, name, convs, fp8):
+    """Every fp8 tensor the strategy keeps in fp8 keeps its bytes (for the UNet its convolutions
+    are stored in fp8 too); those it keeps out of fp8 (time embeddings) are decoded exactly."""
+    fam = families[name]
+    path = fam.write(tmp_path / "plain.safetensors", writers.plain_fp8(fam.original, fp8, fam.comfy, convs))
     ref = _reference(fam, path)
     got = loaderkit.load(path, "fp8", model=fam.model()).state_dict()
-    for key, t in ref.items():
-        if t.dtype == fp8:
-            assert got[key].dtype == fp8 and torch.equal(got[key].view(torch.uint8), t.view(torch.uint8)), key
+    kept = 0
+    for key, t in ((k, t) for k, t in ref.items() if t.dtype == fp8):
+        if got[key].dtype == fp8:
+            assert torch.equal(got[key].view(torch.uint8), t.view(torch.uint8)), key
+            kept += 1
+        else:
+            assert got[key].dtype == torch.bfloat16 and torch.equal(got[key], t.to(torch.bfloat16)), key
+    assert kept >= 8
     # decoded to bf16, the same values as diffusers' own loader gives
     _same_as_library(fam, path, loaderkit.load(path, "bf16", model=fam.model()).state_dict(), torch.bfloat16)
+
+
+def _unet_inputs(name: str, dtype: torch.dtype) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(dtype)
+    inputs = dict(sample=rand(1, 4, 8, 8), timestep=torch.tensor([10]), encoder_hidden_states=rand(1, 3, 8))
+    if name == "sdxl":  # SDXL's pooled text embedding and size / crop conditioning
+        inputs["added_cond_kwargs"] = {"text_embeds": rand(1, 8), "time_ids": rand(1, 6)}
+    return inputs
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny forward passes: one intra-op thread (more only wait on each other on a busy machine)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl"])
+def test_unet_fp8_forward(families, tmp_path, one_thread, name):
+    """Under fp8 the UNet runs on a float32 input: its fp8 convolutions and linears compute in
+    bfloat16, giving exactly what the bfloat16 load of the same file gives."""
+    fam = families[name]
+    path = fam.write(tmp_path / "plain.safetensors", writers.plain_fp8(fam.original, torch.float8_e4m3fn, convs=True))
+    fp8 = loaderkit.load(path, "fp8", model=fam.model())
+    bf16 = loaderkit.load(path, "bf16", model=fam.model())
+    resnet = fp8.down_blocks[1].resnets[0]
+    assert resnet.conv1.weight.dtype == resnet.time_emb_proj.weight.dtype == torch.float8_e4m3fn
+    with torch.no_grad():
+        out = fp8(**_unet_inputs(name, torch.float32)).sample
+        ref = bf16(**_unet_inputs(name, torch.bfloat16)).sample
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 4, 8, 8) and bool(out.isfinite().all())
+    assert torch.equal(out, ref)
+    assert loaderkit.verify(fp8).ok
 
 
 # -- the class and its config ----------------------------------------------------------------
@@ -193,10 +290,12 @@ def _fake_cache(root: Path, fam: Family, meta: dict) -> Path:
     path = sfu.fetch_diffusers_config(meta)
     repo = path["pretrained_model_name_or_path"]
     snap = root / f"models--{repo.replace('/', '--')}" / "snapshots" / ("0" * 40)
-    sub = snap / "transformer"
+    component = diffusers.loaders.single_file_model.SINGLE_FILE_LOADABLE_CLASSES[fam.cls.__name__]["default_subfolder"]
+    sub = snap / component
     sub.mkdir(parents=True)
     (sub / "config.json").write_text((fam.dir / "config.json").read_text())
-    (snap / "model_index.json").write_text(json.dumps({"_class_name": "Pipeline", "transformer": ["diffusers", fam.cls.__name__]}))
+    index = {"_class_name": "Pipeline", component: ["diffusers", fam.cls.__name__]}
+    (snap / "model_index.json").write_text(json.dumps(index))
     (snap.parent.parent / "refs").mkdir()
     (snap.parent.parent / "refs" / "main").write_text("0" * 40)
     return root
@@ -213,24 +312,25 @@ def hf_cache(tmp_path, monkeypatch):
     return root
 
 
-def test_class_and_config_found_in_the_local_cache(families, tmp_path, hf_cache):
-    fam = families["wan"]
-    path = fam.write(tmp_path / "wan2.1_t2v_fp8_scaled.safetensors",
-                     writers.comfy_scaled_fp8(fam.original))
+@pytest.mark.parametrize("name", ["wan", "sd15"])
+def test_class_and_config_found_in_the_local_cache(families, tmp_path, hf_cache, name):
+    fam = families[name]
+    path = fam.write(tmp_path / "model_fp8_scaled.safetensors", writers.comfy_scaled_fp8(fam.original, fam.comfy))
     _fake_cache(hf_cache, fam, single_file.meta_checkpoint(loaderkit.inspect(path).tensors))
     inferred = loaderkit.load(path, "fp8")
-    given = loaderkit.load(path, "fp8", model=diffusers.WanTransformer3DModel)
+    given = loaderkit.load(path, "fp8", model=fam.cls)
     explicit = loaderkit.load(path, "fp8", model=fam.model())
-    assert type(inferred) is type(given) is diffusers.WanTransformer3DModel
+    assert type(inferred) is type(given) is fam.cls
     _same(inferred.state_dict(), explicit.state_dict())
     _same(given.state_dict(), explicit.state_dict())
     assert "diffusers-single-file" in loaderkit.plan(path, "fp8").builder
 
 
-def test_no_cached_config_says_what_to_pass(families, tmp_path, hf_cache):
-    fam = families["wan"]
-    path = fam.write(tmp_path / "wan.safetensors", fam.original)
-    for model in (None, diffusers.WanTransformer3DModel):
+@pytest.mark.parametrize("name", ["wan", "sd15"])
+def test_no_cached_config_says_what_to_pass(families, tmp_path, hf_cache, name):
+    fam = families[name]
+    path = fam.write(tmp_path / "model.safetensors", fam.original)
+    for model in (None, fam.cls):
         with pytest.raises(BuildError) as err:
             loaderkit.plan(path, model=model)
         msg = str(err.value)
@@ -250,6 +350,40 @@ def test_another_family_is_refused(families, tmp_path):
     with pytest.raises(UnsupportedCheckpointError) as err:
         loaderkit.plan(path, model=sd3.model())
     assert "SD3Transformer2DModel" in str(err.value) and "converter" in str(err.value)
+    unet = families["sd15"]
+    for file_of, model_of in ((unet, sd3), (sd3, unet), (wan, unet)):
+        path = file_of.write(tmp_path / "other.safetensors", file_of.original)
+        with pytest.raises(UnsupportedCheckpointError) as err:
+            loaderkit.plan(path, model=model_of.model())
+        assert model_of.cls.__name__ in str(err.value) and str(path) in str(err.value)
+
+
+def test_a_unet_file_needs_its_own_config(families, tmp_path):
+    """The UNet's converter reads the model's config (the SDXL embedding only when the config has
+    one, the blocks counted with its ``layers_per_block``): a config of another UNet is refused."""
+    sd15, sdxl = families["sd15"], families["sdxl"]
+    path = sd15.write(tmp_path / "sd15.safetensors", sd15.original)
+    with pytest.raises(UnsupportedCheckpointError) as err:
+        loaderkit.plan(path, model=sdxl.model())
+    msg = str(err.value)
+    assert "label_emb.0.0.weight" in msg and "convert_ldm_unet_checkpoint" in msg
+    assert "the config given is not the file's" in msg
+    path = sdxl.write(tmp_path / "sdxl.safetensors", sdxl.original)
+    with pytest.raises(StateDictMismatchError) as err:  # same block counts: converted, but does not fit
+        loaderkit.plan(path, model=sd15.model())
+    assert "proj_in.weight: checkpoint [8, 8] vs model [8, 8, 1, 1]" in str(err.value)
+
+
+def test_unet_tensors_the_file_lacks(families, tmp_path):
+    fam = families["sd15"]
+    lacking = {k: v for k, v in fam.original.items() if k != COMFY + "input_blocks.3.0.op.bias"}
+    with pytest.raises(StateDictMismatchError) as err:  # the converter's .get() of it gives None
+        loaderkit.plan(fam.write(tmp_path / "lacking.safetensors", lacking), model=fam.model())
+    assert "down_blocks.0.downsamplers.0.conv.bias" in str(err.value)
+    bare = {k.removeprefix(COMFY): v for k, v in fam.original.items()}
+    with pytest.raises(UnsupportedCheckpointError) as err:  # diffusers converts model.diffusion_model.* only
+        loaderkit.plan(fam.write(tmp_path / "bare.safetensors", bare), model=fam.model())
+    assert "found none of the keys it converts" in str(err.value)
 
 
 def test_a_class_without_a_converter_is_refused(families, tmp_path):
@@ -262,21 +396,25 @@ def test_a_class_without_a_converter_is_refused(families, tmp_path):
     assert "no single-file converter for UNet1DModel" in str(err.value)
 
 
-def test_keys_the_converter_does_not_consume(families, tmp_path):
-    fam = families["sd3"]
+@pytest.mark.parametrize("name,key", [("sd3", "joint_blocks.0.x_block.attn.extra.weight"),
+                                      ("sd15", COMFY + "extra.weight")])
+def test_keys_the_converter_does_not_consume(families, tmp_path, name, key):
+    fam = families[name]
     extra = dict(fam.original)
-    extra["joint_blocks.0.x_block.attn.extra.weight"] = torch.ones(2)
+    extra[key] = torch.ones(2)
     path = fam.write(tmp_path / "extra.safetensors", extra)
     with pytest.raises(StateDictMismatchError) as err:
         loaderkit.plan(path, model=fam.model())
-    assert "joint_blocks.0.x_block.attn.extra.weight" in str(err.value)
+    assert key in str(err.value)
     plan = loaderkit.plan(path, model=fam.model(), strict=False)
-    assert "joint_blocks.0.x_block.attn.extra.weight" in plan.ignored
-    # another component of a whole-pipeline file is left out, and says so
+    assert key in plan.ignored
+    # other components of a whole-pipeline file are left out, and say so
     other = dict(fam.original)
-    other["first_stage_model.decoder.conv_in.weight"] = torch.ones(2)
+    others = ("first_stage_model.decoder.conv_in.weight",
+              "cond_stage_model.transformer.text_model.final_layer_norm.weight")
+    other.update({k: torch.ones(2) for k in others})
     plan = loaderkit.plan(fam.write(tmp_path / "full.safetensors", other), model=fam.model())
-    assert "another component" in plan.ignored["first_stage_model.decoder.conv_in.weight"]
+    assert all("another component" in plan.ignored[k] for k in others)
 
 
 def test_a_split_of_the_wrong_shape_fails_at_plan_time(families, tmp_path):
@@ -314,7 +452,17 @@ def test_capture_refuses_what_headers_cannot_tell():
     with pytest.raises(op_capture.CaptureError, match="values"):
         op_capture.capture(lambda c: {"a": c["a"] * float(c["a"].sum().item())}, meta)
     with pytest.raises(op_capture.CaptureError, match="not made from checkpoint tensors"):
-        op_capture.capture(lambda c: {"a": None}, meta)
+        op_capture.capture(lambda c: {"a": 1.0}, meta)
+    made_before = torch.zeros(2, device="meta")
+    with pytest.raises(op_capture.CaptureError, match="not made from checkpoint tensors"):
+        op_capture.capture(lambda c: {"a": made_before}, meta)
+
+
+def test_capture_lists_outputs_the_checkpoint_lacks():
+    """``checkpoint.get(key)`` of a key the file lacks gives ``None``: no output, listed as absent."""
+    meta = op_capture.meta_tensors({"w": ((2,), torch.float32)})
+    cap = op_capture.capture(lambda c: {"a.weight": c.get("w"), "a.bias": c.get("b")}, meta)
+    assert list(cap.outputs) == ["a.weight"] and cap.absent == ("a.bias",) and "a.bias" not in cap.shapes
 
 
 # -- Flux, at its real width -----------------------------------------------------------------
