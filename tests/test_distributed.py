@@ -303,6 +303,8 @@ def test_parallelize_needs_a_mesh_and_a_known_style(tmp_path):
             loaderkit.plan(path, device_mesh=mesh, parallelize="zero3")
         with pytest.raises(UsageError, match="leave device_map, max_memory and offload_folder unset"):
             loaderkit.plan(path, device_mesh=mesh, device_map="auto")
+        with pytest.raises(UsageError, match="maps module name patterns to torch.distributed.tensor.parallel styles"):
+            loaderkit.plan(path, device_mesh=mesh, parallelize={"model.layers.*.mlp.up_proj": "colwise"})
         with pytest.raises(PlanError := __import__("loaderkit").errors.PlanError, match="matches no module"):
             loaderkit.plan(path, device_mesh=mesh, parallelize={"model.nothing.*": None, "model.layers.*.mlp.nope": _colwise()})
 

@@ -175,6 +175,7 @@ def _parallelize(model: torch.nn.Module, plan: Plan, facts: ModelFacts, par: Par
             styles = facts.tp_plan(par.mesh.size())
         else:
             styles = how
+            _check_styles(styles)
         styles = {k: v for k, v in styles.items() if v is not None}
         _check_patterns(model, styles)
         parallelize_module(model, par.mesh, styles)
@@ -185,6 +186,16 @@ def _parallelize(model: torch.nn.Module, plan: Plan, facts: ModelFacts, par: Par
         raise UsageError("parallelize=callable(model, mesh) must parallelize the model in place (return None or "
                          "the model itself)")
     return ()
+
+
+def _check_styles(styles: dict) -> None:
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    for pattern, style in styles.items():
+        if not isinstance(pattern, str) or not (style is None or isinstance(style, ParallelStyle)):
+            raise UsageError(f"parallelize={{{pattern!r}: {style!r}}}: a tensor-parallel plan maps module name "
+                             "patterns to torch.distributed.tensor.parallel styles (ColwiseParallel(), "
+                             "RowwiseParallel(), ...) or None; parallelize='tp' reads the model library's own plan")
 
 
 def _check_patterns(model: torch.nn.Module, styles: dict) -> None:
