@@ -107,8 +107,9 @@ def run_case(case: dict, out: Path, rank: int, mesh) -> None:
             os.preadv = real_preadv
 
     distribute.read_shards = counting
+    strategy = loaderkit.strategy(case["strategy"], **case["options"]) if case.get("options") else case["strategy"]
     try:
-        model = loaderkit.load(case["path"], case["strategy"], device_mesh=mesh, parallelize=case["parallelize"])
+        model = loaderkit.load(case["path"], strategy, device_mesh=mesh, parallelize=case["parallelize"])
     except loaderkit.LoaderKitError as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
         model = None
@@ -117,7 +118,7 @@ def run_case(case: dict, out: Path, rank: int, mesh) -> None:
     if model is not None:
         result["params"] = {n: type(p).__name__ for n, p in model.named_parameters()}  # before a forward
         plan = loaderkit.plan_of(model)
-        ref = loaderkit.load(case["path"], case["strategy"], device_map=plan.device.device)
+        ref = loaderkit.load(case["path"], strategy, device_map=plan.device.device)
         ids = torch.tensor(case["ids"], device=plan.device.device)
         with torch.no_grad():
             got, want = model(ids).logits, ref(ids).logits

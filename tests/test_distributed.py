@@ -91,6 +91,9 @@ def two(request, tmp_path_factory):
         num_key_value_heads=2, head_dim=128, vocab_size=256, num_hidden_layers=1))
     heads3 = _llama(root / "heads3", hidden_size=48, num_attention_heads=3, num_key_value_heads=3)
     moe = _mixtral(root / "moe")
+    wide = _llama(root / "wide", hidden_size=256, intermediate_size=512, num_attention_heads=2, num_key_value_heads=2,
+                  head_dim=128, vocab_size=256, num_hidden_layers=1)
+    blocks = {"granularity": "block"}
     cases = [_case(f"llama-{p}-{s}", llama, s, p) for p in ("fsdp", "tp") for s in ("fp32", "bf16", "fp8")]
     cases += [_case(f"ct-{p}-{s}", ct, s, p) for p in ("fsdp", "tp") for s in ("fp8", "bf16")]
     cases += [_case(f"block-{p}-{s}", block, s, p) for p in ("fsdp", "tp") for s in ("fp8", "bf16")]
@@ -102,6 +105,9 @@ def two(request, tmp_path_factory):
         _case("moe-fsdp-bf16", moe, "bf16", "fsdp"),
         _case("moe-fsdp-fp8", moe, "fp8", "fsdp"),
         _case("moe-tp", moe, "bf16", "tp"),
+        _case("quant-block-fsdp", llama, "fp8", "fsdp", options=blocks),
+        _case("quant-block-tp", wide, "fp8", "tp", options=blocks),
+        _case("quant-block-cut-tp", llama, "fp8", "tp", options=blocks),
     ]
     return _spawn(2, cases, root / "out", backend)
 
@@ -110,6 +116,7 @@ LOADS = [f"llama-{p}-{s}" for p in ("fsdp", "tp") for s in ("fp32", "bf16", "fp8
 LOADS += [f"ct-{p}-{s}" for p in ("fsdp", "tp") for s in ("fp8", "bf16")]
 LOADS += [f"block-{p}-{s}" for p in ("fsdp", "tp") for s in ("fp8", "bf16")] + ["block-cut-fsdp"]
 MOE = ["moe-fsdp-bf16", "moe-fsdp-fp8"]
+LOADS += ["quant-block-fsdp", "quant-block-tp"]
 
 
 @pytest.mark.parametrize("name", LOADS + MOE)
@@ -118,7 +125,7 @@ def test_every_tensor_equals_the_single_process_load(two, name):
         assert "error" not in r, r["error"]
         assert r["mismatches"] == [], r["mismatches"]
         assert r["verify"] is True
-        assert set(r["params"].values()) == {"DTensor"} or "-tp-" in name  # norms stay plain under TP
+        assert set(r["params"].values()) == {"DTensor"} or "-tp" in name  # norms stay plain under TP
 
 
 @pytest.mark.parametrize("name", LOADS + MOE)
@@ -137,7 +144,9 @@ def test_forward_agrees_with_the_single_process_model(two, name):
 def test_each_rank_reads_what_its_plan_says(two, name):
     for r in two[name]:
         assert r["read"] == r["planned"]  # counted at the pread calls
-        if "fsdp" in name:
+        if name == "quant-block-fsdp":  # block scales made on load are whole: those weights are read whole
+            assert r["whole"] // 2 < r["read"] < r["whole"]
+        elif "fsdp" in name:
             assert r["read"] == r["whole"] // 2  # every tensor halves along its rows
         elif not name.endswith("fp8") or name.startswith(("ct", "block")):
             sharded = r["whole"] - r["replicated"]
@@ -172,6 +181,7 @@ def test_the_plan_shows_each_rank_its_share(two):
     ("heads-tp", "num_attention_heads=3 is not divisible by the tensor-parallel degree 2"),
     ("rank-fails", "rank 1 could not load its shards"),
     ("moe-tp", "'packed_colwise', which torch's parallel styles do not express"),
+    ("quant-block-cut-tp", "cut the [128, 128] blocks it is quantized in"),
 ])
 def test_a_bad_configuration_fails_on_every_rank(two, name, expected):
     errors = [r.get("error", "") for r in two[name]]

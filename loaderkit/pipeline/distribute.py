@@ -319,8 +319,14 @@ def _shard(t: torch.Tensor, tp: TensorPlan, plan: Plan, gathered: bool, reader, 
     if tp.conversion == "quantize" and box != full:
         if gran == "tensor":
             read, why = full, "a per-tensor scale made on load needs the whole tensor"
+        elif gran == "block" and gathered:
+            read, why = full, "block scales made on load are kept whole under FSDP"
         elif gran == "block":
-            read, why = _blocks(box, tp.shape, tp.block), "fp8 blocks made on load are whole blocks"
+            if _blocks(box, tp.shape, tp.block) != box:
+                raise PlanError(f"{ckpt.path}: the shards of {tp.key!r} {list(tp.shape)} ({_placements(t)}) cut the "
+                                f"{list(tp.block)} blocks it is quantized in, so they cannot be decoded with their own "
+                                "scales; use a degree whose shards fall on block boundaries, per-channel scales, or "
+                                "parallelize='fsdp'", path=ckpt.path, tensor=tp.key)
         elif gran != "none" and box[-1] != full[-1]:
             read, why = box[:-1] + (full[-1],), "per-row scales made on load need whole rows"
     qw = ckpt.quantization.weights.get(tp.source) if ckpt.quantization is not None else None
