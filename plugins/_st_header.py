@@ -6,6 +6,9 @@ some of it, e.g. it accepts duplicate tensor names):
 
 * an 8-byte little-endian ``u64`` header length ``N`` of at most 100,000,000 bytes, and a file at
   least ``8 + N`` bytes long;
+* at most :data:`MAX_TENSORS_PER_FILE` tensors (250,000; the environment variable
+  ``LOADERKIT_MAX_TENSORS_PER_FILE`` changes it), refused before the JSON is parsed, or while it
+  is parsed where the names are spelt with escapes;
 * ``N`` bytes of UTF-8 JSON that start with ``{`` (trailing space padding is allowed), with no
   duplicate keys and no ``NaN``/``Infinity`` constants;
 * ``__metadata__`` (optional) mapping strings to strings;
@@ -38,6 +41,12 @@ from loaderkit.errors import CorruptCheckpointError, UnsupportedCheckpointError
 
 #: the largest header the safetensors format allows.
 MAX_HEADER_BYTES = 100_000_000
+#: the most tensors one file may hold, unless the environment variable
+#: ``LOADERKIT_MAX_TENSORS_PER_FILE`` says otherwise. Describing a tensor costs about 20 us and
+#: 1 KB while the header is parsed, so a header of a million tiny tensors (it fits the format's
+#: 100 MB) would cost ~20 s and ~1.3 GB; real files hold far fewer (DeepSeek-V3, ~91,000 tensors
+#: with its scales, is split over 163 files), and a whole model of that size in one file fits.
+MAX_TENSORS_PER_FILE = 250_000
 #: the largest dimension torch can hold (sizes are int64).
 MAX_DIM = 2**63 - 1
 _FIX = "the file is corrupt or truncated; download or save it again"
@@ -103,13 +112,31 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"the JSON constant {name} is not allowed")
 
 
-def loads_strict(text: str, path: object, what: str) -> Any:
+class TooManyObjects(ValueError):
+    """More JSON objects than :func:`loads_strict` was allowed to parse."""
+
+
+def loads_strict(text: str, path: object, what: str, max_objects: int | None = None) -> Any:
     """Parse JSON text, refusing duplicate keys and ``NaN``/``Infinity``.
 
+    :param max_objects: stop parsing (raising :class:`TooManyObjects`) once more than this many
+        JSON objects are complete, without parsing the rest; ``None``: no limit.
     :raises CorruptCheckpointError: naming ``path`` (and the duplicated key as ``tensor``).
     """
+    hook = _no_duplicates
+    if max_objects is not None:
+        count = [0]
+
+        def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+            count[0] += 1
+            if count[0] > max_objects:
+                raise TooManyObjects()
+            return _no_duplicates(pairs)
+
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        return json.loads(text, object_pairs_hook=hook, parse_constant=_no_constant)
+    except TooManyObjects:
+        raise
     except _DuplicateKey as exc:
         raise CorruptCheckpointError(
             f"{what} of {path} lists the key {exc.key!r} twice; duplicate names are forbidden "
@@ -215,13 +242,46 @@ def parse_header(raw: bytes, file_size: int, path: object) -> StHeader:
             f"may only be padded with spaces); {_FIX}",
             path=path,
         )
-    obj = loads_strict(body, path, "safetensors header")
+    limit = max_tensors_per_file()
+    if body.count('"data_offsets"') > limit:  # every entry has one; found without parsing
+        raise _too_many(path, limit)
+    try:  # tensors, __metadata__ and the header itself are objects: stop past that many
+        obj = loads_strict(body, path, "safetensors header", max_objects=limit + 2)
+    except TooManyObjects:
+        raise _too_many(path, limit) from None
+    if len(obj) - ("__metadata__" in obj) > limit:
+        raise _too_many(path, limit)
     metadata = _metadata(obj.pop("__metadata__", None), path)
     buffer_len = file_size - 8 - len(raw)
     entries = [_entry(name, spec, buffer_len, path) for name, spec in obj.items()]
     entries.sort(key=lambda e: (e.begin, e.end))
     _check_tiling(entries, buffer_len, path)
     return StHeader(str(path), len(raw), metadata, tuple(entries))
+
+
+def max_tensors_per_file() -> int:
+    """:data:`MAX_TENSORS_PER_FILE`, or the value of ``LOADERKIT_MAX_TENSORS_PER_FILE`` when set."""
+    raw = os.environ.get("LOADERKIT_MAX_TENSORS_PER_FILE", "").strip()
+    if not raw:
+        return MAX_TENSORS_PER_FILE
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        value = -1
+    if value < 1:
+        raise UnsupportedCheckpointError(
+            f"LOADERKIT_MAX_TENSORS_PER_FILE={raw!r} is not a positive whole number of tensors"
+        )
+    return value
+
+
+def _too_many(path: object, limit: int) -> UnsupportedCheckpointError:
+    return UnsupportedCheckpointError(
+        f"safetensors file {path} holds more than {limit:,} tensors, loaderkit's limit per file (a "
+        "header that large costs seconds and gigabytes to describe); if the file is genuine, raise "
+        "the limit with the environment variable LOADERKIT_MAX_TENSORS_PER_FILE",
+        path=path,
+    )
 
 
 def _metadata(meta: Any, path: object) -> dict[str, str]:

@@ -407,9 +407,9 @@ def test_zero_copy_aliases_the_file_and_zero_copy_false_does_not(tmp_path):
 
 
 def test_loads_in_eight_threads_and_a_user_thread_building_modules_leave_torch_untouched(tmp_path):
-    """Skeletons are built on the meta device by patching ``register_parameter``: only the building
-    thread's modules may go to meta, overlapping builds must not leave torch patched, and every
-    load must produce the checkpoint's weights."""
+    """Skeletons are built on the meta device in the load's dtype: only the building thread's
+    modules may go to meta or get that dtype, overlapping builds must not leave torch patched, and
+    every load must produce the checkpoint's weights in its dtype."""
     import threading
 
     ref = seeded(TinyNet)
@@ -428,6 +428,8 @@ def test_loads_in_eight_threads_and_a_user_thread_building_modules_leave_torch_u
             built[0] += 1
             if lin.weight.device.type == "meta" or lin.bias.device.type == "meta":
                 user_meta.append("meta")
+            if lin.weight.dtype != torch.float32 or torch.zeros(1).dtype != torch.float32:
+                user_meta.append("not float32")
 
     def loader(i):
         try:
@@ -446,10 +448,11 @@ def test_loads_in_eight_threads_and_a_user_thread_building_modules_leave_torch_u
     stop.set()
     u.join()
     assert not errors, errors
-    assert built[0] > 0 and not user_meta, f"{len(user_meta)} of {built[0]} user modules got meta parameters"
+    assert built[0] > 0 and not user_meta, f"{len(user_meta)} of {built[0]} user modules: {set(user_meta)}"
     assert torch.nn.Module.register_parameter is original
     assert torch.get_default_dtype() == default
     assert len(results) == 40
+    assert {m.proj.weight.dtype for m in results} == {torch.float32, torch.bfloat16}
     for m in results:
         assert torch.equal(m.proj.weight.float(), ref.proj.weight.to(m.proj.weight.dtype).float())
     assert torch.nn.Linear(2, 2).weight.device.type == "cpu"  # construction after the loads is normal
@@ -542,3 +545,151 @@ def test_zero_copy_false_copies_the_scale_of_a_kept_fp8_weight_too(tmp_path):
         begin, end = json.loads(m[8:8 + n])["proj.weight_scale"]["data_offsets"]
         m[8 + n + begin:8 + n + end] = bytes(end - begin)  # the scale becomes 0, in place
     assert torch.equal(model.proj.weight_scale, scale) and float(scale.reshape(-1)[0]) == 0.5
+
+
+def test_a_skeleton_build_never_changes_the_default_dtype_of_other_threads():
+    """A build in bfloat16 makes the building thread's default-dtype tensors bfloat16; a thread
+    constructing modules meanwhile still gets torch's own default, float32, on the CPU."""
+    import threading
+
+    from loaderkit.plugin import meta_init
+
+    inside, done = threading.Event(), threading.Event()
+    seen: dict[str, object] = {}
+
+    def other():
+        inside.wait(10)
+        lin = torch.nn.Linear(4, 4)
+        seen.update(weight=(lin.weight.dtype, lin.weight.device.type), default=torch.get_default_dtype(),
+                    tensor=torch.tensor([0.5]).dtype, legacy=torch.Tensor(2).dtype)
+        done.set()
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+            self.register_buffer("table", torch.arange(0.0, 4.0), persistent=False)
+            self.register_buffer("fp32", torch.ones(2, dtype=torch.float32), persistent=False)
+            self.default = torch.get_default_dtype()
+            self.legacy = torch.nn.Parameter(torch.Tensor(3))  # the legacy constructor (wav2vec2)
+            self.log = torch.nn.Parameter(torch.log(torch.arange(1, 5)))  # promoted from integers (Jamba)
+            torch.set_default_dtype(torch.float16)  # a constructor setting it changes this build only
+            self.half = torch.zeros(1)
+            torch.set_default_dtype(torch.bfloat16)
+            inside.set()
+            done.wait(10)
+
+    t = threading.Thread(target=other)
+    t.start()
+    with meta_init(torch.bfloat16):
+        net = Net()
+    t.join()
+    assert seen == {"weight": (torch.float32, "cpu"), "default": torch.float32, "tensor": torch.float32,
+                    "legacy": torch.float32}
+    assert net.legacy.dtype == net.log.dtype == torch.bfloat16 and net.half.dtype == torch.float16
+    assert net.default == torch.bfloat16 and net.table.dtype == torch.bfloat16 and net.table.device.type == "cpu"
+    assert net.lin.weight.dtype == torch.bfloat16 and net.lin.weight.device.type == "meta"
+    assert net.fp32.dtype == torch.float32  # an explicit dtype is kept
+    assert torch.get_default_dtype() == torch.float32
+
+
+# -- hostile sizes --------------------------------------------------------------------------------
+
+
+def test_a_config_with_far_more_layers_than_the_checkpoint_fails_before_building(tmp_path):
+    import time
+
+    transformers = pytest.importorskip("transformers")
+    from tiny_configs import TINY_LLAMA
+
+    from loaderkit.errors import BuildError
+
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_LLAMA)).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 10000}))
+    start = time.perf_counter()
+    with pytest.raises(BuildError, match=r"sets num_hidden_layers=10000, but the tensor names of the checkpoint "
+                                         r"number at most 2 layers") as err:
+        loaderkit.load(tmp_path, "fp32")
+    assert time.perf_counter() - start < 5
+    assert err.value.path == str(tmp_path)
+
+
+def _st_of_tiny_tensors(path, n, key='"data_offsets"'):
+    """A valid safetensors file of ``n`` one-element tensors, its header written directly."""
+    import struct
+
+    entries = (f'"t{i}":{{"dtype":"U8","shape":[1],{key}:[{i},{i + 1}]}}' for i in range(n))
+    header = ("{" + ",".join(entries) + "}").encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(n))
+    return path
+
+
+def test_a_header_of_a_million_tensors_is_refused_fast(tmp_path):
+    import time
+
+    from loaderkit.errors import UnsupportedCheckpointError
+
+    path = _st_of_tiny_tensors(tmp_path / "many.safetensors", 1_000_000)
+    start = time.perf_counter()
+    with pytest.raises(UnsupportedCheckpointError, match=r"holds more than 250,000 tensors") as err:
+        loaderkit.inspect(path)
+    assert time.perf_counter() - start < 5
+    assert err.value.path == str(path) and "LOADERKIT_MAX_TENSORS_PER_FILE" in str(err.value)
+
+
+@pytest.mark.parametrize("key", ['"data_offsets"', r'"data_\u006fffsets"'])
+def test_the_tensor_limit_per_file_holds_for_escaped_names_and_can_be_raised(tmp_path, monkeypatch, key):
+    from loaderkit.errors import UnsupportedCheckpointError
+
+    monkeypatch.setenv("LOADERKIT_MAX_TENSORS_PER_FILE", "100")
+    assert len(loaderkit.inspect(_st_of_tiny_tensors(tmp_path / "ok.safetensors", 100, key)).tensors) == 100
+    over = _st_of_tiny_tensors(tmp_path / "over.safetensors", 101, key)
+    with pytest.raises(UnsupportedCheckpointError, match="more than 100 tensors"):
+        loaderkit.inspect(over)
+    monkeypatch.setenv("LOADERKIT_MAX_TENSORS_PER_FILE", "101")
+    assert len(loaderkit.inspect(over).tensors) == 101
+    monkeypatch.setenv("LOADERKIT_MAX_TENSORS_PER_FILE", "many")
+    with pytest.raises(UnsupportedCheckpointError, match="not a positive whole number"):
+        loaderkit.inspect(over)
+
+
+# -- kept fp8 weights holding NaN or infinite codes -----------------------------------------------
+
+
+def _kept_fp8(tmp_path, codes, scaled):
+    sd = seeded(TinyNet).state_dict()
+    sd["proj.weight"] = codes
+    if scaled:
+        sd["proj.weight_scale"] = torch.tensor(1.0)
+    d = tmp_path / "ckpt"
+    d.mkdir(exist_ok=True)
+    save_st(d / "model.safetensors", sd)
+    if scaled:
+        (d / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "fp8"}}))
+    return d
+
+
+@pytest.mark.parametrize("where", ["memory", "disk"])
+@pytest.mark.parametrize("kind", ["e4m3 NaN", "e4m3 NaN, scaled", "e5m2 inf"])
+def test_a_kept_fp8_weight_with_non_finite_codes_is_refused_in_memory_and_offloaded(tmp_path, where, kind):
+    """Kept as stored, the weight is decoded only at forward time; offloaded to disk without a
+    copy it is only pointed at: either way its codes are checked at load."""
+    dtype = torch.float8_e5m2 if kind.startswith("e5m2") else E4M3
+    codes = torch.zeros(16, 8).to(dtype)
+    codes.view(torch.uint8)[3, 5] = 0x7C if dtype == torch.float8_e5m2 else 0xFF  # +inf / -NaN
+    scaled = kind.endswith("scaled")
+    d = _kept_fp8(tmp_path, codes, scaled)
+    placement = {} if where == "memory" else dict(device_map="auto", max_memory={"cpu": 1},
+                                                  offload_folder=tmp_path / "offload")
+    plan = loaderkit.plan(d, "fp8", model=TinyNet, **placement)
+    assert plan.tensors["proj.weight"].device == ("cpu" if where == "memory" else "disk")
+    assert plan.tensors["proj.weight"].conversion == "none"
+    with pytest.raises(CorruptCheckpointError, match="'proj.weight' holds NaN or infinite codes") as err:
+        loaderkit.load(d, "fp8", model=TinyNet, progress=False, **placement)
+    assert err.value.tensor == "proj.weight"
+    codes.view(torch.uint8)[3, 5] = 0x10  # a finite code: the same checkpoint loads
+    _kept_fp8(tmp_path, codes, scaled)
+    model = loaderkit.load(d, "fp8", model=TinyNet, progress=False, **placement)
+    assert model.proj.weight.dtype == dtype

@@ -408,6 +408,41 @@ def _row_step(width: int, align: int) -> int:
     return max(align, step - step % align)
 
 
+@functools.lru_cache(maxsize=8)
+def _nonfinite_codes(dtype: torch.dtype) -> tuple[int | None, int | None, torch.Tensor | None]:
+    """The bytes of ``dtype`` that are NaN or infinite, as ``(positive, negative, fallback)``.
+
+    Where each sign's non-finite bytes are the largest of its half (e4m3fn: 0x7F and 0xFF; e5m2:
+    0x7C.. and 0xFC..), ``positive`` and ``negative`` are the smallest of them (``None``: that half
+    has none) and ``fallback`` is ``None``; otherwise ``fallback`` lists them all."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    bad = codes[~torch.isfinite(codes.view(dtype).float())]
+    found = set(bad.tolist())
+    firsts = []
+    for lo, hi in ((0, 127), (128, 255)):
+        half = sorted(c for c in found if lo <= c <= hi)
+        if half and half != list(range(half[0], hi + 1)):
+            return None, None, bad
+        firsts.append(half[0] if half else None)
+    return firsts[0], firsts[1], None
+
+
+def has_nonfinite_codes(q: torch.Tensor) -> bool:
+    """True when the 8-bit float tensor ``q`` holds a NaN or infinite code (False for other dtypes).
+
+    For e4m3fn and e5m2 this is two max-reductions over the bytes (no temporary tensor; several
+    GB/s on one core), because their non-finite codes are the largest bytes of each sign."""
+    if q.element_size() != 1 or not q.is_floating_point() or not q.numel():
+        return False
+    pos, neg, fallback = _nonfinite_codes(q.dtype)
+    raw = q.reshape(-1).view(torch.uint8)
+    if fallback is not None:
+        return bool(torch.isin(raw, fallback.to(raw.device)).any())
+    if neg is not None and int(raw.max()) >= neg:
+        return True
+    return pos is not None and int(raw.view(torch.int8).max()) >= pos
+
+
 # -- quantize ----------------------------------------------------------------------------------
 
 

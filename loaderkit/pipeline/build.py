@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
 
 from ..contract.dtypes import dtype_name
 from ..contract.records import BuildRequest, CheckpointInfo, ModelFacts, TensorInfo
@@ -23,28 +25,119 @@ from ..errors import BuildError
 from .discover import PluginManager
 
 
-#: Skeleton builds run one at a time: torch's default dtype (and the process-wide patches a model
-#: library applies while constructing) cannot be saved and restored by two threads at once.
+#: Skeleton builds run one at a time: the wrappers :func:`meta_init` installs are saved and
+#: restored by one thread at a time.
 _BUILD_LOCK = threading.RLock()
+#: ``dtype``: the default dtype of the build running in this thread, if any.
+_BUILDING = threading.local()
+_torch_default_dtype = torch.get_default_dtype
+_torch_set_default_dtype = torch.set_default_dtype
+_SETTABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+#: factories whose result is in the default dtype when no ``dtype`` is given ...
+_FLOAT_FACTORIES = frozenset({torch.empty, torch.zeros, torch.ones, torch.rand, torch.randn, torch.empty_strided,
+                              torch.eye, torch.linspace, torch.logspace, torch.scalar_tensor})
+#: ... and those whose result is in it only for Python floats (``torch.arange(0.0, 1.0)``).
+_INFERRING_FACTORIES = frozenset({torch.tensor, torch.as_tensor, torch.asarray, torch.full, torch.arange})
+
+
+def _get_default_dtype() -> torch.dtype:
+    """``torch.get_default_dtype()``; in a thread building a skeleton, that build's own default."""
+    dtype = getattr(_BUILDING, "dtype", None)
+    return _torch_default_dtype() if dtype is None else dtype
+
+
+def _set_default_dtype(dtype: torch.dtype) -> None:
+    """``torch.set_default_dtype``; in a thread building a skeleton, it sets that build's own
+    default (a model constructor that sets and restores it changes nothing for other threads)."""
+    if getattr(_BUILDING, "dtype", None) is None or dtype not in _SETTABLE:
+        return _torch_set_default_dtype(dtype)  # (refuses what torch refuses)
+    _BUILDING.dtype = dtype
+
+
+_tensor_new = torch.Tensor.__new__
+
+
+def _legacy_new(cls, *args, **kwargs):
+    """``torch.Tensor(3)``, the legacy constructor (torch function modes do not see it): in a
+    thread building a skeleton, in that build's default dtype."""
+    t = _tensor_new(cls, *args, **kwargs)
+    dtype = getattr(_BUILDING, "dtype", None)
+    if (dtype is None or cls is not torch.Tensor or t.dtype == dtype or t.dtype != _torch_default_dtype()
+            or any(isinstance(a, torch.Tensor) or hasattr(a, "__array__") for a in args)):
+        return t
+    return t.to(dtype)
+
+
+class _DefaultDtype(TorchFunctionMode):
+    """Gives factory calls without a ``dtype`` the building thread's default dtype, as
+    ``torch.set_default_dtype`` would, but in this thread only (torch function modes are per
+    thread; torch's default dtype is not)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        dtype = _BUILDING.dtype
+        if dtype == _torch_default_dtype() or kwargs.get("dtype") is not None or kwargs.get("out") is not None:
+            return func(*args, **kwargs)
+        if func in _FLOAT_FACTORIES:
+            return func(*args, **{**kwargs, "dtype": dtype})
+        out = func(*args, **kwargs)
+        if not isinstance(out, torch.Tensor) or out.dtype != _torch_default_dtype():
+            return out
+        if func in _INFERRING_FACTORIES:
+            if args and hasattr(args[0], "dtype"):  # a tensor or an array keeps its own dtype
+                return out
+            return func(*args, **{**kwargs, "dtype": dtype})
+        return _promoted(func, args, kwargs, out, dtype)
+
+
+#: tensor methods whose float32 result was asked for explicitly (``ids.float()``, ``.to(...)``).
+_EXPLICIT = frozenset({"float", "double", "half", "bfloat16", "to", "type", "type_as", "view", "new_tensor",
+                       "new_empty", "new_zeros", "new_ones", "new_full"})
+
+
+def _promoted(func, args, kwargs, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An operation on integer tensors whose result is floating (``torch.log(ids)``,
+    ``ids / 2``) gets the default dtype; under ``dtype`` as the default, torch would have cast the
+    integer operands to ``dtype`` first: done so here. Results from floating inputs are untouched."""
+    leaves = tree_flatten((args, kwargs))[0]
+    if getattr(func, "__name__", "") in _EXPLICIT or any(
+        isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex()) for x in leaves
+    ):
+        return out
+
+    def cast(x):
+        return x.to(dtype) if isinstance(x, torch.Tensor) and x.dtype != torch.bool else x
+
+    try:
+        again = func(*tree_map(cast, args), **tree_map(cast, kwargs))
+    except (RuntimeError, TypeError, ValueError):  # an integer operand that must stay one (an index)
+        return out.to(dtype)
+    return again if isinstance(again, torch.Tensor) and again.dtype == dtype else out.to(dtype)
 
 
 @contextlib.contextmanager
 def meta_init(dtype: torch.dtype | None = None):
     """Construct modules with parameters on the meta device and buffers on the CPU.
 
-    Inside, ``torch.get_default_dtype()`` is ``dtype`` (when given), so buffers that a model
-    creates in the default dtype match what ``from_pretrained(dtype=...)`` would create. A
-    parameter registered twice (``self.head.weight = self.embed.weight``) stays one meta
-    parameter, so ties made in ``__init__`` survive.
+    Inside, tensors made without a ``dtype`` are made in ``dtype`` (when given) and
+    ``torch.get_default_dtype()`` answers ``dtype``, so buffers that a model creates in the
+    default dtype match what ``from_pretrained(dtype=...)`` would create. A parameter registered
+    twice (``self.head.weight = self.embed.weight``) stays one meta parameter, so ties made in
+    ``__init__`` survive.
 
-    Only the calling thread's modules go to the meta device: other threads constructing modules
-    meanwhile get ordinary parameters. Builds in several threads take turns (a process-wide
-    lock, re-entrant), so torch is always left as it was found.
+    Only the calling thread is affected: torch's default dtype is never changed, and other
+    threads constructing modules meanwhile get ordinary parameters in torch's default dtype.
+    ``torch.set_default_dtype`` called by the model's constructor sets this build's default only.
+    Builds in several threads take turns (a process-wide lock, re-entrant), so the wrappers
+    installed meanwhile (``Module.register_parameter``, ``torch.get_default_dtype``,
+    ``torch.set_default_dtype`` and the legacy ``torch.Tensor(...)`` constructor, each passing other
+    threads' calls through) are always removed.
     """
     with _BUILD_LOCK:
-        old = torch.get_default_dtype()
         outer = torch.nn.Module.register_parameter
         base = getattr(outer, "_loaderkit_base", outer)  # the unpatched method, when nested
+        outer_get, outer_set = torch.get_default_dtype, torch.set_default_dtype
         owner = threading.get_ident()
         moved: dict[int, torch.nn.Parameter] = {}
         keep = []  # keep originals alive so their ids stay unique while constructing
@@ -66,14 +159,23 @@ def meta_init(dtype: torch.dtype | None = None):
             return register_on_meta(module, name, param)
 
         register_parameter._loaderkit_base = base
+        was = getattr(_BUILDING, "dtype", None)
+        _BUILDING.dtype = dtype if dtype in _SETTABLE else _get_default_dtype()
+        outer_new = torch.Tensor.__dict__.get("__new__")
         try:
-            if dtype is not None and dtype.is_floating_point and dtype.itemsize >= 2:
-                torch.set_default_dtype(dtype)
             torch.nn.Module.register_parameter = register_parameter
-            yield
+            torch.get_default_dtype, torch.set_default_dtype = _get_default_dtype, _set_default_dtype
+            torch.Tensor.__new__ = _legacy_new
+            with _DefaultDtype():
+                yield
         finally:
             torch.nn.Module.register_parameter = outer
-            torch.set_default_dtype(old)
+            torch.get_default_dtype, torch.set_default_dtype = outer_get, outer_set
+            if outer_new is None:
+                del torch.Tensor.__new__
+            else:
+                torch.Tensor.__new__ = outer_new
+            _BUILDING.dtype = was
 
 
 def from_argument(model: Any, dtype: torch.dtype) -> torch.nn.Module:
@@ -100,10 +202,50 @@ def from_argument(model: Any, dtype: torch.dtype) -> torch.nn.Module:
     )
 
 
+#: A config's layer count may exceed the layers its checkpoint numbers (weights shared between
+#: layers, ALBERT) by this factor plus :data:`LAYER_SLACK`; beyond that it cannot be the
+#: checkpoint's config, and building its skeleton would cost time for nothing.
+LAYER_FACTOR = 2
+LAYER_SLACK = 256
+_LAYER_FIELD = re.compile(r"(^|_)layers?$")
+
+
+def check_layer_counts(checkpoint: CheckpointInfo) -> None:
+    """Refuse a config whose layer counts (``num_hidden_layers``, ``n_layer``, ``num_layers``,
+    ``encoder_layers`` ... in it or its sub-configs) are far more than its checkpoint's tensors
+    number: ``num_hidden_layers=10000`` beside a 2-layer checkpoint fails here, in milliseconds,
+    instead of after a 10,000-layer skeleton is built. Checked from headers and config alone."""
+    fields = list(_layer_fields(checkpoint.config))
+    if not fields:
+        return
+    numbered = 1 + max((int(p) for key in checkpoint.tensors for p in key.split(".") if p.isdigit()), default=-1)
+    allowed = LAYER_FACTOR * numbered + LAYER_SLACK
+    for name, value in fields:
+        if value > allowed:
+            raise BuildError(
+                f"the config of {checkpoint.path} sets {name}={value}, but the tensor names of the checkpoint "
+                f"number at most {numbered} layers: the config does not belong to these weights (refused "
+                f"before building a {value}-layer model). Fix {name} in config.json, or pass model=",
+                path=checkpoint.path,
+            )
+
+
+def _layer_fields(config: Any, prefix: str = "", depth: int = 0):
+    """``(dotted name, value)`` of the integer fields named like a layer count, sub-configs included."""
+    if not isinstance(config, dict) or depth > 8:
+        return
+    for key, value in config.items():
+        if isinstance(value, dict):
+            yield from _layer_fields(value, f"{prefix}{key}.", depth + 1)
+        elif type(value) is int and _LAYER_FIELD.search(str(key)):
+            yield f"{prefix}{key}", value
+
+
 def build_skeleton(
     manager: PluginManager, checkpoint: CheckpointInfo, dtype: torch.dtype
 ) -> tuple[torch.nn.Module, str]:
     """Ask builder plugins, in priority order, for a skeleton. Returns ``(model, builder_name)``."""
+    check_layer_counts(checkpoint)
     request = BuildRequest(checkpoint=checkpoint, dtype=dtype_name(dtype))
     for entry in manager.builders():
         if manager.call(entry, entry.obj.can_build, request):
@@ -130,6 +272,7 @@ def skeleton(model: Any, manager: PluginManager, checkpoint: CheckpointInfo, dty
     first that builds it for this checkpoint (with a config it finds) makes the skeleton.
     """
     if isinstance(model, type) and issubclass(model, nn.Module):
+        check_layer_counts(checkpoint)
         request = BuildRequest(checkpoint=checkpoint, dtype=dtype_name(dtype))
         for entry in manager.builders():
             built = manager.call(entry, entry.obj.build_class, request, model)

@@ -65,15 +65,18 @@ def read_all(
     """
     out = Loaded()
     for tp in plan.tensors.values():
-        if tp.device == "disk" and writer is not None and _point_at_source(tp, plan, writer):
+        if tp.device == "disk" and writer is not None and _can_point_at_source(tp, plan):
+            if is_fp8(tp.stored_dtype):  # not copied, but checked like a weight kept in memory
+                _check_kept(reader.get(tp.source), None, tp, plan)
+            _point_at_source(tp, plan, writer)
             out.tensors[tp.key] = _meta_like(tp)
             continue
         merge = (merges or {}).get(tp.key)
         tensor, scale = _read_one(merge.read if merge is not None else tp, plan, reader, manager, keymap)
         if merge is not None:
             tensor, scale = merge.apply(tensor)
-        if scale is not None and tp.conversion == "none":
-            _check_kept_range(tensor, scale, tp, plan)
+        if tp.conversion == "none":
+            _check_kept(tensor, scale, tp, plan)
         if not zero_copy and tp.conversion == "none" and not (tp.device == "disk" and writer is not None):
             tensor = tensor.clone()  # private memory: later changes to the file do not reach the model
             # (a tensor the library built from others may be a slice of the file too)
@@ -256,17 +259,19 @@ class Source:
             self.manager.invoke(self.plugin, self.reader.close)
 
 
-def _point_at_source(tp: TensorPlan, plan: Plan, writer: "DiskWriter") -> bool:
-    """Offload without copying: point the offload index at the tensor in its safetensors file."""
+def _can_point_at_source(tp: TensorPlan, plan: Plan) -> bool:
+    """True when ``tp`` can be offloaded without copying: stored as planned in a safetensors file."""
     if tp.sources:
         return False  # built by the library's conversion: written out, not pointed at
     info = plan.checkpoint.tensors[tp.source]
-    if tp.conversion != "none" or tp.companions or not info.file.endswith(".safetensors"):
-        return False
-    path = str(Path(plan.checkpoint.root) / info.file)
+    return tp.conversion == "none" and not tp.companions and info.file.endswith(".safetensors")
+
+
+def _point_at_source(tp: TensorPlan, plan: Plan, writer: "DiskWriter") -> None:
+    """Offload without copying: point the offload index at the tensor in its safetensors file."""
+    path = str(Path(plan.checkpoint.root) / plan.checkpoint.tensors[tp.source].file)
     for k in (tp.key, *tp.also):
         writer.point(k, path, tp.source, tp.target_dtype)
-    return True
 
 
 def _meta_like(tp: TensorPlan) -> torch.Tensor:
@@ -342,12 +347,28 @@ def _check_finite(out: torch.Tensor, raw: torch.Tensor, tp: TensorPlan, ckpt: Ch
             tensor=tp.source,
         )
     if not tp.buffer:
-        raise CorruptCheckpointError(
-            f"{ckpt.path}: the fp8 weight {tp.source!r} holds NaN or infinite codes; a weight cannot, so the "
-            "checkpoint is corrupt",
-            path=ckpt.path,
-            tensor=tp.source,
-        )
+        raise _nonfinite_codes_error(tp, ckpt)
+
+
+def _nonfinite_codes_error(tp: TensorPlan, ckpt: CheckpointInfo) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{ckpt.path}: the fp8 weight {tp.source!r} holds NaN or infinite codes; a weight cannot, so the "
+        "checkpoint is corrupt",
+        path=ckpt.path,
+        tensor=tp.source,
+    )
+
+
+def _check_kept(q: torch.Tensor, scale: torch.Tensor | None, tp: TensorPlan, plan: Plan) -> None:
+    """A weight kept as stored is decoded only at forward time, so what decoding would refuse is
+    refused now: fp8 NaN or infinite codes (every byte read once, without a copy) and, with a
+    scale, values the compute dtype cannot hold."""
+    from ..kernels.quant import has_nonfinite_codes
+
+    if not tp.buffer and has_nonfinite_codes(q):
+        raise _nonfinite_codes_error(tp, plan.checkpoint)
+    if scale is not None:
+        _check_kept_range(q, scale, tp, plan)
 
 
 def _check_kept_range(q: torch.Tensor, scale: torch.Tensor, tp: TensorPlan, plan: Plan) -> None:
