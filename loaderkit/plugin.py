@@ -77,7 +77,7 @@ from .contract.records import (
 )
 from .errors import *  # noqa: F403 - every error class, for plugins to raise
 from .errors import __all__ as _errors
-from .pipeline.build import meta_init
+from .pipeline.build import building_thread_only, meta_init
 from .pipeline.discover import PluginManager, get_manager, use_manager
 
 __all__ = [
@@ -150,6 +150,7 @@ __all__ = [
     "is_fp8",
     "looks_like_quantization_data",
     "meta_init",
+    "building_thread_only",
     "module_kind",
     "opened_contained",
     "read_by_parent",

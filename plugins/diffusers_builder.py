@@ -18,7 +18,9 @@ from typing import Any
 
 import torch
 
-from loaderkit.plugin import Builder, BuildRequest, contained, hookimpl, meta_init, ModelFacts, thaw, to_torch
+from loaderkit.plugin import (
+    Builder, BuildRequest, building_thread_only, contained, hookimpl, meta_init, ModelFacts, thaw, to_torch,
+)
 from loaderkit.errors import BuildError
 
 #: Patterns diffusers' ``enable_layerwise_casting`` skips by default, besides a model's own
@@ -89,7 +91,7 @@ def _init_contexts(dtype: torch.dtype):
         try:
             from diffusers.models.modeling_utils import no_init_weights
 
-            stack.enter_context(no_init_weights())
+            stack.enter_context(building_thread_only(no_init_weights()))
         except ImportError:
             pass
         yield

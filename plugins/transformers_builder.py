@@ -24,6 +24,7 @@ import torch
 from loaderkit.plugin import (
     Builder,
     BuildRequest,
+    building_thread_only,
     contained,
     FusedTensor,
     hookimpl,
@@ -184,7 +185,7 @@ def _init_contexts(dtype: torch.dtype):
             from transformers import initialization
 
             # parameters are on the meta device: their initialisers would only cost time
-            stack.enter_context(initialization.no_init_weights())
+            stack.enter_context(building_thread_only(initialization.no_init_weights()))
         except (ImportError, AttributeError):
             pass
         try:

@@ -693,3 +693,44 @@ def test_a_kept_fp8_weight_with_non_finite_codes_is_refused_in_memory_and_offloa
     _kept_fp8(tmp_path, codes, scaled)
     model = loaderkit.load(d, "fp8", model=TinyNet, progress=False, **placement)
     assert model.proj.weight.dtype == dtype
+
+
+@pytest.mark.parametrize("library", ["transformers", "diffusers"])
+def test_a_library_build_does_not_stop_other_threads_initialising_their_modules(tmp_path, library):
+    """transformers' and diffusers' no_init_weights replace torch.nn.init's functions for the whole
+    process while a model is built; another thread's initialisers must still run."""
+    import threading
+
+    if library == "transformers":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
+                                     num_key_value_heads=2, vocab_size=32)).save_pretrained(tmp_path / "m")
+    else:
+        from diffusers import AutoencoderKL
+
+        AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=2,
+                      layers_per_block=1).save_pretrained(tmp_path / "m")
+    stop = threading.Event()
+    bad, calls = [], [0]
+
+    def user():
+        while not stop.is_set():
+            t = torch.zeros(64)
+            torch.nn.init.constant_(t, 3.0)
+            torch.nn.init.normal_(t, mean=5.0, std=0.1) if t[0] == 3.0 else None
+            calls[0] += 1
+            if not 4.0 < float(t.mean()) < 6.0:
+                bad.append(float(t.mean()))
+
+    u = threading.Thread(target=user)
+    u.start()
+    try:
+        for _ in range(15):
+            loaderkit.plan(tmp_path / "m", "bf16")
+    finally:
+        stop.set()
+        u.join()
+    assert calls[0] > 0 and not bad, f"{len(bad)} of {calls[0]} initialisations in another thread did nothing"
+    t = torch.zeros(4)
+    assert torch.equal(torch.nn.init.constant_(t, 2.0), torch.full((4,), 2.0))  # torch's own again

@@ -178,6 +178,39 @@ def meta_init(dtype: torch.dtype | None = None):
             _BUILDING.dtype = was
 
 
+@contextlib.contextmanager
+def building_thread_only(context, namespace: Any = torch.nn.init):
+    """Enter a model library's construction ``context`` so that what it replaces in ``namespace``
+    applies to the building thread only.
+
+    transformers' and diffusers' ``no_init_weights`` (which their ``from_pretrained`` uses, as
+    loaderkit's builders do: parameters on the meta device need no initialising) replace
+    ``torch.nn.init``'s functions for the whole process. Inside this wrapper every function the
+    context replaced dispatches by thread: the building thread gets the library's, any other
+    thread torch's own, so a module another thread constructs meanwhile is initialised as usual.
+    (The library installs its replacements a moment before they are wrapped.)
+    """
+    before = dict(vars(namespace))
+    with context:
+        owner = threading.get_ident()
+        patched = {n: v for n, v in vars(namespace).items() if n in before and before[n] is not v}
+        for name, mine in patched.items():
+            setattr(namespace, name, _per_thread(owner, mine, before[name]))
+        try:
+            yield
+        finally:
+            for name, mine in patched.items():
+                setattr(namespace, name, mine)  # the library's own exit restores torch's
+
+
+def _per_thread(owner: int, mine, theirs):
+    @functools.wraps(theirs)
+    def dispatch(*args, **kwargs):
+        return (mine if threading.get_ident() == owner else theirs)(*args, **kwargs)
+
+    return dispatch
+
+
 def from_argument(model: Any, dtype: torch.dtype) -> torch.nn.Module:
     """Turn the ``model=`` argument (a module, a module class or a zero-arg factory) into a module."""
     if isinstance(model, torch.nn.Module):
