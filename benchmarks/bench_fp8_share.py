@@ -8,8 +8,9 @@ does for the real checkpoint. Printed per model: the bf16 size, the fp8 plan's s
 of bytes in fp8, the largest reasons weights stay in the compute dtype, and a peer's share:
 diffusers' ``enable_layerwise_casting`` (its default skip patterns plus the model's own) for
 diffusers models, llm-compressor's FP8 presets (every Linear but ``lm_head``) for transformers
-models (the per-expert Linears of the hub layout included). The share is of bytes in memory,
-scales included.
+models (the per-expert Linears of the hub layout included). Also printed: what ComfyUI stores in
+fp8, by the rules of its own loader (see ``comfyui_bytes``), for a ``scaled_fp8`` file and for a
+model loaded with ``weight_dtype="fp8_e4m3fn"``. The share is of bytes in memory, scales included.
 
     python benchmarks/bench_fp8_share.py [--models llama-3-8b flux.1-dev ...] [--json]
 """
@@ -134,6 +135,57 @@ def peer_share(name: str, model: torch.nn.Module) -> float:
     return fp8 / total
 
 
+# ComfyUI's own loader (Comfy-Org/ComfyUI a125cd84, 2025-10-12) decides which tensors are fp8 by
+# the dtype and the operations each layer of its model classes is built with:
+# - a ``scaled_fp8`` file (comfy/model_detection.py model_config_from_unet reads the ``scaled_fp8``
+#   marker; comfy/ops.py pick_operations -> scaled_fp8_ops): the model is built in its inference
+#   dtype (16-bit) and only ``Linear`` is built in fp8 (scaled_fp8_op.Linear.__init__ overrides the
+#   dtype, so weight and bias), with one float32 ``scale_weight`` per Linear; everything else
+#   (Conv*, norms, embeddings, modulation tables, positional buffers) stays 16-bit;
+# - ``weight_dtype="fp8_e4m3fn"`` (nodes.py UNETLoader, or ``--fp8_e4m3fn-unet``: comfy/sd.py
+#   load_diffusion_model_state_dict -> model_config.set_inference_dtype): every layer is built with
+#   ``dtype=fp8`` (comfy/model_base.py BaseModel.__init__, the ``manual_cast`` ops casting at run
+#   time), so every tensor is fp8 but the ones a model class builds in a fixed dtype.
+# The same two rules hold for text encoders (comfy/sd1_clip.py SDClipModel,
+# ``--fp8_e4m3fn-text-enc``).
+# Fixed dtypes in ComfyUI's classes for these models: Wan's patch embedding is a float32 Conv3d
+# (comfy/ldm/wan/model.py WanModel.__init__), same name in diffusers.
+COMFYUI_FLOAT32 = {"wan2.1-14b": ("patch_embedding",)}
+# ComfyUI runs Llama-3-8B only as a text encoder (comfy/text_encoders/llama.py Llama2_,
+# HunyuanVideo's llava-llama-3-8b), which builds no lm_head; it has no MoE language model.
+COMFYUI_TEXT_ENCODERS = {"llama-3-8b": ("lm_head",)}
+
+
+def comfyui_bytes(name: str, model: torch.nn.Module, scaled: bool) -> tuple[int, int] | None:
+    """(bytes in fp8, bytes) ComfyUI holds for ``model``; ``None`` where ComfyUI does not run it.
+
+    ComfyUI's module-type rule (above) applied to the diffusers/transformers-built modules: its
+    ``operations.Linear`` is ``nn.Linear`` here, and every other tensor of the state dict (parameters
+    and persistent buffers, such as SD3's ``pos_embed``) is a non-Linear tensor in the model's dtype.
+    """
+    if name in TRANSFORMERS and name not in COMFYUI_TEXT_ENCODERS:
+        return None
+    not_built, float32 = COMFYUI_TEXT_ENCODERS.get(name, ()), COMFYUI_FLOAT32.get(name, ())
+    fp8 = total = 0
+    for mname, module in model.named_modules():
+        if mname in not_built:
+            continue
+        buffers = [b for k, b in module._buffers.items()
+                   if b is not None and k not in module._non_persistent_buffers_set]
+        n = sum(t.numel() for t in [*module.parameters(recurse=False), *buffers] if t.is_floating_point())
+        if n == 0:
+            continue
+        if mname in float32:
+            total += 4 * n
+        elif not scaled or isinstance(module, torch.nn.Linear):
+            in_fp8 = n + (4 if scaled else 0)  # scaled: scale_weight, a float32 scalar per Linear
+            fp8 += in_fp8
+            total += in_fp8
+        else:
+            total += 2 * n
+    return fp8, total
+
+
 def measure(name: str) -> dict:
     import loaderkit
 
@@ -159,6 +211,9 @@ def measure(name: str) -> dict:
         "fp8_plan_gib": total / GiB,
         "fp8_share": in_fp8 / total,
         "peer_share": peer_share(name, model),
+        "comfyui": {mode: None if b is None else {"gib": b[1] / GiB, "share": b[0] / b[1]}
+                    for mode, b in (("scaled_fp8", comfyui_bytes(name, model, scaled=True)),
+                                    ("fp8_e4m3fn", comfyui_bytes(name, model, scaled=False)))},
         "override_share": None if override is None else share(override),
         "override_gib": None if override is None else sum(override.bytes_per_device().values()) / GiB,
         "kept": [f"{d.choice}: {d.reason}" for d in kept],
@@ -186,11 +241,13 @@ def main() -> int:
         return 0
     print(machine())
     print(f"{'model':<16} {'bf16 GiB':>9} {'fp8 plan GiB':>13} {'fp8 share':>10} {'peer share':>11} "
-          f"{'library_skips=False':>22}")
+          f"{'library_skips=False':>22} {'ComfyUI scaled_fp8 / fp8_e4m3fn':>38}")
     for r in rows:
         over = "-" if r["override_share"] is None else f"{r['override_gib']:.2f} GiB, {r['override_share']:.1%}"
+        comfy = " / ".join("n/a" if c is None else f"{c['gib']:.2f} GiB, {c['share']:.2%}"
+                           for c in r["comfyui"].values())
         print(f"{r['model']:<16} {r['bf16_gib']:>9.2f} {r['fp8_plan_gib']:>13.2f} {r['fp8_share']:>10.1%} "
-              f"{r['peer_share']:>11.1%} {over:>22}")
+              f"{r['peer_share']:>11.1%} {over:>22} {comfy:>38}")
         for k in r["kept"]:
             print(f"    kept: {k}")
     return 0
