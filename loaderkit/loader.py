@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from .contract.bases import Strategy
+from .contract.io import gc_paused
 from .contract.plan import Plan
 from .contract.records import CheckpointInfo, KeyMap, ModelFacts
 from .errors import PlanError, UsageError
@@ -83,6 +84,11 @@ class Prepared:
 
 def prepare(request: LoadRequest, mgr: PluginManager) -> Prepared:
     """Stages 1-5: discover (the manager), inspect, build, negotiate and place — headers and config only."""
+    with gc_paused():  # many small acyclic records: full collections would cost more than the work
+        return _prepare(request, mgr)
+
+
+def _prepare(request: LoadRequest, mgr: PluginManager) -> Prepared:
     placement = request.placement()
     layout = None if request.layout is None else mgr.layout(request.layout).encoder
     arg = request.strategy if layout is None else negotiate.with_granularity(request.strategy, layout.granularities[0], mgr)
@@ -214,7 +220,8 @@ def inspect(
 
     :param format: force a format plugin by name instead of letting formats claim the path.
     """
-    return describe(path, manager or get_manager(), format)
+    with gc_paused():
+        return describe(path, manager or get_manager(), format)
 
 
 def strategy(name: str, *, manager: PluginManager | None = None, **options: Any) -> Strategy:

@@ -41,7 +41,7 @@ from .contract.bases import (
 from .contract.dtypes import FP8_NAMES, SAFETENSORS_DTYPES, dtype_name, is_float, is_fp8, to_torch
 from .contract.env import env_flag
 from .contract.hookspecs import hookimpl, hookspec
-from .contract.io import contained, escapes, fd_path, opened_contained, read_json
+from .contract.io import contained, escapes, fd_path, gc_paused, opened_contained, read_json
 from .contract.layout import (
     CHANNEL,
     DEFAULT_BLOCK,
@@ -153,6 +153,7 @@ __all__ = [
     "building_thread_only",
     "module_kind",
     "opened_contained",
+    "gc_paused",
     "read_by_parent",
     "read_json",
     "contained",

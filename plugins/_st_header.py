@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from loaderkit.plugin import SAFETENSORS_DTYPES, TensorInfo, to_torch
+from loaderkit.plugin import SAFETENSORS_DTYPES, TensorInfo, gc_paused, to_torch
 from loaderkit.errors import CorruptCheckpointError, UnsupportedCheckpointError
 
 #: the largest header the safetensors format allows.
@@ -146,23 +146,6 @@ def loads_strict(text: str, path: object, what: str, max_objects: int | None = N
         ) from None
     except (ValueError, RecursionError) as exc:
         raise CorruptCheckpointError(f"{what} of {path} is not valid JSON: {exc}; {_FIX}", path=path) from None
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector while a large header is turned into records.
-
-    Parsing a header allocates a few objects per tensor and none of them form cycles; with torch
-    imported, the full collections this would trigger cost more than the parse itself (about 70 ms
-    for a 10,000-tensor header). The collector's previous state is restored on exit.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 @functools.cache

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..errors import CorruptCheckpointError, UnsafeCheckpointError
 
@@ -84,3 +86,21 @@ def opened_contained(root: Path, fd: int, path: Path, what: str) -> None:
             "inside it, so it was not read",
             path=path,
         )
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while many small records are made.
+
+    Describing and planning a checkpoint allocates a few objects per tensor, and none of them form
+    cycles; with torch imported, the full collections this would trigger cost more than the work
+    itself (about 70 ms for a 10,000-tensor header, 0.45 s of 1.6 s describing a 90,000-tensor
+    index). The collector's previous state is restored on exit; nested uses are free.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
