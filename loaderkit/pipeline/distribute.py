@@ -176,8 +176,8 @@ def _parallelize(model: torch.nn.Module, plan: Plan, facts: ModelFacts, par: Par
         else:
             styles = how
             _check_styles(styles)
+            _check_patterns(model, styles)  # a library's plan may name modules some of its models lack
         styles = {k: v for k, v in styles.items() if v is not None}
-        _check_patterns(model, styles)
         parallelize_module(model, par.mesh, styles)
         _check_even(model, plan)
         return ()
