@@ -549,11 +549,9 @@ def _quantize_channel(rows: torch.Tensor, fp8_dtype: torch.dtype) -> tuple[torch
 
 
 def _divided(part: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``part.float() / scale`` into ``out`` (float32): one op for 16/32-bit sources, whose
-    float32 conversion is exact; a float64 source is rounded to float32 first, as the definition."""
-    if part.dtype == torch.float64:
-        return out.copy_(part).div_(scale)
-    return torch.div(part, scale, out=out)
+    """``part.float() / scale`` into ``out`` (float32) in two passes: a mixed-dtype ``torch.div``
+    would convert the whole of ``part`` into a temporary first."""
+    return out.copy_(part).div_(scale)
 
 
 def _row_amax(rows: torch.Tensor) -> torch.Tensor:
