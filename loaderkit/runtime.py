@@ -19,6 +19,12 @@ every call), and ``module.forward`` is left to accelerate's hook machinery.
 * **Workspace**: on the CPU, under ``torch.no_grad``/``inference_mode`` and for the standard
   layers (Linear, Conv, Embedding, norms), decoded copies go to reused buffers: a fresh 32-64 MB
   allocation costs more than the decode itself on small-core machines (page faults).
+* **Folded scales**: ``fold_scale=True`` on an ``nn.Linear`` whose weight has one scale per output
+  channel decodes the weight *unscaled* (``q.to(compute)``, exact) and applies the scale to the
+  output instead: ``y = (linear(x, q) * s + b)``, the product and sum in float32. The same math
+  with a different rounding (the matmul's result is rounded before the scale instead of each
+  weight after it), so it is opt-in; it applies on the CPU without gradients, on a module with
+  no other hook and no low-rank update, and decodes through the cheaper unscaled table route.
 * **Native fp8**: ``native=True`` on an ``nn.Linear`` whose weight is ``float8_e4m3fn`` on a CUDA
   device with compute capability >= 8.9 runs ``torch._scaled_mm`` with a dynamically quantized
   activation instead of decoding the weight; elsewhere the rule decodes, and says why in
@@ -80,6 +86,8 @@ class CastRule:
     :ivar deltas: low-rank updates added to the decoded tensors at each forward (LoRAs).
     :ivar for_deltas: the rule was attached only to add :attr:`deltas` (the module stores its
         tensors in the compute dtype); it goes away with its last delta.
+    :ivar fold_scale: apply a Linear weight's per-channel scale to the output (see the module
+        docstring); where it does not apply the weight is decoded with its scale as usual.
     """
 
     compute_dtype: torch.dtype
@@ -89,6 +97,7 @@ class CastRule:
     native_reason: str = ""
     deltas: list["LowRank"] = field(default_factory=list)
     for_deltas: bool = False
+    fold_scale: bool = False
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -106,6 +115,7 @@ class CastRule:
             "resident": self.resident,
             "native": self.native,
             "native_reason": self.native_reason,
+            "fold_scale": self.fold_scale,
             "deltas": [{"name": d.name, "tensor": d.tensor, "rank": d.rank, "scale": d.scale} for d in self.deltas],
         }
 
@@ -178,6 +188,7 @@ def attach_cast(
     names: list[str] | None = None,
     name: str = "",
     device: DeviceCaps | None = None,
+    fold_scale: bool = False,
 ) -> CastRule:
     """Attach a cast rule so that ``module``'s kernel sees its tensors in ``compute_dtype``.
 
@@ -191,6 +202,8 @@ def attach_cast(
     :param name: the module's qualified name, used in error messages.
     :param device: the capabilities of the execution device, for deciding ``native``
         (default: the CUDA capability of the module's weight's device, or its offload hook's).
+    :param fold_scale: for an ``nn.Linear`` with per-channel weight scales, scale the output
+        instead of the weight (faster on the CPU; rounds differently, see the module docstring).
     :returns: the rule (also available later through :func:`cast_rule_of`).
     :raises CastRuleError: for an unsuitable dtype, an unknown tensor or a malformed scale.
     """
@@ -208,7 +221,7 @@ def attach_cast(
     covered = list(names) if names is not None else _default_names(module)
     covered += [n for n in scales if n not in covered]
     tensors = {n: _tensor_cast(module, n, scales.get(n), label, name) for n in covered}
-    rule = CastRule(compute_dtype=compute_dtype, tensors=tensors, resident=resident)
+    rule = CastRule(compute_dtype=compute_dtype, tensors=tensors, resident=resident, fold_scale=fold_scale)
     if native:
         problem = _native_problem(module, rule, device)
         rule.native, rule.native_reason = not problem, problem or NATIVE_REASON
@@ -430,6 +443,8 @@ class CastHook(ModelHook):
         # The swaps the outermost entry made, undone in reverse order on exit.
         self._swapped: list[_Swap] = []
         self._cache: dict[str, tuple[tuple, torch.Tensor]] = {}
+        # (float32 scale [N], stored bias or None) while a folded forward runs
+        self._fold: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def pre_forward(self, module: nn.Module, *args, **kwargs):
         self._depth += 1
@@ -443,6 +458,13 @@ class CastHook(ModelHook):
         return args, kwargs
 
     def post_forward(self, module: nn.Module, output):
+        if self._depth == 1 and self._fold is not None:
+            scale, bias = self._fold
+            # y = linear(x, q) * s + b, in float32, rounded once to the compute dtype
+            y = output.mul_(scale) if output.dtype == torch.float32 else torch.mul(output, scale)
+            if bias is not None:
+                y.add_(bias)
+            output = y.to(self.rule.compute_dtype)
         self._leave(output)
         return output
 
@@ -470,7 +492,10 @@ class CastHook(ModelHook):
 
     def _swap_in(self, module: nn.Module) -> None:
         native = ("weight",) if self.rule.native else ()
+        fold = self._folds(module)
         for tc in self.rule.tensors.values():
+            if fold and tc.name == "bias":
+                continue  # left out of the kernel, added to its output (post_forward)
             owner, key = _resolve(module, tc.name)
             is_param = key in owner._parameters
             stored = owner._parameters[key] if is_param else owner._buffers.get(key)
@@ -492,11 +517,39 @@ class CastHook(ModelHook):
             elif _is_dtensor(stored):
                 compute, pooled = self._decode_shard(tc, stored, scale, deltas), False
                 swapped = nn.Parameter(compute, requires_grad=False) if is_param else compute
+            elif fold and tc.name == "weight":
+                compute = decode_stored(stored.detach(), self.rule.compute_dtype, None, None, None,
+                                        out=_POOL.take(tuple(stored.shape), self.rule.compute_dtype))
+                swapped, pooled = nn.Parameter(compute, requires_grad=False), True
             else:
                 compute, pooled = self._patched(tc, stored, scale, deltas) if deltas else self._decode(tc, stored, scale)
                 swapped = nn.Parameter(compute, requires_grad=False) if is_param else compute
             (owner._parameters if is_param else owner._buffers)[key] = swapped
             self._swapped.append(_Swap(owner, key, is_param, stored, swapped, compute if pooled else None))
+        if fold:
+            bias = module._parameters.get("bias")
+            if bias is not None:
+                module._parameters["bias"] = None
+                self._swapped.append(_Swap(module, "bias", True, bias, None, None))
+            self._fold = (getattr(module, self.rule.tensors["weight"].scale).reshape(-1).float(),
+                          None if bias is None else bias.detach())
+
+    def _folds(self, module: nn.Module) -> bool:
+        """Whether this forward scales the output instead of the weight (``fold_scale``): an
+        ``nn.Linear`` with one fp8 weight scale per output channel, decoded on the CPU into the
+        workspace, no low-rank update, and no other hook that could read or move its tensors."""
+        rule = self.rule
+        tc = rule.tensors.get("weight")
+        if not rule.fold_scale or rule.native or rule.resident or type(module) is not nn.Linear:
+            return False
+        if tc is None or tc.scale is None or tc.granularity != "channel" or any(d.tensor == "weight" for d in rule.deltas):
+            return False
+        weight, scale = module._parameters.get("weight"), module._buffers.get(tc.scale)
+        if weight is None or scale is None or type(weight) is not nn.Parameter or weight.dtype.itemsize != 1:
+            return False
+        if weight.device.type != "cpu" or scale.device.type != "cpu" or torch.is_grad_enabled():
+            return False
+        return scale.numel() == weight.shape[0] > 1 and len(_hooks_of(module)) == 1
 
     def _patched(self, tc: TensorCast, stored: torch.Tensor, scale: torch.Tensor | None, deltas: list[LowRank]):
         """The decoded tensor plus its low-rank updates. A tensor already in the compute dtype is
@@ -558,7 +611,7 @@ class CastHook(ModelHook):
         return decode_stored(data, dtype, scale, tc.granularity, tc.block), False
 
     def _restore(self, output=None) -> None:
-        swaps, self._swapped = self._swapped, []
+        swaps, self._swapped, self._fold = self._swapped, [], None
         alias = _storages(output) if any(s.pooled is not None for s in swaps) else set()
         for s in reversed(swaps):
             s.restore()

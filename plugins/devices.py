@@ -63,14 +63,19 @@ def _probe_key() -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-@functools.lru_cache(maxsize=1)
 def probe_ratios() -> dict[str, float]:
     """:func:`measure_ratios`, remembered per machine (CPU model and flags, torch version,
     thread count) in ``~/.cache/loaderkit/cpu-probe.json`` so that a process does not pay the
-    probe on every first load. A cache that cannot be read or written is ignored."""
+    probe on every first load, and in the process per key (a process that changes its thread
+    count gets that count's ratios). A cache that cannot be read or written is ignored."""
+    return _ratios_for(_probe_key())
+
+
+@functools.lru_cache(maxsize=None)
+def _ratios_for(key: str) -> dict[str, float]:
     import json
 
-    path, key = _cache_file(), _probe_key()
+    path = _cache_file()
     known = _read_cache(path)
     cached = known.get(key)
     if isinstance(cached, dict) and all(isinstance(cached.get(n), float) for n in ("bfloat16", "float16")):

@@ -77,6 +77,10 @@ class FP8Options(StrategyOptions):
         or ``"always"`` (fail at plan time where it does not).
     :ivar resident: keep a compute-dtype copy of every fp8 weight resident: the forward costs no
         upcast but memory grows by the compute-dtype size of those weights.
+    :ivar fold_scales: a Linear with per-channel scales multiplies its output by them instead of
+        decoding its weight with them, ``y = linear(x, q) * s + b`` (CPU, inference): the cheaper
+        unscaled decode and the same math, rounded differently — off by default, so the output is
+        bit-identical to computing with the decoded weight.
     :ivar library_skips: honour the model library's "never store in low precision" patterns
         (``_skip_layerwise_casting_patterns``; default on). ``False`` stores those modules in fp8
         too (diffusers skips every ``norm`` module, which in Flux-style models holds the AdaLN
@@ -95,6 +99,7 @@ class FP8Options(StrategyOptions):
     default_skips: bool = True
     native: Literal["never", "auto", "always"] = "never"
     resident: bool = False
+    fold_scales: bool = False
     library_skips: bool = True
     quantize_sensitive: bool = False
 
@@ -245,6 +250,7 @@ class FP8(Strategy):
             block=o.block,
             kernel="native" if native else "cast",
             resident=o.resident,
+            fold_scale=o.fold_scales,
             reason=reason,
         )
 

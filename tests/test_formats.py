@@ -716,3 +716,28 @@ def test_torch_reader_unknown_name(tmp_path: Path) -> None:
         reader.get("b")
     assert str(path.resolve()) in str(exc.value)
     torchzip.load_file(path.resolve(), keep=False)  # leave the one-slot cache empty
+
+
+def test_safetensors_read_places_each_tensor_at_its_file_page_offset(tmp_path):
+    """``read`` serves tensors from one scratch buffer, each placed at the same offset within a
+    page as its bytes in the file (``preadv`` between pages out of step runs slower), with the
+    right values, growing the buffer for a larger tensor."""
+    from safetensors.torch import save_file
+
+    from loaderkit.plugins.safetensors_format import PAGE, SafetensorsFormat
+
+    tensors = {f"t{i}": torch.arange(1000 * i + 37, dtype=torch.int16) for i in range(1, 6)}
+    tensors["odd"] = torch.arange(5, dtype=torch.uint8)
+    tensors["wide"] = torch.randn(3, 5000, dtype=torch.float32)
+    file = tmp_path / "m.safetensors"
+    save_file(tensors, str(file))
+    info = loaderkit.inspect(file)
+    reader = SafetensorsFormat().open(info)
+    try:
+        spans = reader._raw(info.tensors["t1"].file)[1]
+        for name in sorted(tensors):
+            t = reader.read(name)
+            assert torch.equal(t, tensors[name])
+            assert t.data_ptr() % PAGE == spans[name][0] % PAGE
+    finally:
+        reader.close()

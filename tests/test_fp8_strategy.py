@@ -262,3 +262,25 @@ def test_verify_accepts_tensors_covered_by_a_parents_cast_rule():
     runtime.attach_cast(mha, torch.float32)
     x = torch.randn(3, 1, 16)
     assert loaderkit.verify(mha, (x, x, x)).ok
+
+
+def test_fold_scales_option_reaches_the_linear_cast_rules(tmp_path):
+    """``fold_scales=True`` is recorded in the plan and the Linear rules scale their output;
+    the forward agrees with the default (decoded-weight) load within bf16 rounding."""
+    from loaderkit import runtime
+
+    torch.manual_seed(0)
+    path = tmp_path / "patchnet-bf16.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in PatchNet().state_dict().items()}, str(path))
+    fold = loaderkit.strategy("fp8", fold_scales=True)
+    folded = loaderkit.load(path, fold, model=PatchNet)
+    plain = loaderkit.load(path, "fp8", model=PatchNet)
+    rules = runtime.cast_rules(folded)
+    assert rules["blocks.0"].fold_scale and not runtime.cast_rules(plain)["blocks.0"].fold_scale
+    plan = loaderkit.plan(path, fold, model=PatchNet)
+    assert plan.modules["blocks.0"].fold_scale and "folded" in plan.table()
+    x = torch.randn(1, 4, 2, 8, 8, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.no_grad():
+        a, b = folded.blocks(folded.patch(x).flatten(2).transpose(1, 2)), plain.blocks(plain.patch(x).flatten(2).transpose(1, 2))
+    assert not torch.equal(a, b)  # folded: rounded differently
+    assert F.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0) > 0.9999

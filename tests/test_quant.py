@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 
 from loaderkit import LoaderKitError
 from loaderkit.kernels import quant
-from loaderkit.kernels.quant import dequantize_reference, expand_block_scale, fp8_max, quantize, upcast
+from loaderkit.kernels.quant import (
+    dequantize_reference, expand_block_scale, fp8_max, quantize, quantize_reference, upcast,
+)
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 FP8 = [E4M3, E5M2]
@@ -293,3 +295,40 @@ def test_quantize_errors():
         quantize(torch.ones(2, 2, 2), E4M3, "block")
     with pytest.raises(LoaderKitError, match="8-bit"):
         quantize(torch.ones(2, 2), torch.bfloat16)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.sampled_from([(1, 1), (3, 5), (9, 1), (1, 300), (129, 257), (700, 1500), (4, 0), (2, 3, 4),
+                           (5, 7, 3, 3), (17,), ()]),
+    src=st.sampled_from([torch.bfloat16, torch.float16, torch.float32, torch.float64]),
+    granularity=st.sampled_from(["channel", "tensor", "block", "row", "none"]),
+    fp8=st.sampled_from(FP8),
+    seed=st.integers(0, 2**16),
+)
+def test_quantize_in_row_blocks_is_bitwise_the_reference(shape, src, granularity, fp8, seed):
+    """Row-block quantization (amax, scale and encoding per block, no clamp) gives the bits of
+    the whole-tensor definition: zero rows, tiny and large magnitudes, every source dtype."""
+    if (granularity == "block" and len(shape) != 2) or (granularity == "row" and (len(shape) < 2 or 0 in shape)):
+        return
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=gen, dtype=torch.float64)
+    w = (w * torch.rand(shape, generator=gen, dtype=torch.float64) ** 4 * 10.0 ** (seed % 9 - 4)).to(src)
+    if w.dim() == 2 and w.shape[0] > 2:
+        w[1] = 0
+    kw = {"block": (128, 64)} if granularity == "block" else {}
+    q, scale = quantize(w, fp8, granularity, **kw)
+    q_ref, scale_ref = quantize_reference(w, fp8, granularity, **kw)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    assert (scale is None and scale_ref is None) or (scale.shape == scale_ref.shape and torch.equal(scale, scale_ref))
+
+
+def test_quantize_in_row_blocks_across_several_blocks(monkeypatch):
+    monkeypatch.setattr(quant, "QUANT_BLOCK", 3000)  # a few rows per block, a ragged last one
+    w = (torch.randn(103, 250) * torch.logspace(-6, 3, 103)[:, None]).to(torch.bfloat16)
+    for granularity in ("channel", "row"):
+        q, scale = quantize(w, E4M3, granularity)
+        q_ref, scale_ref = quantize_reference(w, E4M3, granularity)
+        assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(scale, scale_ref)
+    with pytest.raises(LoaderKitError, match="inf or NaN"):
+        quantize(torch.cat([w, torch.full((1, 250), float("nan"), dtype=w.dtype)]), E4M3, "channel")

@@ -505,3 +505,82 @@ def test_native_fp8_matmul_on_gpu(granularity):
     reference = F.linear(x.float(), upcast(q.cuda(), torch.float32, scale.cuda()), lin.bias.float())
     assert (out.float() - reference).abs().max() <= 0.08 * reference.abs().max()
     assert lin.weight.dtype == E4M3
+
+
+# -- folded per-channel scales ------------------------------------------------------------------
+
+
+def _folded_linear(dtype, bias: bool = True, seed: int = 0) -> tuple[nn.Linear, torch.Tensor, torch.Tensor]:
+    """An fp8 Linear with per-channel scales and (optionally) a bias in ``dtype``."""
+    gen = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(96, 40, bias=bias).requires_grad_(False)
+    w = torch.randn(40, 96, generator=gen) * torch.logspace(-2, 1, 40)[:, None]
+    q, scale = quantize(w, E4M3, "channel")
+    lin.weight = nn.Parameter(q, requires_grad=False)
+    if bias:
+        lin.bias = nn.Parameter(torch.randn(40, generator=gen).to(dtype), requires_grad=False)
+    lin.register_buffer("weight_scale", scale)
+    return lin, q, scale
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+@pytest.mark.parametrize("bias", [True, False])
+def test_folded_scale_agrees_with_the_decoded_weight_within_a_rounding(dtype, bias):
+    lin, q, scale = _folded_linear(dtype, bias)
+    stored_bias = lin.bias
+    rule = runtime.attach_cast(lin, dtype, scales={"weight": ("weight_scale", "channel", None)}, fold_scale=True)
+    assert rule.fold_scale and rule.describe()["fold_scale"]
+    x = torch.randn(3, 5, 96, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with torch.no_grad():
+        out = lin(x)
+    exact = F.linear(x.double(), q.double() * scale.double(), None if not bias else stored_bias.double())
+    decoded = F.linear(x, upcast(q, dtype, scale), stored_bias)
+    assert out.dtype == dtype and out.shape == decoded.shape
+    # two roundings of the result (before and after the scale), float32 accumulation of the terms
+    unit = 2.0**-8 if dtype == BF16 else 2.0**-24
+    terms = F.linear(x.double().abs(), (q.double() * scale.double()).abs())
+    # (the first is relative to the unbiased product, at most ``terms``)
+    assert ((out.double() - exact).abs() <= (exact.abs() + terms) * unit + terms * 2.0**-20).all()
+    # the decoded weight's own rounding (each weight rounded to ``dtype``) bounds the difference
+    assert ((out.double() - decoded.double()).abs() <= (exact.abs() + terms) * 2 * unit + terms * 2.0**-19).all()
+    assert lin.weight.dtype == E4M3 and lin.bias is stored_bias  # restored after the forward
+
+
+def test_folded_scale_stands_down_where_it_cannot_apply():
+    """With gradients, another hook, a low-rank update or a non-channel scale the weight is
+    decoded with its scale: bit-identical to the decoded reference."""
+    lin, q, scale = _folded_linear(BF16)
+    runtime.attach_cast(lin, BF16, scales={"weight": ("weight_scale", "channel", None)}, fold_scale=True)
+    x = torch.randn(4, 96, generator=torch.Generator().manual_seed(2)).to(BF16)
+    expected = F.linear(x, upcast(q, BF16, scale), lin.bias)
+    assert torch.equal(lin(x), expected)  # grad mode on
+    runtime.add_low_rank(lin, runtime.LowRank("d", "weight", torch.zeros(40, 2, dtype=BF16),
+                                               torch.zeros(2, 96, dtype=BF16), 1.0))
+    with torch.no_grad():
+        assert torch.equal(lin(x), expected)
+    runtime.remove_low_rank(lin, "d")
+    with torch.no_grad():
+        assert not torch.equal(lin(x), expected)  # folded again
+    plain = fp8_model("channel")
+    attach_all(plain)
+    model = fp8_model("channel")
+    cpu_offload(model, execution_device="cpu")
+    attach_all(model, fold_scale=True)  # after the offload hooks: they move the tensors
+    with torch.no_grad():
+        assert torch.equal(model(video()), plain(video()))
+    tensor_scaled = fp8_model("tensor")
+    attach_all(tensor_scaled, fold_scale=True)
+    with torch.no_grad():
+        assert torch.equal(tensor_scaled(video()), dequantized_reference(tensor_scaled)(video()))
+
+
+def test_folded_scale_restores_the_module_when_the_forward_raises():
+    lin, q, scale = _folded_linear(BF16)
+    stored = (lin.weight, lin.bias)
+    runtime.attach_cast(lin, BF16, scales={"weight": ("weight_scale", "channel", None)}, fold_scale=True)
+    with torch.no_grad(), pytest.raises(RuntimeError):
+        lin(torch.ones(2, 7, dtype=BF16))  # wrong width
+    assert (lin.weight, lin.bias) == stored
+    with torch.no_grad():
+        good = lin(torch.ones(2, 96, dtype=BF16))
+    assert good.shape == (2, 40) and (lin.weight, lin.bias) == stored

@@ -204,23 +204,61 @@ def test_example_memory_budget_refuses_big_plans(example, tiny_ckpt, monkeypatch
     assert loaderkit.plan(tiny_ckpt[0], "bf16", model=TinyNet).bytes_per_device() == {"cpu": 488}
 
 
-def test_the_cpu_probe_cache_keeps_every_machine_key(tmp_path, monkeypatch):
-    """Alternating thread counts must not re-run the probe: the cache merges keys."""
+def _probe_per_thread_count(monkeypatch, tmp_path):
+    """The probe with its measurement replaced by one that records its runs and answers by the
+    thread count; the in-process memo cleared."""
     from loaderkit.plugins import devices
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     runs = []
-    monkeypatch.setattr(devices, "measure_ratios", lambda: runs.append(1) or {"bfloat16": 2.0, "float16": 3.0})
+
+    def measure():
+        runs.append(torch.get_num_threads())
+        return {"bfloat16": float(torch.get_num_threads()), "float16": 3.0}
+
+    monkeypatch.setattr(devices, "measure_ratios", measure)
+    devices._ratios_for.cache_clear()
+    return devices, runs
+
+
+@pytest.mark.parametrize("fresh_process", [True, False])
+def test_the_cpu_probe_runs_once_per_thread_count(tmp_path, monkeypatch, fresh_process):
+    """Alternating thread counts must not re-run the probe: the cache file merges keys (a fresh
+    process reads them back), and one process that changes its thread count gets that count's
+    ratios."""
+    devices, runs = _probe_per_thread_count(monkeypatch, tmp_path)
     threads = torch.get_num_threads()
     try:
         for n in (1, 2, 1, 2):
             torch.set_num_threads(n)
-            devices.probe_ratios.cache_clear()
-            assert devices.probe_ratios() == {"bfloat16": 2.0, "float16": 3.0}
+            if fresh_process:
+                devices._ratios_for.cache_clear()  # only the file remembers
+            assert devices.probe_ratios() == {"bfloat16": float(n), "float16": 3.0}
     finally:
         torch.set_num_threads(threads)
-        devices.probe_ratios.cache_clear()
-    assert len(runs) == 2  # one measurement per thread count, then read back
+        devices._ratios_for.cache_clear()
+    assert runs == [1, 2]  # one measurement per thread count, then read back
     import json
 
     assert len(json.loads((tmp_path / "loaderkit" / "cpu-probe.json").read_text())) == 2
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"k": 3}', ""])
+def test_a_corrupt_cpu_probe_cache_is_measured_over_and_rewritten(tmp_path, monkeypatch, content):
+    devices, runs = _probe_per_thread_count(monkeypatch, tmp_path)
+    cache = tmp_path / "loaderkit" / "cpu-probe.json"
+    cache.parent.mkdir()
+    key = devices._probe_key()
+    cache.write_text(content.replace('"k"', f'"{key}"'))  # {key: 3}: an entry that is not ratios
+    try:
+        first = devices.probe_ratios()
+        devices._ratios_for.cache_clear()
+        assert devices.probe_ratios() == first and len(runs) == 1  # measured once, then read back
+    finally:
+        devices._ratios_for.cache_clear()
+    import json
+
+    data = json.loads(cache.read_text())
+    assert data[key] == first
+    if content.startswith('{"k"'):
+        assert len(data) == 1  # the unusable entry for this key was replaced

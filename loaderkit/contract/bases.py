@@ -349,6 +349,8 @@ class ModuleDecision(Frozen):
         negotiator checks that the module, its weight and the device allow it, and records why
         not when they do not).
     :ivar resident: keep a compute-dtype copy of cast weights resident (faster, more memory).
+    :ivar fold_scale: a Linear with per-channel fp8 weight scales applies them to its output
+        instead of its weight (see :mod:`loaderkit.runtime`; same math, different rounding).
     :ivar reason: why, in a few words; shown in the plan.
     """
 
@@ -358,6 +360,7 @@ class ModuleDecision(Frozen):
     block: tuple[int, int] | None = None
     kernel: Kernel = "cast"
     resident: bool = False
+    fold_scale: bool = False
     reason: str = ""
 
     @field_validator("compute", mode="before")

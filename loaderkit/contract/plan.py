@@ -78,6 +78,7 @@ class ModulePlan(Frozen):
     :ivar kernel_reason: why the kernel is what it is when native fp8 matmul was asked for
         (negotiated here against the module, its weight and the device's capabilities).
     :ivar resident: the cast rule keeps a compute-dtype copy resident.
+    :ivar fold_scale: the cast rule applies per-channel weight scales to the output.
     :ivar granularity: scale granularity of its quantized weight, if any.
     :ivar device: execution device.
     :ivar offload: where its weights rest between forwards when not on the execution device
@@ -95,6 +96,7 @@ class ModulePlan(Frozen):
     kernel: Kernel = "cast"
     kernel_reason: str = ""
     resident: bool = False
+    fold_scale: bool = False
     granularity: Granularity | None = None
     device: str = "cpu"
     offload: str | None = None
@@ -378,7 +380,8 @@ def _module_row(label: str, m: ModulePlan, nbytes: int | None = None, placed: bo
         m.type,
         _storage_str(m),
         m.compute_dtype,
-        ("native" if m.kernel == "native" else "resident" if m.resident else "yes") if m.cast else "-",
+        ("native" if m.kernel == "native" else "resident" if m.resident else "folded" if m.fold_scale else "yes")
+        if m.cast else "-",
         m.granularity or "-",
         fmt_bytes(m.nbytes if nbytes is None else nbytes),
     )

@@ -1,7 +1,9 @@
 """Exact, fast conversions between 8-bit float storage and compute dtypes.
 
 :func:`upcast` decodes an fp8 tensor (optionally times its scale) into ``bfloat16``, ``float16``
-or ``float32``; :func:`quantize` encodes a high-precision tensor into fp8 with an amax scale.
+or ``float32``; :func:`quantize` encodes a high-precision tensor into fp8 with an amax scale,
+bit-exact with :func:`quantize_reference` (per output channel it works in row blocks of
+:data:`QUANT_BLOCK` source bytes: amax, scale and encoding while the block is in cache).
 
 The definition of a decoded weight is :func:`dequantize_reference`::
 
@@ -293,10 +295,16 @@ def _step() -> int:
 def _gather_range(index: torch.Tensor, table: torch.Tensor, out: torch.Tensor, lo: int, hi: int) -> None:
     step = _step()
     work = torch.empty(min(hi - lo, step), dtype=torch.int32)
-    for start in range(lo, hi, step):
-        stop = min(start + step, hi)
-        idx = work[: stop - start].copy_(index[start:stop])
-        torch.index_select(table, 0, idx, out=out[start:stop])
+    _gather_steps(index[lo:hi], table, out[lo:hi], work)
+
+
+def _gather_steps(index: torch.Tensor, table: torch.Tensor, out: torch.Tensor, work: torch.Tensor) -> None:
+    """``out = table[index]`` in steps of ``work.numel()`` through the ``int32`` buffer ``work``:
+    two ops a step (the steps are cut by one ``split`` each, not sliced one by one)."""
+    step = work.numel()
+    for src, dst in zip(index.split(step), out.split(step)):
+        idx = work if src.numel() == step else work[: src.numel()]
+        torch.index_select(table, 0, idx.copy_(src), out=dst)
 
 
 def _parallel(total: int, work, *, align: int = 1, cost: int = 1) -> None:
@@ -389,16 +397,23 @@ def _float_route(codes: torch.Tensor, src: torch.dtype, scale: torch.Tensor, des
     """Decode to float32 by table, multiply by the (broadcast) scale, cast: the reference, chunked."""
     rows, width = codes.shape
     tables = _unscaled_tables(src, torch.float32)
+    per_row = scale.shape[0] == rows
+    pairs = (width % 2 == 0 and codes.is_contiguous() and codes.storage_offset() % 2 == 0
+             and tables[1] is not None and _pairs_work())
 
     def work(lo: int, hi: int) -> None:
         step = _row_step(width, 1)
         buf = torch.empty(min(hi - lo, step) * width, dtype=torch.float32)
-        for r0 in range(lo, hi, step):
-            r1 = min(r0 + step, hi)
-            chunk = buf[: (r1 - r0) * width]
-            _gather_serial(codes[r0:r1].reshape(-1), tables, chunk)
-            chunk = chunk.view(r1 - r0, width).mul_(scale[r0:r1] if scale.shape[0] == rows else scale)
-            dest[r0:r1].copy_(chunk)
+        idx = torch.empty(buf.numel() // 2, dtype=torch.int32) if pairs else None
+        scales = scale[lo:hi].split(step) if per_row else None
+        for i, (c, d) in enumerate(zip(codes[lo:hi].split(step), dest[lo:hi].split(step))):
+            chunk = buf[: c.numel()] if c.numel() != buf.numel() else buf
+            if pairs:  # byte pairs against the pair table: two elements per index
+                flat = c.view(-1).view(torch.uint16)
+                _gather_steps(flat, tables[1], chunk.view(tables[1].dtype), idx[: flat.numel()])
+            else:
+                _gather_serial(c.reshape(-1), tables, chunk)
+            d.copy_(chunk.view(c.shape).mul_(scales[i] if per_row else scale))
 
     _parallel(rows, work, cost=width)
 
@@ -482,28 +497,96 @@ def quantize(
         raise ConversionError(f"block scales need a 2-D weight; this one has shape {list(w.shape)}")
     rows = w.reshape(w.shape[0] if w.dim() else 1, -1)
     if granularity == "none":
-        return _encode(rows, fp8_dtype, None).view(w.shape), None
+        return _encode(rows, fp8_dtype, None, clamp=True).view(w.shape), None
     if granularity == "block":
         scale = _finish_scale(_block_amax(rows, tuple(block)), fp8_dtype)
         row_scale = functools.partial(_block_rows, scale, tuple(block), w.shape[1])
         return _encode(rows, fp8_dtype, row_scale, align=block[0]).view(w.shape), scale
-    amax = _row_amax(rows)
     if granularity == "tensor":
+        amax = _row_amax(rows)
         scale = _finish_scale(amax.max() if amax.numel() else torch.zeros(()), fp8_dtype)
-        return _encode(rows, fp8_dtype, lambda r0, r1: scale).view(w.shape), scale
-    scale = _finish_scale(amax, fp8_dtype)
-    q = _encode(rows, fp8_dtype, lambda r0, r1: scale[r0:r1, None]).view(w.shape)
-    return q, scale.reshape((w.shape[0],) + (1,) * (w.dim() - 1))
+        grid = scale.reshape(1, 1)  # not 0-d: a 0-d float32 would let bf16 rows divide in bf16
+        return _encode(rows, fp8_dtype, lambda r0, r1: grid).view(w.shape), scale
+    q, scale = _quantize_channel(rows, fp8_dtype)
+    return q.view(w.shape), scale.reshape((w.shape[0],) + (1,) * (w.dim() - 1))
 
 
-def _row_steps(rows: torch.Tensor, align: int = 1):
-    """Row ranges of about a million elements (whole blocks of ``align`` rows): large enough that
-    per-op overhead is small, small enough that the float32 temporaries stay a few MB."""
+def quantize_reference(
+    w: torch.Tensor,
+    fp8_dtype: torch.dtype = torch.float8_e4m3fn,
+    granularity: str = "channel",
+    block: tuple[int, int] = DEFAULT_BLOCK,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The definition :func:`quantize` computes, in whole-tensor float32 steps::
+
+        amax = |w|.max() per group;  scale = amax / fp8_max, at least float32's tiny, 1 where amax is 0
+        q = (w.float() / scale).clamp(-fp8_max, fp8_max).to(fp8_dtype)     # scale broadcast / expanded
+
+    (for checking :func:`quantize`; it holds float32 copies of ``w``)."""
+    if granularity in ("channel", "row") and w.dim() < 2:
+        granularity = "tensor"
+    if granularity == "row":
+        q, scale = quantize_reference(w.reshape(-1, w.shape[-1]), fp8_dtype, "channel")
+        return q.view(w.shape), scale.reshape(w.shape[:-1] + (1,))
+    top = fp8_max(fp8_dtype)
+    wf = w.float().reshape(w.shape[0] if w.dim() else 1, -1)
+    if granularity == "none":
+        return wf.clamp(-top, top).to(fp8_dtype).view(w.shape), None
+    if granularity == "block":
+        scale = _finish_scale(_block_amax(wf, tuple(block)), fp8_dtype)
+        full = expand_block_scale(scale, tuple(wf.shape), tuple(block))
+    elif granularity == "tensor":
+        scale = _finish_scale(wf.abs().amax() if wf.numel() else torch.zeros(()), fp8_dtype)
+        full = scale
+    else:
+        full = _finish_scale(wf.abs().amax(dim=1) if wf.shape[1] else torch.zeros(wf.shape[0]), fp8_dtype)[:, None]
+        scale = full.reshape((w.shape[0],) + (1,) * (w.dim() - 1))
+    return (wf / full).clamp(-top, top).to(fp8_dtype).view(w.shape), scale
+
+
+#: bytes of source rows quantized per step: the float32 temporary stays a few MiB, in cache.
+QUANT_BLOCK = 1 << 20
+
+
+def _row_steps(rows: torch.Tensor, align: int = 1, elems: int = 1 << 20):
+    """Row ranges of about ``elems`` elements (whole blocks of ``align`` rows): large enough
+    that per-op overhead is small, small enough that the float32 temporaries stay a few MB."""
     width = max(rows.shape[1], 1)
-    step = max(1, (1 << 20) // width)
+    step = max(1, elems // width)
     step = max(align, step - step % align)
     for r0 in range(0, rows.shape[0], step):
         yield r0, min(r0 + step, rows.shape[0])
+
+
+def _quantize_channel(rows: torch.Tensor, fp8_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One scale per row, in row blocks of :data:`QUANT_BLOCK` source bytes: each block's amax,
+    scale and encoding while it is in cache, straight into the final fp8 tensor."""
+    n, k = rows.shape
+    q = torch.empty(rows.shape, dtype=fp8_dtype, device=rows.device)
+    amax = torch.zeros(n, dtype=torch.float32, device=rows.device)
+    if n == 0 or k == 0:
+        return q, _finish_scale(amax, fp8_dtype)
+    scale = torch.empty(n, dtype=torch.float32, device=rows.device)
+    steps = list(_row_steps(rows, elems=QUANT_BLOCK // rows.element_size()))
+    absw = torch.empty((steps[0][1], k), dtype=rows.dtype, device=rows.device)
+    work = torch.empty((steps[0][1], k), dtype=torch.float32, device=rows.device)
+    top = fp8_max(fp8_dtype)
+    for r0, r1 in steps:
+        part = rows[r0:r1]
+        amax[r0:r1] = torch.abs(part, out=absw[: r1 - r0]).amax(dim=1)
+        s = scale[r0:r1]
+        torch.div(amax[r0:r1], top, out=s).clamp_(min=torch.finfo(torch.float32).tiny)
+        s.masked_fill_(amax[r0:r1] <= 0, 1.0)  # an all-zero row decodes to exact zeros
+        q[r0:r1] = _divided(part, s[:, None], work[: r1 - r0])  # |w / s| <= fp8_max: no clamp
+    if not bool(torch.isfinite(amax).all()):
+        raise ConversionError("cannot quantize a tensor that contains inf or NaN values")
+    return q, scale
+
+
+def _divided(part: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``part.float() / scale`` into ``out`` (float32) in two passes: a mixed-dtype ``torch.div``
+    would convert the whole of ``part`` into a temporary first."""
+    return out.copy_(part).div_(scale)
 
 
 def _row_amax(rows: torch.Tensor) -> torch.Tensor:
@@ -546,7 +629,10 @@ def _finish_scale(amax: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
     return torch.where(amax > 0, scale, torch.ones_like(scale)).float()
 
 
-def _encode(rows: torch.Tensor, fp8_dtype: torch.dtype, row_scale, align: int = 1) -> torch.Tensor:
+def _encode(rows: torch.Tensor, fp8_dtype: torch.dtype, row_scale, align: int = 1, clamp: bool = False) -> torch.Tensor:
+    """Encode ``rows`` (divided by ``row_scale(r0, r1)`` when given) in row steps. Amax scales
+    need no clamp (``|w / s| <= fp8_max`` up to a float32 rounding, and the fp8 cast rounds that
+    to ``fp8_max``); unscaled values are saturated (``clamp=True``)."""
     top = fp8_max(fp8_dtype)
     q = torch.empty(rows.shape, dtype=fp8_dtype, device=rows.device)
 
@@ -555,8 +641,9 @@ def _encode(rows: torch.Tensor, fp8_dtype: torch.dtype, row_scale, align: int = 
         if work is None:  # one float32 temporary, reused: a fresh one per chunk costs page faults
             work = torch.empty((r1 - r0, rows.shape[1]), dtype=torch.float32, device=rows.device)
         part = work[: r1 - r0]
-        part.copy_(rows[r0:r1])
         if row_scale is not None:
-            part.div_(row_scale(r0, r1))
-        q[r0:r1] = part.clamp_(-top, top)
+            _divided(rows[r0:r1], row_scale(r0, r1), part)
+        else:
+            part.copy_(rows[r0:r1])
+        q[r0:r1] = part.clamp_(-top, top) if clamp else part
     return q

@@ -38,6 +38,7 @@ def bind_runtime(model: torch.nn.Module, plan: Plan, cast_inputs: bool) -> None:
             scales=scales or None,
             resident=m.resident,
             native=m.kernel == "native",
+            fold_scale=m.fold_scale,
             name=m.name,
             device=plan.device,
         )

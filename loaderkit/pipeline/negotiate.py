@@ -306,6 +306,7 @@ def _plan_module(ctx, module, decision, keys, slots, source_of, also, checkpoint
             kernel=kernel,
             kernel_reason=kernel_reason,
             resident=decision.resident and needs_cast,
+            fold_scale=decision.fold_scale and needs_cast,
             granularity=granularity,
             device=device.device,
             nbytes=sum(t.nbytes for t in tplans.values()),

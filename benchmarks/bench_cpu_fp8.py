@@ -1,0 +1,229 @@
+"""fp8 on the CPU, op by op: single-token forward, quantize-on-load, ``pread`` into the scratch.
+
+    python benchmarks/bench_cpu_fp8.py [forward|quantize|read|probe ...] [--rounds 15]
+
+* ``forward``: a 4-layer Llama (hidden 1024, intermediate 2816, vocab 32000, random weights,
+  written once under ``.bench/llama-small-bf16``) loaded by ``loaderkit.load(strategy="fp8")``
+  (bf16 and fp32 compute) and as plain bf16 / fp32 (``from_pretrained``); forwards of 1 x 1 and
+  1 x 64 tokens timed round-robin in one process; medians of per-round times and of per-round
+  ratios to plain bf16; agreement of the last position's logits with plain bf16 and plain fp32.
+* ``quantize``: ``quant.quantize`` of bf16 weights per output channel (and per tensor, per 128x128
+  block): median wall time and the peak resident memory added during the call (``VmHWM`` after
+  resetting it), for each shape.
+* ``read``: ``SafetensorsReader.read`` of every tensor of a file whose tensors start at odd page
+  offsets, page cache warm: a fresh reader (first touch of its scratch) and the same reader again.
+* ``probe``: whether a second thread count re-runs the CPU probe (cache in a temporary folder).
+
+Prints one line of machine facts (``common.environment()``, load average) and markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import common
+
+SMALL = dict(common.LLAMA_CONFIG, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4)
+
+
+def _machine() -> str:
+    return f"{common.environment()}; load average {os.getloadavg()[0]:.2f}"
+
+
+def _small_checkpoint() -> Path:
+    path = common.BENCH_DIR / "llama-small-bf16"
+    if not (path / "model.safetensors").is_file():
+        common.BENCH_DIR.mkdir(exist_ok=True)
+        subprocess.run([sys.executable, "-c", common._BUILD.format(cfg=SMALL), str(path)], check=True)
+    return path
+
+
+# -- forward -----------------------------------------------------------------------------------
+
+
+def forward(rounds: int) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import loaderkit
+
+    path = _small_checkpoint()
+    models = {}
+    for compute in ("bfloat16", "float32"):
+        short = compute.replace("bfloat", "bf").replace("float", "fp")
+        models[f"fp8 ({short} compute)"] = loaderkit.load(path, strategy=loaderkit.strategy("fp8", compute_dtype=compute))
+        try:
+            fold = loaderkit.strategy("fp8", compute_dtype=compute, fold_scales=True)
+        except loaderkit.LoaderKitError:  # a loaderkit without the option
+            continue
+        models[f"fp8 ({short} compute), fold_scales"] = loaderkit.load(path, strategy=fold)
+    models["plain bf16"] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    models["plain fp32"] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.randint(0, SMALL["vocab_size"], (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = {n: m(input_ids=ids, use_cache=False).logits[0, -1].float() for n, m in models.items()}
+    rows = []
+    for n in models:
+        cells = [n]
+        for ref in ("plain bf16", "plain fp32"):
+            a, b = logits[n], logits[ref]
+            cells += [f"{float(torch.nn.functional.cosine_similarity(a, b, dim=0)):.6f}",
+                      f"{float((a - b).abs().max()):.4f}"]
+        rows.append(cells)
+    print(common.table(["model", "cos vs bf16", "max diff vs bf16", "cos vs fp32", "max diff vs fp32"], rows))
+    for tokens in (1, 64):
+        batch = ids[:, :tokens]
+        times = {n: [] for n in models}
+        with torch.no_grad():
+            for m in models.values():
+                for _ in range(3):
+                    m(input_ids=batch, use_cache=False)
+            for r in range(rounds):
+                names = list(models)
+                for n in names[r % len(names):] + names[: r % len(names)]:
+                    t0 = time.perf_counter()
+                    models[n](input_ids=batch, use_cache=False)
+                    times[n].append(time.perf_counter() - t0)
+        rows = []
+        for n, ts in times.items():
+            ratio = statistics.median(a / b for a, b in zip(ts, times["plain bf16"]))
+            ratio32 = statistics.median(a / b for a, b in zip(ts, times["plain fp32"]))
+            rows.append([n, f"{statistics.median(ts) * 1e3:.1f}", f"{min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f}",
+                         f"{ratio:.2f}x", f"{ratio32:.2f}x"])
+        print(f"\n1 x {tokens} tokens, {rounds} rounds ({torch.get_num_threads()} threads)")
+        print(common.table(["model", "forward ms (median)", "min-max", "vs plain bf16", "vs plain fp32"], rows))
+
+
+# -- quantize ----------------------------------------------------------------------------------
+
+
+def _hwm_reset() -> int:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return common._status()["VmRSS"]
+
+
+def quantize(rounds: int) -> None:
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+        # every allocation over 64 KiB mapped and unmapped on its own, so that the peak RSS of a
+        # call is what it allocates (glibc would otherwise reuse the previous call's memory)
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+        subprocess.run([sys.executable, __file__, "quantize", "--rounds", str(rounds)], env=env, check=True)
+        return
+    import torch
+
+    from loaderkit.kernels import quant
+
+    shapes = [(2048, 2048), (5632, 2048), (2048, 5632), (32000, 2048)]
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for shape in shapes:
+        w = (torch.randn(shape, generator=g) / 32).to(torch.bfloat16)
+        for gran in ("channel", "tensor", "block"):
+            quant.quantize(w, granularity=gran)  # warm-up
+            wall, cpu, peak = [], [], []
+            for _ in range(rounds):
+                base = _hwm_reset()
+                t0, c0 = time.perf_counter(), time.process_time()
+                q, _ = quant.quantize(w, granularity=gran)
+                wall.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
+                peak.append(common._status()["VmHWM"] - base - q.nbytes)
+                del q
+            n = w.numel()
+            t = statistics.median(wall)
+            rows.append([f"{shape[0]}x{shape[1]}", gran, f"{t * 1e3:.1f}", f"{statistics.median(cpu) * 1e3:.1f}",
+                         f"{n / t / 1e9:.2f}", f"{statistics.median(peak) / common.MiB:.1f}"])
+    print(f"quant.quantize of bf16 weights to float8_e4m3fn, {rounds} runs ({torch.get_num_threads()} threads)")
+    print(common.table(["shape", "scales", "wall ms (median)", "CPU ms", "Gelem/s", "peak transient MiB (beyond q)"],
+                       rows))
+
+
+# -- read --------------------------------------------------------------------------------------
+
+
+def _read_file(folder: Path) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    file = folder / "model.safetensors"
+    # tensors of odd lengths: each one starts at a different page offset in the file
+    tensors = {f"t{i:02d}": torch.ones(8 << 20 | (i * 1000 + 8), dtype=torch.uint8) for i in range(24)}
+    save_file(tensors, str(file))
+    return file
+
+
+def read(rounds: int) -> None:
+    import torch
+
+    import loaderkit
+    from loaderkit.plugins.safetensors_format import SafetensorsFormat
+
+    with tempfile.TemporaryDirectory(dir=common.BENCH_DIR) as d:
+        file = _read_file(Path(d))
+        info = loaderkit.inspect(file)
+        names = sorted(info.tensors)
+        total = sum(t.nbytes for t in info.tensors.values())
+        with open(file, "rb") as f:  # page cache warm
+            while f.read(1 << 24):
+                pass
+        cold, warm = [], []
+        for _ in range(rounds):
+            reader = SafetensorsFormat().open(info)
+            for label, out in (("cold", cold), ("warm", warm)):
+                t0 = time.perf_counter()
+                for n in names:
+                    reader.read(n)
+                out.append(time.perf_counter() - t0)
+            reader.close()
+        rows = [[label, f"{statistics.median(ts) * 1e3:.1f}", f"{total / statistics.median(ts) / 1e9:.2f}"]
+                for label, ts in (("fresh reader (first touch of the scratch)", cold), ("same reader again", warm))]
+        print(f"SafetensorsReader.read of {len(names)} tensors, {total / common.MiB:.0f} MiB, page cache warm, "
+              f"{rounds} runs ({torch.get_num_threads()} threads)")
+        print(common.table(["pass", "ms (median)", "GB/s"], rows))
+
+
+# -- probe -------------------------------------------------------------------------------------
+
+_PROBE = """
+import sys, time, torch
+torch.set_num_threads(int(sys.argv[1]))
+from loaderkit.plugins import devices
+t0 = time.perf_counter(); devices.probe_ratios(); print(time.perf_counter() - t0)
+"""
+
+
+def probe(rounds: int) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        env = dict(os.environ, XDG_CACHE_HOME=d)
+        rows = []
+        for i, threads in enumerate([1, 2] * 3):
+            out = subprocess.run([sys.executable, "-c", _PROBE, str(threads)], env=env, text=True,
+                                 capture_output=True, check=True).stdout
+            rows.append([str(i + 1), str(threads), f"{float(out) * 1e3:.1f}"])
+        keys = len(json.loads((Path(d) / "loaderkit" / "cpu-probe.json").read_text()))
+    print(f"probe_ratios() in fresh processes, alternating thread counts; cache ends with {keys} keys")
+    print(common.table(["process", "threads", "probe ms"], rows))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", nargs="*", default=["probe", "quantize", "read", "forward"])
+    ap.add_argument("--rounds", type=int, default=15)
+    args = ap.parse_args()
+    print(_machine(), flush=True)
+    for what in args.what:
+        print(flush=True)
+        {"forward": forward, "quantize": quantize, "read": read, "probe": probe}[what](args.rounds)
+
+
+if __name__ == "__main__":
+    main()
