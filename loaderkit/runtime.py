@@ -32,6 +32,9 @@ every call), and ``module.forward`` is left to accelerate's hook machinery.
   from the plan's device capabilities when loaderkit binds the plan, from the module's device
   when a rule is attached by hand. Nothing is re-decided at forward time.
 
+The input casts live in :mod:`loaderkit.input_cast`, low-rank updates in :mod:`loaderkit.low_rank`
+and the workspace in :mod:`loaderkit.kernels.workspace`; this module exports their public names too.
+
 Cast rules are for inference: gradients do not flow into the stored tensors, and a model must not
 run forward from several threads at once. Code that calls ``module.forward`` directly (not
 ``module(...)``) skips the exception guard.
@@ -40,13 +43,12 @@ run forward from several threads at once. Code that calls ``module.forward`` dir
 from __future__ import annotations
 
 import sys
-import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
-from accelerate.hooks import ModelHook, SequentialHook, add_hook_to_module, remove_hook_from_module
+from accelerate.hooks import ModelHook, add_hook_to_module
 from torch import nn
 
 from .contract.dtypes import dtype_name
@@ -54,8 +56,12 @@ from .contract.layout import GRANULARITIES, scale_fits
 from .contract.modules import KERNEL_LAYERS
 from .contract.records import DeviceCaps
 from .errors import CastRuleError
+from .hooks import find, hooks_of, remove_hooks
+from .input_cast import InputCastHook, attach_input_cast, input_cast_of  # noqa: F401 - the runtime's API
+from .low_rank import LowRank, add_low_rank, delta_dtype, remove_low_rank  # noqa: F401 - the runtime's API
 from .kernels.native import NATIVE_REASON, native_problem
 from .kernels.quant import decode_stored
+from .kernels.workspace import POOL, release_workspace, workspace  # noqa: F401 - the runtime's API
 
 
 @dataclass(frozen=True)
@@ -118,39 +124,6 @@ class CastRule:
             "fold_scale": self.fold_scale,
             "deltas": [{"name": d.name, "tensor": d.tensor, "rank": d.rank, "scale": d.scale} for d in self.deltas],
         }
-
-
-@dataclass(frozen=True)
-class LowRank:
-    """A low-rank update ``tensor += scale * up @ down`` added after decoding (a LoRA).
-
-    :ivar name: who added it (the LoRA's name); unique per module.
-    :ivar tensor: the covered tensor it updates (``"weight"``).
-    :ivar up: ``[out, r, 1...]`` and :attr:`down` ``[r, *tensor.shape[1:]]``, in the compute
-        dtype, on the module's execution device.
-    """
-
-    name: str
-    tensor: str
-    up: torch.Tensor
-    down: torch.Tensor
-    scale: float
-
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
-    def add_to(self, w: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-        """``w + scale * up @ down`` in ``w``'s dtype, one fused ``addmm``, written into ``out``
-        (which may be ``w`` itself, a private buffer) or a new tensor."""
-        flat, up, down = w.reshape(w.shape[0], -1), self.up.flatten(1), self.down.flatten(1)
-        if out is w:
-            flat.addmm_(up, down, alpha=self.scale)  # w is contiguous: flat is a view of it
-        elif out is None:
-            return torch.addmm(flat, up, down, alpha=self.scale).view(w.shape)
-        else:
-            torch.addmm(flat, up, down, alpha=self.scale, out=out.view(flat.shape))
-        return out
 
 
 # -- public API --------------------------------------------------------------------------------
@@ -216,7 +189,7 @@ def attach_cast(
             "holding foreign tensor subclasses); store it in its compute dtype instead",
             module=name,
         )
-    _remove_hooks(module, lambda h: isinstance(h, CastHook))
+    remove_hooks(module, lambda h: isinstance(h, CastHook))
     scales = dict(scales or {})
     covered = list(names) if names is not None else _default_names(module)
     covered += [n for n in scales if n not in covered]
@@ -231,56 +204,6 @@ def attach_cast(
     return rule
 
 
-def add_low_rank(module: nn.Module, delta: LowRank, *, name: str = "") -> CastRule:
-    """Add ``delta`` to ``module``'s cast rule, attaching one that only adds deltas when the
-    module has none. The stored tensors are not changed; :func:`remove_low_rank` undoes it.
-
-    :raises CastRuleError: for a native fp8 rule (it never decodes the weight), a name already
-        used on the module, or a delta whose shape does not fit the tensor.
-    """
-    label = name or type(module).__name__
-    owner, key = _resolve(module, delta.tensor)
-    stored = owner._parameters.get(key, owner._buffers.get(key))
-    up, down = tuple(delta.up.shape), tuple(delta.down.shape)
-    if stored is not None and (len(up) < 2 or up[0] != stored.shape[0] or down[1:] != tuple(stored.shape[1:])
-                               or up[1] != down[0] or any(s != 1 for s in up[2:])):
-        raise CastRuleError(f"{label}.{delta.tensor}: up {list(up)} and down {list(down)} do not make its shape "
-                            f"{list(stored.shape)}", module=name, tensor=delta.tensor)
-    rule = cast_rule_of(module)
-    if rule is None:
-        if stored is None or not stored.is_floating_point() or stored.dtype.itemsize == 1:
-            raise CastRuleError(f"{label}.{delta.tensor} has no cast rule and is not stored in a compute dtype",
-                                module=name, tensor=delta.tensor)
-        rule = attach_cast(module, stored.dtype, names=[delta.tensor], name=name)
-        rule.for_deltas = True
-    if rule.native:
-        raise CastRuleError(f"{label} runs the native fp8 matmul, which never decodes its weight, so a LoRA "
-                            "cannot be added at cast time; merge it at load (lora_mode='merge')", module=name)
-    if any(d.name == delta.name for d in rule.deltas):
-        raise CastRuleError(f"{label} already has an update named {delta.name!r}", module=name)
-    rule.deltas.append(delta)
-    return rule
-
-
-def remove_low_rank(module: nn.Module, delta_name: str) -> bool:
-    """Remove the update named ``delta_name`` from ``module``'s cast rule; a rule attached only
-    for deltas goes with its last one. Returns whether there was one."""
-    rule = cast_rule_of(module)
-    if rule is None or not any(d.name == delta_name for d in rule.deltas):
-        return False
-    rule.deltas[:] = [d for d in rule.deltas if d.name != delta_name]
-    if rule.for_deltas and not rule.deltas:
-        _remove_hooks(module, lambda h: isinstance(h, CastHook))
-    return True
-
-
-def delta_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype a low-rank update of ``module``'s weight is added in: its cast rule's compute
-    dtype, else its weight's dtype."""
-    rule = cast_rule_of(module)
-    return rule.compute_dtype if rule is not None else module._parameters["weight"].dtype
-
-
 def execution_device(module: nn.Module) -> torch.device:
     """Where ``module``'s forward runs: its offload hook's execution device, else its weight's."""
     return _execution_device(module, module._parameters["weight"])
@@ -288,54 +211,13 @@ def execution_device(module: nn.Module) -> torch.device:
 
 def cast_rule_of(module: nn.Module) -> CastRule | None:
     """The cast rule attached to ``module`` by :func:`attach_cast`, or ``None``."""
-    hook = _find(getattr(module, "_hf_hook", None), CastHook)
+    hook = find(getattr(module, "_hf_hook", None), CastHook)
     return hook.rule if hook is not None else None
 
 
 def cast_rules(model: nn.Module) -> dict[str, CastRule]:
     """Every cast rule in ``model``, by qualified module name."""
     return {n: r for n, m in model.named_modules() if (r := cast_rule_of(m)) is not None}
-
-
-def attach_input_cast(
-    model: nn.Module, dtype: torch.dtype, follow: torch.Tensor | None = None, *, entry_of: nn.Module | None = None,
-    vectors: bool = True,
-) -> InputCastHook:
-    """Cast the floating-point tensors passed to ``model`` (positional and keyword, nested in
-    lists, tuples and dicts) to ``dtype``. Integer and boolean tensors (token ids, masks) and
-    non-tensors pass unchanged. Returns the hook; :func:`detach` removes it.
-
-    :param vectors: also cast floating tensors of fewer than two dimensions. ``False`` at a
-        model's entry: timesteps, sigmas and guidance scales are passed in float32 on purpose
-        and converted by the model's own code (a bf16 cast would round timestep 999 to 1000).
-
-    :param follow: a tensor of the model stored in ``dtype`` (a bias, a norm weight): when the
-        user re-casts the model (``model.to(torch.bfloat16)``), inputs follow that tensor's new
-        dtype instead of the one the model was loaded in.
-    :param entry_of: ``model`` is a sub-module libraries also call directly (a VAE's decoder,
-        Whisper's encoder) of this root, which has an input cast: inputs are cast only when the
-        sub-module is called from outside the root's forward; inside it, the model's own dtype
-        choices are left alone.
-    """
-    if not dtype.is_floating_point or dtype.itemsize == 1:
-        raise CastRuleError(f"input cast dtype {dtype} is not a compute dtype")
-    for old in list(_hooks_of(model)):
-        if isinstance(old, InputCastHook):
-            _remove_hooks(model, lambda h, old=old: h is old)
-    scope = None
-    if entry_of is not None:
-        root = _find(getattr(entry_of, "_hf_hook", None), InputCastHook)
-        if root is None:
-            raise CastRuleError("entry_of= names a module without an input cast; attach the root's first")
-        scope = root.scope
-    hook = InputCastHook(dtype, follow, scope, vectors)
-    add_hook_to_module(model, hook, append=True)
-    if scope is None:
-        # the root's forwards are counted by torch's own hooks, which fire only for real forward
-        # calls (diffusers' encode/decode call an accelerate hook's pre_forward without one)
-        hook.handles = [model.register_forward_pre_hook(hook.forward_enter),
-                        model.register_forward_hook(hook.forward_exit, always_call=True)]
-    return hook
 
 
 def detach(model: nn.Module, recurse: bool = True) -> None:
@@ -346,12 +228,12 @@ def detach(model: nn.Module, recurse: bool = True) -> None:
     """
     modules = model.modules() if recurse else [model]
     for module in list(modules):
-        _remove_hooks(module, lambda h: isinstance(h, (CastHook, InputCastHook)))
+        remove_hooks(module, lambda h: isinstance(h, (CastHook, InputCastHook)))
 
 
 def has_hooks(model: nn.Module) -> bool:
     """True if ``model`` or a submodule carries a loaderkit cast rule or input cast."""
-    return any(isinstance(h, (CastHook, InputCastHook)) for m in model.modules() for h in _hooks_of(m))
+    return any(isinstance(h, (CastHook, InputCastHook)) for m in model.modules() for h in hooks_of(m))
 
 
 def detach_others(model: nn.Module) -> None:
@@ -363,7 +245,7 @@ def detach_others(model: nn.Module) -> None:
     cast rules with it, and the next forward would reach an fp8 weight with bf16 activations.
     """
     for module in list(model.modules()):
-        _remove_hooks(module, lambda h: not isinstance(h, (CastHook, InputCastHook)))
+        remove_hooks(module, lambda h: not isinstance(h, (CastHook, InputCastHook)))
 
 
 def _native_problem(module: nn.Module, rule: CastRule, caps: DeviceCaps | None) -> str:
@@ -384,7 +266,7 @@ def _native_problem(module: nn.Module, rule: CastRule, caps: DeviceCaps | None) 
 
 
 def _execution_device(module: nn.Module, weight: torch.Tensor) -> torch.device:
-    for hook in _hooks_of(module):
+    for hook in hooks_of(module):
         dev = getattr(hook, "execution_device", None)
         if dev is not None:
             return torch.device(dev if not isinstance(dev, int) else f"cuda:{dev}")
@@ -398,12 +280,6 @@ def _caps_of(device: torch.device) -> DeviceCaps:
     return DeviceCaps(device=str(device), kind=device.type, fp8_matmul=fp8, capability=cap)
 
 
-def input_cast_of(module: nn.Module) -> torch.dtype | None:
-    """The dtype :func:`attach_input_cast` casts ``module``'s inputs to, or ``None``."""
-    hook = _find(getattr(module, "_hf_hook", None), InputCastHook)
-    return hook.current if hook is not None else None
-
-
 def native_fp8_available(device: torch.device | str | None = None) -> bool:
     """Whether ``device`` has native fp8 matmul: CUDA compute capability >= 8.9 and
     ``torch._scaled_mm``. CPUs (where ``_scaled_mm`` is a slow reference loop) answer ``False``.
@@ -412,17 +288,6 @@ def native_fp8_available(device: torch.device | str | None = None) -> bool:
     if device.type != "cuda" or not hasattr(torch, "_scaled_mm") or not torch.cuda.is_available():
         return False
     return torch.cuda.get_device_capability(device) >= (8, 9)
-
-
-def workspace() -> dict[tuple[tuple[int, ...], torch.dtype], int]:
-    """The CPU buffers kept for reuse, as ``{(shape, dtype): count}``."""
-    with _POOL.lock:
-        return {k: len(v) for k, v in _POOL.free.items() if v}
-
-
-def release_workspace() -> None:
-    """Free the CPU buffers reused for decoded copies (they are re-made on the next forward)."""
-    _POOL.clear()
 
 
 # -- the hooks ---------------------------------------------------------------------------------
@@ -519,7 +384,7 @@ class CastHook(ModelHook):
                 swapped = nn.Parameter(compute, requires_grad=False) if is_param else compute
             elif fold and tc.name == "weight":
                 compute = decode_stored(stored.detach(), self.rule.compute_dtype, None, None, None,
-                                        out=_POOL.take(tuple(stored.shape), self.rule.compute_dtype))
+                                        out=POOL.take(tuple(stored.shape), self.rule.compute_dtype))
                 swapped, pooled = nn.Parameter(compute, requires_grad=False), True
             else:
                 compute, pooled = self._patched(tc, stored, scale, deltas) if deltas else self._decode(tc, stored, scale)
@@ -549,7 +414,7 @@ class CastHook(ModelHook):
             return False
         if weight.device.type != "cpu" or scale.device.type != "cpu" or torch.is_grad_enabled():
             return False
-        return scale.numel() == weight.shape[0] > 1 and len(_hooks_of(module)) == 1
+        return scale.numel() == weight.shape[0] > 1 and len(hooks_of(module)) == 1
 
     def _patched(self, tc: TensorCast, stored: torch.Tensor, scale: torch.Tensor | None, deltas: list[LowRank]):
         """The decoded tensor plus its low-rank updates. A tensor already in the compute dtype is
@@ -559,7 +424,7 @@ class CastHook(ModelHook):
         if stored.dtype == self.rule.compute_dtype and tc.scale is None:
             data = stored.detach()
             pool = self.pooled and data.device.type == "cpu" and not torch.is_grad_enabled()
-            out = _POOL.take(tuple(data.shape), data.dtype) if pool else None
+            out = POOL.take(tuple(data.shape), data.dtype) if pool else None
             first, rest = deltas[0], deltas[1:]
             compute = first.add_to(data, out=out)
         else:
@@ -606,7 +471,7 @@ class CastHook(ModelHook):
             self._cache[tc.name] = (key, out)
             return out, False
         if self.pooled and data.device.type == "cpu" and not torch.is_grad_enabled():
-            out = _POOL.take(tuple(data.shape), dtype)
+            out = POOL.take(tuple(data.shape), dtype)
             return decode_stored(data, dtype, scale, tc.granularity, tc.block, out=out), True
         return decode_stored(data, dtype, scale, tc.granularity, tc.block), False
 
@@ -616,56 +481,7 @@ class CastHook(ModelHook):
         for s in reversed(swaps):
             s.restore()
             if s.pooled is not None and s.pooled.untyped_storage().data_ptr() not in alias:
-                _POOL.give(s.pooled)
-
-
-class _Scope:
-    """How many forwards of a root with an input cast are running (entry casts stand down then)."""
-
-    depth = 0
-
-
-class InputCastHook(ModelHook):
-    """Casts the floating tensors reaching a model's root to its compute dtype: the dtype it was
-    loaded in, or — when it follows a tensor of the model — that tensor's current dtype. An entry
-    cast (of a sub-module also called directly) casts only outside its root's forward."""
-
-    def __init__(self, dtype: torch.dtype, follow: torch.Tensor | None = None, scope: _Scope | None = None,
-                 vectors: bool = True) -> None:
-        self.dtype = dtype
-        self.min_ndim = 0 if vectors else 2
-        self._follow = weakref.ref(follow) if follow is not None else None
-        self.entry = scope is not None
-        self.scope = scope if scope is not None else _Scope()
-        self.handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    def forward_enter(self, module: nn.Module, args) -> None:
-        """Forward pre-hook of a root: one more of its forwards is running."""
-        self.scope.depth += 1
-
-    def forward_exit(self, module: nn.Module, args, output) -> None:
-        """Always-called forward hook of a root: its forward is over (also when it raised)."""
-        self.scope.depth = max(0, self.scope.depth - 1)
-
-    def detach_hook(self, module: nn.Module) -> nn.Module:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-        return module
-
-    @property
-    def current(self) -> torch.dtype:
-        """The dtype inputs are cast to now."""
-        t = self._follow() if self._follow is not None else None
-        if t is not None and t.dtype.is_floating_point and t.dtype.itemsize > 1:
-            return t.dtype
-        return self.dtype
-
-    def pre_forward(self, module: nn.Module, *args, **kwargs):
-        if self.entry and self.scope.depth:
-            return args, kwargs  # called by the root's own forward: its dtypes are the model's
-        dtype = self.current
-        return _cast_tree(args, dtype, self.min_ndim), _cast_tree(kwargs, dtype, self.min_ndim)
+                POOL.give(s.pooled)
 
 
 @dataclass
@@ -698,33 +514,6 @@ class _Swap:
             empty = torch.empty_like(self.stored, device="meta")
             table[self.key] = type(self.stored)(empty, self.stored.requires_grad) if self.is_param else empty
         # otherwise someone assigned a new tensor during forward: it stays
-
-
-@dataclass
-class _Pool:
-    """Reused CPU buffers for decoded copies, keyed by (shape, dtype)."""
-
-    free: dict[tuple, list[torch.Tensor]] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        with self.lock:
-            stack = self.free.get((shape, dtype))
-            if stack:
-                return stack.pop()
-        with torch.inference_mode(False):  # a normal tensor can be written in and out of inference mode
-            return torch.empty(shape, dtype=dtype)
-
-    def give(self, buf: torch.Tensor) -> None:
-        with self.lock:
-            self.free.setdefault((tuple(buf.shape), buf.dtype), []).append(buf)
-
-    def clear(self) -> None:
-        with self.lock:
-            self.free.clear()
-
-
-_POOL = _Pool()
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -804,54 +593,3 @@ def _storages(output) -> set[int]:
 
     visit(output)
     return found
-
-
-def _cast_tree(x, dtype: torch.dtype, min_ndim: int = 0):
-    """``x`` with its floating tensors of at least ``min_ndim`` dimensions in ``dtype``. A
-    container none of whose tensors changes is returned itself, not a copy: a callee that fills a
-    list it was given (a VAE's per-frame feature cache) must see its own list."""
-    if isinstance(x, torch.Tensor):
-        return x.to(dtype) if x.is_floating_point() and x.dtype != dtype and x.dim() >= min_ndim else x
-    if isinstance(x, (list, tuple)):
-        items = [_cast_tree(v, dtype, min_ndim) for v in x]
-        if all(a is b for a, b in zip(items, x)):
-            return x
-        return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)
-    if isinstance(x, dict):
-        pairs = {k: _cast_tree(v, dtype, min_ndim) for k, v in x.items()}
-        if all(pairs[k] is v for k, v in x.items()):
-            return x
-        return type(x)(pairs.items())
-    return x
-
-
-def _flatten(hook) -> Iterator[ModelHook]:
-    if isinstance(hook, SequentialHook):
-        for h in hook.hooks:
-            yield from _flatten(h)
-    elif hook is not None:
-        yield hook
-
-
-def _hooks_of(module: nn.Module) -> list[ModelHook]:
-    return list(_flatten(getattr(module, "_hf_hook", None)))
-
-
-def _find(hook, kind: type):
-    return next((h for h in _flatten(hook) if isinstance(h, kind)), None)
-
-
-def _remove_hooks(module: nn.Module, drop) -> None:
-    """Remove the hooks matching ``drop`` from ``module``'s chain, leaving the others attached."""
-    hooks = _hooks_of(module)
-    gone = [h for h in hooks if drop(h)]
-    if not gone:
-        return
-    for h in gone:
-        h.detach_hook(module)
-    kept = [h for h in hooks if not drop(h)]
-    if kept:
-        module._hf_hook = kept[0] if len(kept) == 1 else SequentialHook(*kept)
-        return
-    module._hf_hook = ModelHook()  # remove_hook_from_module calls detach_hook on what is left
-    remove_hook_from_module(module)
