@@ -32,8 +32,9 @@ every call), and ``module.forward`` is left to accelerate's hook machinery.
   from the plan's device capabilities when loaderkit binds the plan, from the module's device
   when a rule is attached by hand. Nothing is re-decided at forward time.
 
-The input casts live in :mod:`loaderkit.input_cast`, low-rank updates in :mod:`loaderkit.low_rank`
-and the workspace in :mod:`loaderkit.kernels.workspace`; this module exports their public names too.
+What a rule covers is checked in :mod:`loaderkit.cast_spec`; the input casts live in
+:mod:`loaderkit.input_cast`, the low-rank update record in :mod:`loaderkit.low_rank` and the
+workspace in :mod:`loaderkit.kernels.workspace`; this module exports their public names too.
 
 Cast rules are for inference: gradients do not flow into the stored tensors, and a model must not
 run forward from several threads at once. Code that calls ``module.forward`` directly (not
@@ -42,7 +43,6 @@ run forward from several threads at once. Code that calls ``module.forward`` dir
 
 from __future__ import annotations
 
-import sys
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,32 +52,16 @@ from accelerate.hooks import ModelHook, add_hook_to_module
 from torch import nn
 
 from .contract.dtypes import dtype_name
-from .contract.layout import GRANULARITIES, scale_fits
 from .contract.modules import KERNEL_LAYERS
 from .contract.records import DeviceCaps
 from .errors import CastRuleError
 from .hooks import find, hooks_of, remove_hooks
+from .cast_spec import TensorCast, default_names, is_dtensor, resolve, tensor_cast
 from .input_cast import InputCastHook, attach_input_cast, input_cast_of  # noqa: F401 - the runtime's API
-from .low_rank import LowRank, add_low_rank, delta_dtype, remove_low_rank  # noqa: F401 - the runtime's API
+from .low_rank import LowRank
 from .kernels.native import NATIVE_REASON, native_problem
 from .kernels.quant import decode_stored
 from .kernels.workspace import POOL, release_workspace, workspace  # noqa: F401 - the runtime's API
-
-
-@dataclass(frozen=True)
-class TensorCast:
-    """How one tensor of a module is handed to its kernel.
-
-    :ivar name: the tensor's name relative to the module (``"weight"``, ``"out_proj.weight"``).
-    :ivar scale: name of the module buffer holding its float32 scale, or ``None``.
-    :ivar granularity: ``"none"``, ``"tensor"``, ``"channel"`` or ``"block"``.
-    :ivar block: the block shape for ``"block"`` granularity.
-    """
-
-    name: str
-    scale: str | None = None
-    granularity: str = "none"
-    block: tuple[int, int] | None = None
 
 
 @dataclass
@@ -141,14 +125,7 @@ def supports(module: nn.Module) -> bool:
         return False
     if torch.nn.utils.parametrize.is_parametrized(module):
         return False
-    return all(type(p) in (nn.Parameter, torch.Tensor) or _is_dtensor(p) for p in module.parameters(recurse=False))
-
-
-def _is_dtensor(t) -> bool:
-    """Whether ``t`` is a ``torch.distributed`` DTensor (sharded by FSDP2 or tensor parallelism),
-    checked without importing ``torch.distributed.tensor`` when it was never loaded."""
-    mod = sys.modules.get("torch.distributed.tensor")
-    return mod is not None and isinstance(t, mod.DTensor)
+    return all(type(p) in (nn.Parameter, torch.Tensor) or is_dtensor(p) for p in module.parameters(recurse=False))
 
 
 def attach_cast(
@@ -191,9 +168,9 @@ def attach_cast(
         )
     remove_hooks(module, lambda h: isinstance(h, CastHook))
     scales = dict(scales or {})
-    covered = list(names) if names is not None else _default_names(module)
+    covered = list(names) if names is not None else default_names(module)
     covered += [n for n in scales if n not in covered]
-    tensors = {n: _tensor_cast(module, n, scales.get(n), label, name) for n in covered}
+    tensors = {n: tensor_cast(module, n, scales.get(n), label, name) for n in covered}
     rule = CastRule(compute_dtype=compute_dtype, tensors=tensors, resident=resident, fold_scale=fold_scale)
     if native:
         problem = _native_problem(module, rule, device)
@@ -202,6 +179,56 @@ def attach_cast(
     add_hook_to_module(module, hook, append=True)
     hook.guard = module.register_forward_hook(hook.forward_exit, always_call=True)
     return rule
+
+
+def add_low_rank(module: nn.Module, delta: LowRank, *, name: str = "") -> CastRule:
+    """Add ``delta`` to ``module``'s cast rule, attaching one that only adds deltas when the
+    module has none. The stored tensors are not changed; :func:`remove_low_rank` undoes it.
+
+    :raises CastRuleError: for a native fp8 rule (it never decodes the weight), a name already
+        used on the module, or a delta whose shape does not fit the tensor.
+    """
+    label = name or type(module).__name__
+    owner, key = resolve(module, delta.tensor)
+    stored = owner._parameters.get(key, owner._buffers.get(key))
+    up, down = tuple(delta.up.shape), tuple(delta.down.shape)
+    if stored is not None and (len(up) < 2 or up[0] != stored.shape[0] or down[1:] != tuple(stored.shape[1:])
+                               or up[1] != down[0] or any(s != 1 for s in up[2:])):
+        raise CastRuleError(f"{label}.{delta.tensor}: up {list(up)} and down {list(down)} do not make its shape "
+                            f"{list(stored.shape)}", module=name, tensor=delta.tensor)
+    rule = cast_rule_of(module)
+    if rule is None:
+        if stored is None or not stored.is_floating_point() or stored.dtype.itemsize == 1:
+            raise CastRuleError(f"{label}.{delta.tensor} has no cast rule and is not stored in a compute dtype",
+                                module=name, tensor=delta.tensor)
+        rule = attach_cast(module, stored.dtype, names=[delta.tensor], name=name)
+        rule.for_deltas = True
+    if rule.native:
+        raise CastRuleError(f"{label} runs the native fp8 matmul, which never decodes its weight, so a LoRA "
+                            "cannot be added at cast time; merge it at load (lora_mode='merge')", module=name)
+    if any(d.name == delta.name for d in rule.deltas):
+        raise CastRuleError(f"{label} already has an update named {delta.name!r}", module=name)
+    rule.deltas.append(delta)
+    return rule
+
+
+def remove_low_rank(module: nn.Module, delta_name: str) -> bool:
+    """Remove the update named ``delta_name`` from ``module``'s cast rule; a rule attached only
+    for deltas goes with its last one. Returns whether there was one."""
+    rule = cast_rule_of(module)
+    if rule is None or not any(d.name == delta_name for d in rule.deltas):
+        return False
+    rule.deltas[:] = [d for d in rule.deltas if d.name != delta_name]
+    if rule.for_deltas and not rule.deltas:
+        remove_hooks(module, lambda h: isinstance(h, CastHook))
+    return True
+
+
+def delta_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a low-rank update of ``module``'s weight is added in: its cast rule's compute
+    dtype, else its weight's dtype."""
+    rule = cast_rule_of(module)
+    return rule.compute_dtype if rule is not None else module._parameters["weight"].dtype
 
 
 def execution_device(module: nn.Module) -> torch.device:
@@ -361,7 +388,7 @@ class CastHook(ModelHook):
         for tc in self.rule.tensors.values():
             if fold and tc.name == "bias":
                 continue  # left out of the kernel, added to its output (post_forward)
-            owner, key = _resolve(module, tc.name)
+            owner, key = resolve(module, tc.name)
             is_param = key in owner._parameters
             stored = owner._parameters[key] if is_param else owner._buffers.get(key)
             deltas = [d for d in self.rule.deltas if d.tensor == tc.name]
@@ -379,7 +406,7 @@ class CastHook(ModelHook):
 
                 compute, pooled = Fp8LinearWeight.wrap(stored, scale, self.rule.compute_dtype), False
                 swapped = compute
-            elif _is_dtensor(stored):
+            elif is_dtensor(stored):
                 compute, pooled = self._decode_shard(tc, stored, scale, deltas), False
                 swapped = nn.Parameter(compute, requires_grad=False) if is_param else compute
             elif fold and tc.name == "weight":
@@ -517,61 +544,6 @@ class _Swap:
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-def _default_names(module: nn.Module) -> list[str]:
-    names = [n for n, p in module.named_parameters(recurse=False) if p is not None and p.is_floating_point()]
-    if isinstance(module, nn.MultiheadAttention):
-        names += [f"out_proj.{n}" for n, p in module.out_proj.named_parameters(recurse=False) if p is not None]
-    return names
-
-
-def _tensor_cast(module: nn.Module, tname: str, spec, label: str, mname: str) -> TensorCast:
-    """Validate one covered tensor (and its scale) and describe it."""
-    try:
-        owner, key = _resolve(module, tname)
-    except AttributeError:
-        owner, key = module, ""
-    if key not in owner._parameters and key not in owner._buffers:
-        raise CastRuleError(f"{label} has no parameter or buffer {tname!r} to cover", module=mname, tensor=tname)
-    if spec is None:
-        return TensorCast(tname)
-    scale_name, granularity, block = spec
-    where = f"{label}.{tname}"
-    if granularity not in GRANULARITIES:
-        raise CastRuleError(
-            f"{where}: unknown scale granularity {granularity!r}; use one of {', '.join(GRANULARITIES)}",
-            module=mname,
-            tensor=tname,
-        )
-    scale = module._buffers.get(scale_name)
-    if scale is None:
-        raise CastRuleError(
-            f"{where}: scale buffer {scale_name!r} is not a buffer of the module; register it "
-            "with module.register_buffer(name, scale) before attaching the rule",
-            module=mname,
-            tensor=tname,
-        )
-    tensor = owner._parameters.get(key, owner._buffers.get(key))
-    shape = tuple(tensor.shape) if tensor is not None else ()
-    block = tuple(block) if block is not None else None
-    if _is_dtensor(tensor) and scale_fits(tuple(tensor.to_local().shape), tuple(scale.shape), granularity, block):
-        shape = tuple(tensor.to_local().shape)  # a tensor-parallel shard decodes with its own rows' scale
-    if not scale_fits(shape, tuple(scale.shape), granularity, block):
-        raise CastRuleError(
-            f"{where}: a {granularity} scale of shape {list(scale.shape)} does not fit a tensor of shape "
-            f"{list(shape)}" + (f" with block {list(block)}" if block else ""),
-            module=mname,
-            tensor=tname,
-        )
-    return TensorCast(tname, scale_name, granularity, block)
-
-
-def _resolve(module: nn.Module, tname: str) -> tuple[nn.Module, str]:
-    *path, key = tname.split(".")
-    for part in path:
-        module = getattr(module, part)
-    return module, key
 
 
 def _version(t: torch.Tensor | None) -> tuple:

@@ -305,12 +305,13 @@ def _shard(t: torch.Tensor, tp: TensorPlan, plan: Plan, gathered: bool, reader, 
     read, why = box, ""
     if tp.sources:
         rows = fused.per_row if fused is not None else ()
-        if rows and len(rows) == tp.shape[0] and box[1:] == full[1:] and box != full and not tp.companions:
+        if rows and len(rows) == tp.shape[0] and box[1:] == full[1:] and box != full:
             need = [k for per in rows[box[0][0]:box[0][1]] for k in per]  # this rank's experts' tensors
+            scales = f" and every source's scale" if tp.companions else ""
             return ShardPlan(key=tp.key, placements=_placements(t), box=box, read=box,
-                             nbytes_read=sum(ckpt.tensors[k].nbytes for k in need), gathered=gathered,
+                             nbytes_read=sum(ckpt.tensors[k].nbytes for k in (*need, *tp.companions)), gathered=gathered,
                              why=f"built by the model's library from its rows' {len(need)} of {len(tp.sources)} "
-                                 "checkpoint tensors")
+                                 f"checkpoint tensors{scales}")
         read, why = full, f"built by the model's library from {len(tp.sources)} checkpoint tensors: read whole, then cut"
         nbytes = sum(ckpt.tensors[k].nbytes for k in (*tp.sources, *tp.companions))
         return ShardPlan(key=tp.key, placements=_placements(t), box=box, read=read, nbytes_read=nbytes, why=why,
@@ -426,6 +427,14 @@ def _read_part(tp: TensorPlan, sp: ShardPlan, plan: Plan, reader, mgr, keymap):
 
     ckpt = plan.checkpoint
     gathered = sp.gathered
+    if tp.sources and tp.companions and sp.read != _full(tp):  # quantized experts: its rows, every scale
+        q = _fused_rows(tp, sp, plan, reader, keymap)
+        scale = stream.fused_scales(tp, plan, reader, mgr, keymap)  # small: read whole, kept whole under FSDP
+        block = tp.block if tp.granularity == "block" else None
+        if tp.conversion == "none":
+            _check_range(q, scale, tp, sp, plan, reader)
+            return q, _local_scale(scale, tp, sp, gathered)
+        return stream.decode_fused(tp, plan, q, _scale_part(scale, sp.read, tp.shape, block).contiguous())
     if tp.sources and sp.read != _full(tp):  # built by the library from its rows' sources only
         part = tp.model_copy(update={"shape": tuple(b - a for a, b in sp.read)})
         return stream.convert_tensor(part, _fused_rows(tp, sp, plan, reader, keymap), ckpt, reader, mgr)

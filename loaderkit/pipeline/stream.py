@@ -141,13 +141,19 @@ def _fused_quantized(tp: TensorPlan, plan: Plan, reader: TensorReader, manager: 
     """A tensor the library fuses from quantized sources: the stored fp8 bytes fused by the
     library's operations, and the sources' scales — decoded by their scheme, one per row — fused
     by the same operations, so each row keeps its own multiplier. Kept as fp8, or decoded."""
+    return decode_fused(tp, plan, _fused(tp, plan, reader, keymap), fused_scales(tp, plan, reader, manager, keymap))
+
+
+def fused_scales(tp: TensorPlan, plan: Plan, reader: TensorReader, manager: PluginManager, keymap: KeyMap,
+                 rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """The scales of a fused tensor's quantized sources, decoded by their scheme and fused by the
+    library's own operations (of indices ``rows`` of dimension 0 only, for a per-row fused tensor)."""
     ckpt = plan.checkpoint
-    q = _fused(tp, plan, reader, keymap)
     entry = scheme_entry(ckpt, manager)
     first = ckpt.quantization.weights[tp.sources[0]]
     block = first.block if first.granularity == "block" else None
 
-    def rows(key: str) -> torch.Tensor:
+    def decoded(key: str) -> torch.Tensor:
         qw = ckpt.quantization.weights[key]
         s = manager.call(entry, entry.obj.decode_scale, qw, reader.get(qw.scale), returns=torch.Tensor)
         if block is not None:
@@ -155,9 +161,10 @@ def _fused_quantized(tp: TensorPlan, plan: Plan, reader: TensorReader, manager: 
         n = ckpt.tensors[key].shape[0]
         return (s.reshape(1, 1).expand(n, 1) if s.numel() == 1 else s.reshape(n, 1)).to(torch.float32).contiguous()
 
-    out = keymap.run(tp.key, rows)
+    out = keymap.run(tp.key, decoded) if rows is None else keymap.run(tp.key, decoded, rows=rows)
     scale = out.get(tp.key) if isinstance(out, dict) else None
-    want = block_grid(tp.shape, block) if block is not None else tp.shape[:-1] + (1,)
+    shape = tp.shape if rows is None else (rows[1] - rows[0],) + tuple(tp.shape[1:])
+    want = block_grid(shape, block) if block is not None else shape[:-1] + (1,)
     if not isinstance(scale, torch.Tensor) or tuple(scale.shape) != want:
         raise CorruptCheckpointError(
             f"{ckpt.path}: the scales of {tp.key!r}'s sources fused to "
@@ -166,10 +173,18 @@ def _fused_quantized(tp: TensorPlan, plan: Plan, reader: TensorReader, manager: 
     if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
         raise CorruptCheckpointError(f"{ckpt.path}: a scale of {tp.key!r}'s sources holds NaN, Inf or negative values",
                                      path=ckpt.path, tensor=tp.key)
+    return scale
+
+
+def decode_fused(tp: TensorPlan, plan: Plan, q: torch.Tensor, scale: torch.Tensor):
+    """A fused quantized tensor (or its rows) as planned: kept with its scale, or decoded."""
     if tp.conversion == "none":
         return q, scale
     from ..kernels.quant import upcast
 
+    ckpt = plan.checkpoint
+    first = ckpt.quantization.weights[tp.sources[0]]
+    block = first.block if first.granularity == "block" else None
     decoded = upcast(q, to_torch(tp.target_dtype), scale, block)
     _check_finite(decoded, q, tp, ckpt)
     return decoded, None
