@@ -86,7 +86,7 @@ def _tp_scales(plan) -> dict[str, tuple[str, object]]:
 def run_case(case: dict, out: Path, rank: int, mesh) -> None:
     import loaderkit
     from loaderkit.errors import CorruptCheckpointError
-    from loaderkit.pipeline import distribute
+    from loaderkit.pipeline import distribute, stream
 
     result: dict = {"rank": rank}
     counted = [0]
@@ -100,13 +100,22 @@ def run_case(case: dict, out: Path, rank: int, mesh) -> None:
 
         os.preadv = preadv
         try:
-            if case.get("fail_rank") == rank:
-                raise CorruptCheckpointError(f"injected read failure on rank {rank}")
             return real_read(*a, **k)
         finally:
             os.preadv = real_preadv
 
+    reads = [0]
+    real_box = stream.Source.read_box
+
+    def failing_box(self, key, box):  # the failing rank's 3rd read fails, mid-load
+        reads[0] += 1
+        if reads[0] == 3:
+            raise CorruptCheckpointError(f"injected read failure on rank {rank}")
+        return real_box(self, key, box)
+
     distribute.read_shards = counting
+    if case.get("fail_rank") == rank:
+        stream.Source.read_box = failing_box
     strategy = loaderkit.strategy(case["strategy"], **case["options"]) if case.get("options") else case["strategy"]
     try:
         model = loaderkit.load(case["path"], strategy, device_mesh=mesh, parallelize=case["parallelize"])
@@ -115,6 +124,7 @@ def run_case(case: dict, out: Path, rank: int, mesh) -> None:
         model = None
     finally:
         distribute.read_shards = real_read
+        stream.Source.read_box = real_box
     if model is not None:
         result["params"] = {n: type(p).__name__ for n, p in model.named_parameters()}  # before a forward
         plan = loaderkit.plan_of(model)

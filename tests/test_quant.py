@@ -332,3 +332,23 @@ def test_quantize_in_row_blocks_across_several_blocks(monkeypatch):
         assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(scale, scale_ref)
     with pytest.raises(LoaderKitError, match="inf or NaN"):
         quantize(torch.cat([w, torch.full((1, 250), float("nan"), dtype=w.dtype)]), E4M3, "channel")
+
+
+@pytest.mark.parametrize("shape, cuts", [((64, 96), (32,)), ((7, 33), (5, 20)), ((3, 16, 40), (13,)), ((5, 1), ())])
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_rows_quantized_in_column_slices_with_their_shared_maxima_match_whole_rows(shape, cuts, fp8):
+    """What each tensor-parallel rank does with a row-parallel weight: the row maxima of every
+    column slice, combined, then each slice encoded: the very scales and codes of the whole rows."""
+    from loaderkit.kernels.quant import quantize_rows, row_amax
+
+    torch.manual_seed(0)
+    w = (torch.randn(shape) * 4).to(torch.bfloat16)
+    w[0] = 0  # an all-zero row gets scale 1
+    q, s = quantize(w, fp8, "row" if w.dim() == 3 else "channel")
+    edges = (0, *cuts, shape[-1])
+    parts = [w[..., a:b] for a, b in zip(edges, edges[1:])]
+    amax = torch.stack([row_amax(p) for p in parts]).amax(0)
+    for (a, b), part in zip(zip(edges, edges[1:]), parts):
+        q2, s2 = quantize_rows(part, fp8, amax)
+        assert torch.equal(s2, s)
+        assert torch.equal(q2.view(torch.uint8), q[..., a:b].contiguous().view(torch.uint8))

@@ -117,6 +117,9 @@ class ShardPlan(Frozen):
     :ivar why: why :attr:`read` is wider than :attr:`box`, when it is.
     :ivar gathered: FSDP gathers the whole tensor before each forward, so its scale is kept
         whole on every rank (a tensor-parallel shard keeps the scale of its own rows or blocks).
+    :ivar reduce: mesh dimensions whose ranks share this shard's rows: fp8 made on load takes
+        each row's maximum over them (an all-reduce), so its per-row scales are the
+        single-process ones while each rank reads only its columns.
     """
 
     key: str
@@ -126,6 +129,7 @@ class ShardPlan(Frozen):
     nbytes_read: int
     why: str = ""
     gathered: bool = False
+    reduce: tuple[int, ...] = ()
 
 
 class ParallelPlan(Frozen):
@@ -359,9 +363,10 @@ def _parallel_lines(plan: Plan) -> list[str]:
     rows = []
     for s in list(par.shards.values()):
         box = "x".join(f"{a}:{b}" for a, b in s.box) or "scalar"
-        rows.append((s.key, s.placements, box, fmt_bytes(s.nbytes_read), s.why or "-"))
+        note = s.why or (f"row maxima all-reduced over mesh dim {', '.join(map(str, s.reduce))}" if s.reduce else "-")
+        rows.append((s.key, s.placements, box, fmt_bytes(s.nbytes_read), note))
     shown = rows[:24]
-    lines.extend("  " + r for r in _render(("tensor", "placement", "this rank's box", "reads", "wider read because"), shown))
+    lines.extend("  " + r for r in _render(("tensor", "placement", "this rank's box", "reads", "note"), shown))
     if len(rows) > len(shown):
         lines.append(f"  ... and {len(rows) - len(shown)} more (plan.parallel.shards)")
     return lines

@@ -511,6 +511,24 @@ def quantize(
     return q.view(w.shape), scale.reshape((w.shape[0],) + (1,) * (w.dim() - 1))
 
 
+def row_amax(w: torch.Tensor) -> torch.Tensor:
+    """The largest magnitude of each row (over the last dimension) of ``w``, in float32, shape
+    ``w.shape[:-1]``: what per-row scales made on load are computed from. For the parts of a
+    row held by several processes, the maximum of theirs is the row's."""
+    return _row_amax(w.reshape(-1, w.shape[-1]) if w.dim() else w.reshape(1, 1)).reshape(w.shape[:-1])
+
+
+def quantize_rows(w: torch.Tensor, fp8_dtype: torch.dtype, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row fp8 of ``w`` (2-D, or a stack ``[..., N, K]``) with the given row maxima ``amax``
+    (shape ``w.shape[:-1]``): the same scales and bits as :func:`quantize` (``"channel"`` or
+    ``"row"``) of the whole rows, when ``amax`` is their maximum and ``w`` a column slice of them.
+    Returns ``(q, scale)`` with ``scale`` of shape ``w.shape[:-1] + (1,)``."""
+    rows = w.reshape(-1, w.shape[-1])
+    scale = _finish_scale(amax.reshape(-1).to(torch.float32), fp8_dtype)
+    q = _encode(rows, fp8_dtype, lambda r0, r1: scale[r0:r1, None])
+    return q.view(w.shape), scale.reshape(tuple(w.shape[:-1]) + (1,))
+
+
 def quantize_reference(
     w: torch.Tensor,
     fp8_dtype: torch.dtype = torch.float8_e4m3fn,

@@ -329,6 +329,11 @@ def _shard(t: torch.Tensor, tp: TensorPlan, plan: Plan, gathered: bool, reader, 
                                 "scales; use a degree whose shards fall on block boundaries, per-channel scales, or "
                                 "parallelize='fsdp'", path=ckpt.path, tensor=tp.key)
         elif gran != "none" and box[-1] != full[-1]:
+            reduce = _row_sharing_dims(t, mesh, tp, gathered)
+            if reduce:
+                return ShardPlan(key=tp.key, placements=_placements(t), box=box, read=box,
+                                 nbytes_read=_numel(box) * ckpt.tensors[tp.source].torch_dtype.itemsize,
+                                 gathered=gathered, reduce=reduce)
             read, why = box[:-1] + (full[-1],), "per-row scales made on load need whole rows"
     qw = ckpt.quantization.weights.get(tp.source) if ckpt.quantization is not None else None
     block = qw.block if qw is not None and qw.granularity == "block" else None
@@ -349,6 +354,20 @@ def _shard(t: torch.Tensor, tp: TensorPlan, plan: Plan, gathered: bool, reader, 
     nbytes += sum(ckpt.tensors[k].nbytes for k in tp.companions)
     return ShardPlan(key=tp.key, placements=_placements(t), box=box, read=read, nbytes_read=nbytes, why=why,
                      gathered=gathered)
+
+
+def _row_sharing_dims(t: torch.Tensor, mesh, tp: TensorPlan, gathered: bool) -> tuple[int, ...]:
+    """The mesh dimensions that split ``t``'s rows (its last dimension) for fp8 made on load with
+    per-row scales: the rows' maxima are then all-reduced over them. Empty where the weight is
+    not a tensor-parallel shard of a 2-D Linear weight (or a stack of them) on this mesh."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if gathered or not isinstance(t, DTensor) or t.device_mesh != mesh or len(tp.shape) not in (2, 3):
+        return ()
+    last = len(tp.shape) - 1
+    dims = tuple(i for i, p in enumerate(t.placements) if isinstance(p, Shard) and p.dim % len(tp.shape) == last)
+    others = [p for i, p in enumerate(t.placements) if i not in dims and not p.is_replicate()]
+    return () if others and any(not isinstance(p, Shard) for p in others) else dims
 
 
 def _blocks(box: Box, shape: tuple[int, ...], block) -> Box:
@@ -377,12 +396,27 @@ def read_shards(prep, mgr) -> tuple[dict[str, torch.Tensor], dict[tuple[str, str
     tensors: dict[str, torch.Tensor] = {}
     scales: dict[tuple[str, str], torch.Tensor] = {}
     gather: list[tuple[str, str, torch.Tensor, TensorPlan]] = []
-    reader = stream.open_source(ckpt, mgr)
+    error: Exception | None = None
+    try:
+        reader = stream.open_source(ckpt, mgr)
+    except Exception as exc:  # this rank still takes part in every collective below
+        error, reader = exc, None
     try:
         with torch.no_grad():
             for tp in plan.tensors.values():
                 sp = plan.parallel.shards[tp.key]
-                local, scale = _read_part(tp, sp, plan, reader, mgr, prep.keymap)
+                if sp.reduce:  # a collective: every rank takes part, also one that already failed
+                    local, scale, error = _quantize_shared_rows(tp, sp, reader, prep.request.parallel.mesh, error)
+                elif error is not None:
+                    continue  # this rank failed: it only keeps up with the others' collectives
+                else:
+                    try:
+                        local, scale = _read_part(tp, sp, plan, reader, mgr, prep.keymap)
+                    except Exception as exc:  # reported to every rank after the read
+                        error = exc
+                        continue
+                if error is not None:
+                    continue
                 mod = tp.key.rpartition(".")[0]
                 tensors[tp.key] = local
                 if scale is not None:
@@ -392,8 +426,42 @@ def read_shards(prep, mgr) -> tuple[dict[str, torch.Tensor], dict[tuple[str, str
                     else:
                         scales[(mod, tp.scale)] = scale
     finally:
-        reader.close()
+        if reader is not None:
+            reader.close()
+    if error is not None:
+        raise error
     return tensors, scales, gather
+
+
+def _quantize_shared_rows(tp: TensorPlan, sp: ShardPlan, reader, mesh, error: Exception | None):
+    """fp8 made on load for a shard whose rows other ranks share: its columns are read, each
+    row's maximum is all-reduced over the ranks sharing it, and the shard is encoded with the
+    single-process scales. A rank that failed earlier contributes zeros and encodes nothing, so
+    no rank waits for it. Returns ``(q, scale, error)``."""
+    import torch.distributed as dist
+
+    from ..errors import CorruptCheckpointError
+    from ..kernels.quant import quantize_rows, row_amax
+
+    rows = tuple(b - a for a, b in sp.box[:-1])
+    raw, amax = None, torch.zeros(rows, dtype=torch.float32)
+    if error is None:
+        try:
+            raw = reader.read_box(tp.source, sp.read)
+            amax = row_amax(raw)
+            if not bool(torch.isfinite(amax).all()):
+                raise CorruptCheckpointError(f"{tp.source!r} holds inf or NaN values, which cannot be quantized",
+                                             tensor=tp.source)
+        except Exception as exc:
+            error, raw, amax = exc, None, torch.zeros(rows, dtype=torch.float32)
+    device = "cpu" if mesh.device_type == "cpu" else Parallel(mesh, "fsdp").device
+    shared = amax.to(device)
+    for d in sp.reduce:
+        dist.all_reduce(shared, op=dist.ReduceOp.MAX, group=mesh.get_group(d))
+    if error is not None:
+        return None, None, error
+    q, scale = quantize_rows(raw, to_torch(tp.target_dtype), shared.cpu())
+    return q, scale, None
 
 
 def _full(tp: TensorPlan) -> Box:
