@@ -364,3 +364,9 @@ def test_plan_cli_shows_any_rank(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "parallel    tp on mesh [2] (fake), rank 1 of 2" in out.stdout
     assert "model.layers.0.self_attn.q_proj.weight" in out.stdout
+    out = run_python(f"import sys; from loaderkit.cli import main; sys.exit(main(['plan', {path!r}, '--json', "
+                     "'--world-size', '2', '--rank', '1']))")
+    assert out.returncode == 0, out.stderr
+    par = __import__("json").loads(out.stdout)["parallel"]
+    assert (par["style"], par["rank"], par["world_size"]) == ("fsdp", 1, 2)
+    assert par["shards"]["model.embed_tokens.weight"]["box"] == [[32, 64], [0, 32]]

@@ -601,7 +601,7 @@ def execute(prep, mgr) -> torch.nn.Module:
     _agree(error, plan)
     with torch.no_grad():
         for mod, name, local, tp in gather:
-            scales[(mod, name)] = _gather_rows(local, tp, plan.parallel.shards[tp.key], prep.model)
+            scales[(mod, name)] = _gather_rows(local.to(device), tp, prep.model)
         _fill(model, plan, tensors, scales, device)
         if plan.initialized:
             prep.facts.initialize(model, plan.initialized)
@@ -635,8 +635,9 @@ def _agree(error: BaseException | None, plan: Plan) -> None:
                              "half-loaded model", path=plan.checkpoint.path)
 
 
-def _gather_rows(local: torch.Tensor, tp: TensorPlan, sp: ShardPlan, model) -> torch.Tensor:
-    """The whole per-row scale of an fp8 weight made on load under FSDP, from every rank's rows."""
+def _gather_rows(local: torch.Tensor, tp: TensorPlan, model) -> torch.Tensor:
+    """The whole per-row scale of an fp8 weight made on load under FSDP, from every rank's rows
+    (``local`` on this rank's device: NCCL gathers device tensors)."""
     from torch.distributed.tensor import DTensor
 
     weight = _tensor(dict(model.named_modules(remove_duplicate=False)), tp.key)
