@@ -598,7 +598,7 @@ def execute(prep, mgr) -> torch.nn.Module:
         tensors, scales, gather = read_shards(prep, mgr)
     except Exception as exc:  # every rank must reach the agreement below, or the others wait forever
         error, tensors, scales, gather = exc, {}, {}, []
-    _agree(error, plan)
+    _agree(error, plan, prep.request.parallel.mesh)
     with torch.no_grad():
         for mod, name, local, tp in gather:
             scales[(mod, name)] = _gather_rows(local.to(device), tp, prep.model)
@@ -619,13 +619,15 @@ def execute(prep, mgr) -> torch.nn.Module:
     return model
 
 
-def _agree(error: BaseException | None, plan: Plan) -> None:
-    """Every rank learns whether every rank read its shards; any failure raises on all of them."""
+def _agree(error: BaseException | None, plan: Plan, mesh) -> None:
+    """Every rank of the mesh learns whether every rank read its shards; any failure raises on
+    all of them. (A 1-D mesh over some of the processes agrees among its own ranks.)"""
     import torch.distributed as dist
 
     mine = None if error is None else f"{type(error).__name__}: {error}"
-    every: list = [None] * dist.get_world_size()
-    dist.all_gather_object(every, mine)
+    group = mesh.get_group(0) if mesh.ndim == 1 and mesh.size() != dist.get_world_size() else None
+    every: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, mine, group=group)
     failed = [(r, m) for r, m in enumerate(every) if m is not None]
     if error is not None:
         raise error
