@@ -734,3 +734,17 @@ def test_a_library_build_does_not_stop_other_threads_initialising_their_modules(
     assert calls[0] > 0 and not bad, f"{len(bad)} of {calls[0]} initialisations in another thread did nothing"
     t = torch.zeros(4)
     assert torch.equal(torch.nn.init.constant_(t, 2.0), torch.full((4,), 2.0))  # torch's own again
+
+
+@pytest.mark.parametrize("dtype", ["int8", "uint8", "int32", "bool"])
+def test_a_strategy_cannot_store_floating_weights_in_an_integer_dtype(tiny_ckpt, dtype):
+    """A float weight cast to int8 keeps only its integer part (nearly all zeros): no decoding
+    exists for it without a scale, so it is refused at plan time instead of loading wrong."""
+    class Integer(lkp.Strategy):
+        name = "integer"
+
+        def decide(self, module, state):
+            return lkp.ModuleDecision(compute="float32", storage={"weight": dtype} if module.kind == "linear" else {})
+
+    with pytest.raises(loaderkit.PlanError, match=f"store weight as {dtype}, an integer dtype"):
+        loaderkit.plan(tiny_ckpt[0], Integer(), model=TinyNet)

@@ -236,6 +236,17 @@ def _decide(strategy: Strategy, entry: Entry, ctx: ModuleContext, state: Any, mg
             module=ctx.name,
             plugin=entry.plugin,
         )
+    ints = {k: d for k, d in decision.storage.items()
+            if not is_float(d) and k in ctx.tensors and is_float(ctx.tensors[k].dtype)}
+    if ints:
+        local, dtype = next(iter(ints.items()))
+        raise PlanError(
+            f"strategy {entry.name!r} asks module {ctx.name!r} to store {local} as {dtype}, an integer dtype, "
+            f"but it holds floating-point values ({ctx.tensors[local].dtype}): a cast would keep only their "
+            "integer parts; store weights in float8_e4m3fn, float8_e5m2 or a wider float",
+            module=ctx.name,
+            plugin=entry.plugin,
+        )
     if is_fp8(decision.compute) or not is_float(decision.compute):
         raise PlanError(
             f"strategy {entry.name!r} asks module {ctx.name!r} ({ctx.type}) to compute in "
