@@ -460,7 +460,10 @@ def _quantize_shared_rows(tp: TensorPlan, sp: ShardPlan, reader, mesh, error: Ex
         dist.all_reduce(shared, op=dist.ReduceOp.MAX, group=mesh.get_group(d))
     if error is not None:
         return None, None, error
-    q, scale = quantize_rows(raw, to_torch(tp.target_dtype), shared.cpu())
+    try:
+        q, scale = quantize_rows(raw, to_torch(tp.target_dtype), shared.cpu())
+    except Exception as exc:  # still reported after the read: the collectives ahead must not wait
+        return None, None, exc
     return q, scale, None
 
 
