@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,19 +32,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ensure_checkpoint, environment  # noqa: E402
+import common  # noqa: E402
+from common import ensure_checkpoint, environment, free_port  # noqa: E402
 
 METHODS = ("lk-fsdp", "lk-fsdp-fp8", "dcp", "full-then-shard")
-
-
-def _status() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmHWM", "VmRSS", "RssFile"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
 
 
 def _rank(rank: int, world: int, port: int, method: str, path: str, out: str) -> None:
@@ -77,12 +67,12 @@ def _rank(rank: int, world: int, port: int, method: str, path: str, out: str) ->
 
     def sample() -> None:  # file pages a memory-mapped read touches: there is no high-water mark
         while not done.wait(0.002):
-            peak_file[0] = max(peak_file[0], _status()["RssFile"])
+            peak_file[0] = max(peak_file[0], common._status()["RssFile"])
 
     dist.barrier()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak RSS mark
-    before = _status()
+    before = common._status()
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t0 = time.perf_counter()
@@ -112,7 +102,7 @@ def _rank(rank: int, world: int, port: int, method: str, path: str, out: str) ->
     wall = time.perf_counter() - t0
     done.set()
     sampler.join()
-    after = _status()
+    after = common._status()
     os.preadv = preadv
     result = {
         "rank": rank, "wall": wall, "peak": after["VmHWM"] - before["VmRSS"],
@@ -123,18 +113,12 @@ def _rank(rank: int, world: int, port: int, method: str, path: str, out: str) ->
     dist.destroy_process_group()
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(method: str, world: int, path: Path) -> list[dict]:
     """One load by every rank of a fresh world; the ranks' results."""
     with tempfile.TemporaryDirectory() as out:
         code = ("import sys; sys.path.insert(0, %r); import bench_distributed as b, torch.multiprocessing as mp; "
                 "mp.spawn(b._rank, args=(%d, %d, %r, %r, %r), nprocs=%d)"
-                % (str(Path(__file__).parent), world, _port(), method, str(path), out, world))
+                % (str(Path(__file__).parent), world, free_port(), method, str(path), out, world))
         subprocess.run([sys.executable, "-c", code], check=True, timeout=900)
         return [json.loads(Path(out, f"{r}.json").read_text()) for r in range(world)]
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_metadata  # noqa: E402
-from common import BENCH_DIR, environment  # noqa: E402
+from common import BENCH_DIR, environment, free_port  # noqa: E402
 
 
 def ensure_small() -> Path:
@@ -78,17 +77,11 @@ def _rank(rank: int, world: int, port: int, way: str, path: str, repeats: int, o
     dist.destroy_process_group()
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(way: str, world: int, path: Path, repeats: int) -> float:
     with tempfile.TemporaryDirectory() as out:
         code = ("import sys; sys.path.insert(0, %r); import bench_headers as b, torch.multiprocessing as mp; "
                 "mp.spawn(b._rank, args=(%d, %d, %r, %r, %d, %r), nprocs=%d)"
-                % (str(Path(__file__).parent), world, _port(), way, str(path), repeats, out, world))
+                % (str(Path(__file__).parent), world, free_port(), way, str(path), repeats, out, world))
         subprocess.run([sys.executable, "-c", code], check=True, timeout=1800)
         per_rank = [json.loads(Path(out, f"{r}.json").read_text()) for r in range(world)]
     return statistics.median(max(ts) for ts in zip(*per_rank))  # the slowest rank, per repeat

@@ -103,6 +103,15 @@ def checkpoint_facts(path: Path) -> dict[str, int]:
     return {"file_bytes": file.stat().st_size, "largest_elems": largest}
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now, for a process group's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 # -- child side --------------------------------------------------------------------------------
 
 

@@ -149,16 +149,21 @@ def test_an_invalid_regex_in_facts_names_its_plugin(tiny_ckpt):
 # -- storage dtypes that cannot hold weights ------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", ["float8_e8m0fnu", "float4_e2m1fn_x2"])
-def test_a_strategy_cannot_store_weights_in_scale_or_packed_dtypes(tiny_ckpt, dtype):
-    class Odd(lkp.Strategy):
-        name = "odd"
+def _storing_linear_weights(dtype: str) -> lkp.Strategy:
+    """A strategy that stores every Linear weight as ``dtype``, computing in float32."""
+    class Storing(lkp.Strategy):
+        name = "storing"
 
         def decide(self, module, state):
             return lkp.ModuleDecision(compute="float32", storage={"weight": dtype} if module.kind == "linear" else {})
 
+    return Storing()
+
+
+@pytest.mark.parametrize("dtype", ["float8_e8m0fnu", "float4_e2m1fn_x2"])
+def test_a_strategy_cannot_store_weights_in_scale_or_packed_dtypes(tiny_ckpt, dtype):
     with pytest.raises(loaderkit.PlanError, match=f"store weight as {dtype}, which cannot hold weights"):
-        loaderkit.plan(tiny_ckpt[0], Odd(), model=TinyNet)
+        loaderkit.plan(tiny_ckpt[0], _storing_linear_weights(dtype), model=TinyNet)
 
 
 def test_packed_fp4_weights_are_refused_at_plan_time(tmp_path):
@@ -740,11 +745,5 @@ def test_a_library_build_does_not_stop_other_threads_initialising_their_modules(
 def test_a_strategy_cannot_store_floating_weights_in_an_integer_dtype(tiny_ckpt, dtype):
     """A float weight cast to int8 keeps only its integer part (nearly all zeros): no decoding
     exists for it without a scale, so it is refused at plan time instead of loading wrong."""
-    class Integer(lkp.Strategy):
-        name = "integer"
-
-        def decide(self, module, state):
-            return lkp.ModuleDecision(compute="float32", storage={"weight": dtype} if module.kind == "linear" else {})
-
     with pytest.raises(loaderkit.PlanError, match=f"store weight as {dtype}, an integer dtype"):
-        loaderkit.plan(tiny_ckpt[0], Integer(), model=TinyNet)
+        loaderkit.plan(tiny_ckpt[0], _storing_linear_weights(dtype), model=TinyNet)

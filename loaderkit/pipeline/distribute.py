@@ -123,9 +123,10 @@ def plan_shards(model: torch.nn.Module, plan: Plan, facts: ModelFacts, par: Para
     managed = _fsdp_managed(model)
     named = dict(model.named_modules(remove_duplicate=False))
     fused = keymap.fused if keymap is not None else {}
-    shards = {tp.key: _shard(_tensor(named, tp.key), tp, plan, id(_tensor(named, tp.key)) in managed, reader, par.mesh,
-                             fused.get(tp.key))
-              for tp in plan.tensors.values()}
+    shards = {}
+    for tp in plan.tensors.values():
+        t = _tensor(named, tp.key)
+        shards[tp.key] = _shard(t, tp, plan, id(t) in managed, reader, par.mesh, fused.get(tp.key))
     mesh = par.mesh
     pp = ParallelPlan(
         style=par.style, rank=dist.get_rank(), world_size=dist.get_world_size(), mesh=tuple(mesh.shape),
@@ -230,8 +231,9 @@ def _check_even(model: torch.nn.Module, plan: Plan) -> None:
     """A tensor-parallel split must be even: the model's own reshapes (heads) assume it."""
     from torch.distributed.tensor import DTensor, Shard
 
+    named = dict(model.named_modules(remove_duplicate=False))
     for tp in plan.tensors.values():
-        t = _tensor(dict(model.named_modules(remove_duplicate=False)), tp.key)
+        t = _tensor(named, tp.key)
         if not isinstance(t, DTensor):
             continue
         for i, p in enumerate(t.placements):
@@ -307,7 +309,7 @@ def _shard(t: torch.Tensor, tp: TensorPlan, plan: Plan, gathered: bool, reader, 
         rows = fused.per_row if fused is not None else ()
         if rows and len(rows) == tp.shape[0] and box[1:] == full[1:] and box != full:
             need = [k for per in rows[box[0][0]:box[0][1]] for k in per]  # this rank's experts' tensors
-            scales = f" and every source's scale" if tp.companions else ""
+            scales = " and every source's scale" if tp.companions else ""
             return ShardPlan(key=tp.key, placements=_placements(t), box=box, read=box,
                              nbytes_read=sum(ckpt.tensors[k].nbytes for k in (*need, *tp.companions)), gathered=gathered,
                              why=f"built by the model's library from its rows' {len(need)} of {len(tp.sources)} "
@@ -542,22 +544,11 @@ def _read_part(tp: TensorPlan, sp: ShardPlan, plan: Plan, reader, mgr, keymap):
 def _fused_rows(tp: TensorPlan, sp: ShardPlan, plan: Plan, reader, keymap) -> torch.Tensor:
     """Rows ``sp.read`` of a tensor the library stacks from per-row sources (experts), by its own
     operations on those rows' sources alone, each read whole (``pread``) from the checkpoint."""
-    from ..errors import CorruptCheckpointError
+    from . import stream
 
-    ckpt = plan.checkpoint
-    (a, b), want = sp.read[0], tuple(y - x for x, y in sp.read)
-
-    def fetch(key: str) -> torch.Tensor:
-        return reader.read_box(key, tuple((0, n) for n in ckpt.tensors[key].shape))
-
-    out = keymap.run(tp.key, fetch, rows=(a, b))
-    tensor = out.get(tp.key) if isinstance(out, dict) else None
-    dtype = ckpt.tensors[tp.sources[0]].torch_dtype
-    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != want or tensor.dtype != dtype:
-        got = f"{tensor.dtype} {list(tensor.shape)}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-        raise CorruptCheckpointError(f"{ckpt.path}: rows {a}:{b} of {tp.key!r}, built by the model's library, came "
-                                     f"out {got}, not {dtype} {list(want)}", path=ckpt.path, tensor=tp.key)
-    return tensor
+    tensors = plan.checkpoint.tensors
+    return stream.build_fused(tp, plan, reader, keymap, rows=sp.read[0],
+                         fetch=lambda key: reader.read_box(key, tuple((0, n) for n in tensors[key].shape)))
 
 
 def _check_range(raw: torch.Tensor, scale: torch.Tensor, tp: TensorPlan, sp: ShardPlan, plan: Plan, reader) -> None:
@@ -602,9 +593,10 @@ def execute(prep, mgr) -> torch.nn.Module:
     except Exception as exc:  # every rank must reach the agreement below, or the others wait forever
         error, tensors, scales, gather = exc, {}, {}, []
     _agree(error, plan, prep.request.parallel.mesh)
+    named = dict(model.named_modules(remove_duplicate=False))
     with torch.no_grad():
         for mod, name, local, tp in gather:
-            scales[(mod, name)] = _gather_rows(local.to(device), tp, prep.model)
+            scales[(mod, name)] = _gather_rows(local.to(device), tp, _tensor(named, tp.key))
         _fill(model, plan, tensors, scales, device)
         if plan.initialized:
             prep.facts.initialize(model, plan.initialized)
@@ -640,12 +632,11 @@ def _agree(error: BaseException | None, plan: Plan, mesh) -> None:
                              "half-loaded model", path=plan.checkpoint.path)
 
 
-def _gather_rows(local: torch.Tensor, tp: TensorPlan, model) -> torch.Tensor:
+def _gather_rows(local: torch.Tensor, tp: TensorPlan, weight: torch.Tensor) -> torch.Tensor:
     """The whole per-row scale of an fp8 weight made on load under FSDP, from every rank's rows
     (``local`` on this rank's device: NCCL gathers device tensors)."""
     from torch.distributed.tensor import DTensor
 
-    weight = _tensor(dict(model.named_modules(remove_duplicate=False)), tp.key)
     rows = tuple(local.shape)
     whole = (tp.shape[0],) + rows[1:]
     stride = tuple(math.prod(whole[i + 1:]) for i in range(len(whole)))

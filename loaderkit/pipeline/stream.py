@@ -104,7 +104,7 @@ def _read_one(tp: TensorPlan, plan: Plan, reader: TensorReader, manager: PluginM
     if tp.sources and tp.companions:
         return _fused_quantized(tp, plan, reader, manager, keymap)
     if tp.sources:
-        return convert_tensor(tp, _fused(tp, plan, reader, keymap), plan.checkpoint, reader, manager)
+        return convert_tensor(tp, build_fused(tp, plan, reader, keymap), plan.checkpoint, reader, manager)
     if tp.conversion == "none" or not isinstance(reader, Source):
         return convert_tensor(tp, reader.get(tp.source), plan.checkpoint, reader, manager)
     raw = reader.read(tp.source)  # may live in a buffer the next read reuses
@@ -114,23 +114,29 @@ def _read_one(tp: TensorPlan, plan: Plan, reader: TensorReader, manager: PluginM
     return tensor, scale
 
 
-def _fused(tp: TensorPlan, plan: Plan, reader: TensorReader, keymap: KeyMap | None) -> torch.Tensor:
+def build_fused(tp: TensorPlan, plan: Plan, reader: TensorReader, keymap: KeyMap | None,
+           rows: tuple[int, int] | None = None, fetch=None) -> torch.Tensor:
     """Build a tensor the model's library fuses from several checkpoint tensors, by its own code,
-    reading each source as it asks for it; the result must have the planned shape and dtype."""
+    reading each source as it asks for it (with ``fetch``, default ``reader.get``); the result
+    must have the planned shape and dtype. ``rows``: only those indices of dimension 0, from
+    their own sources (``FusedTensor.per_row``)."""
     if keymap is None or keymap.run is None:
         raise PlanError(f"{tp.key!r} is planned from {len(tp.sources)} tensors, but no key mapping of the "
                         "model's library is available to build it", tensor=tp.key)
-    out = keymap.run(tp.key, reader.get)
+    fetch = fetch or reader.get
+    out = keymap.run(tp.key, fetch) if rows is None else keymap.run(tp.key, fetch, rows=rows)
     tensor = out.get(tp.key) if isinstance(out, dict) else None
     if not isinstance(tensor, torch.Tensor):
         raise PluginError(f"the model library's conversion for {tp.key!r} returned {sorted(out) if isinstance(out, dict) else type(out).__name__}, "
                           f"not the tensor {tp.key!r}", tensor=tp.key)
     info = plan.checkpoint.tensors[tp.sources[0]]
-    if tuple(tensor.shape) != tp.shape or tensor.dtype != info.torch_dtype:
+    want = tp.shape if rows is None else (rows[1] - rows[0],) + tuple(tp.shape[1:])
+    if tuple(tensor.shape) != want or tensor.dtype != info.torch_dtype:
+        part = "" if rows is None else f" (rows {rows[0]}:{rows[1]})"
         raise CorruptCheckpointError(
-            f"{plan.checkpoint.path}: {tp.key!r} built from {', '.join(tp.sources[:3])}"
+            f"{plan.checkpoint.path}: {tp.key!r}{part} built from {', '.join(tp.sources[:3])}"
             f"{' ...' if len(tp.sources) > 3 else ''} came out {tensor.dtype} {list(tensor.shape)}, but the model "
-            f"holds {list(tp.shape)}: the checkpoint does not match the model",
+            f"holds {list(want)}: the checkpoint does not match the model",
             path=plan.checkpoint.path,
             tensor=tp.key,
         )
@@ -141,7 +147,7 @@ def _fused_quantized(tp: TensorPlan, plan: Plan, reader: TensorReader, manager: 
     """A tensor the library fuses from quantized sources: the stored fp8 bytes fused by the
     library's operations, and the sources' scales — decoded by their scheme, one per row — fused
     by the same operations, so each row keeps its own multiplier. Kept as fp8, or decoded."""
-    return decode_fused(tp, plan, _fused(tp, plan, reader, keymap), fused_scales(tp, plan, reader, manager, keymap))
+    return decode_fused(tp, plan, build_fused(tp, plan, reader, keymap), fused_scales(tp, plan, reader, manager, keymap))
 
 
 def fused_scales(tp: TensorPlan, plan: Plan, reader: TensorReader, manager: PluginManager, keymap: KeyMap,
