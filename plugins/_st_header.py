@@ -85,8 +85,9 @@ class StHeader:
 
     def tensor_infos(self, file: str) -> dict[str, TensorInfo]:
         """The tensors as :class:`TensorInfo` records whose ``file`` is ``file``, in offset order."""
+        make = TensorInfo.from_checked  # the parser checked every value
         return {
-            e.name: TensorInfo(name=e.name, shape=e.shape, dtype=e.dtype, file=file, nbytes=e.end - e.begin)
+            e.name: make(name=e.name, shape=e.shape, dtype=e.dtype, file=file, nbytes=e.end - e.begin)
             for e in self.entries
         }
 
@@ -236,8 +237,8 @@ def parse_header(raw: bytes, file_size: int, path: object) -> StHeader:
         raise _too_many(path, limit)
     metadata = _metadata(obj.pop("__metadata__", None), path)
     buffer_len = file_size - 8 - len(raw)
-    entries = [_entry(name, spec, buffer_len, path) for name, spec in obj.items()]
-    entries.sort(key=lambda e: (e.begin, e.end))
+    entries = _entries(obj, buffer_len, path, surrogates="\\ud" in body or "\\uD" in body)
+    entries.sort(key=_by_offsets)
     _check_tiling(entries, buffer_len, path)
     return StHeader(str(path), len(raw), metadata, tuple(entries))
 
@@ -300,6 +301,47 @@ def _int_list(x: Any, length: int | None = None) -> bool:
         if type(v) is not int or v < 0:
             return False
     return True
+
+
+def _by_offsets(e: StEntry) -> tuple[int, int]:
+    return e.begin, e.end
+
+
+def _entries(obj: dict[str, Any], buffer_len: int, path: object, surrogates: bool) -> list[StEntry]:
+    """Every tensor entry of a parsed header, checked.
+
+    The common entry (a known dtype other than ``F4``, a shape of small non-negative ints, offsets
+    in the buffer spanning exactly its bytes) is checked inline; any other goes through
+    :func:`_entry`, which accepts what it accepts and names what is wrong. A lone surrogate in a
+    name can only come from a ``\\ud...`` escape, so names are checked for one only when
+    ``surrogates`` says the text holds such an escape.
+    """
+    table = _dtype_table()
+    out = []
+    append = out.append
+    for name, spec in obj.items():
+        if not surrogates and type(spec) is dict:
+            st, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
+            found = table.get(st) if type(st) is str and st != "F4" else None
+            if found is not None and type(shape) is list and type(offsets) is list and len(offsets) == 2:
+                begin, end = offsets
+                numel = found[1]
+                for d in shape:
+                    if type(d) is not int or not 0 < d < _SMALL_DIM:  # a zero dimension: see _entry
+                        break
+                    numel *= d
+                else:
+                    if (type(begin) is int and type(end) is int and 0 <= begin <= end <= buffer_len
+                            and end - begin == numel and numel < _SMALL_DIM):
+                        append(StEntry(name, found[0], tuple(shape), begin, end))
+                        continue
+        append(_entry(name, spec, buffer_len, path))
+    return out
+
+
+#: dimensions and byte sizes below this take the inline check (their products stay far from
+#: torch's int64 limits); anything larger is checked by :func:`_entry`.
+_SMALL_DIM = 2**40
 
 
 def _entry(name: str, spec: Any, buffer_len: int, path: object) -> StEntry:

@@ -136,10 +136,17 @@ def _collect(
     owner: dict[str, str] = {}
     tensors: dict[str, TensorInfo] = {}
     metadata: dict[str, str] = {}
+    listed: dict[str, set[str]] = {}
+    for name, shard in weight_map.items():
+        listed.setdefault(shard, set()).add(name)
     for shard in shards:
         infos, meta = _describe_shard(paths[shard], shard)
         for k, v in meta.items():
             metadata.setdefault(k, v)
+        if infos.keys() == listed[shard] and owner.keys().isdisjoint(infos):  # the usual shard, as listed
+            owner.update(dict.fromkeys(infos, shard))
+            tensors.update(infos)
+            continue
         for name, info in infos.items():
             if name in owner:
                 raise CorruptCheckpointError(

@@ -369,3 +369,36 @@ def test_call_checks_the_returned_type():
     entry = mgr.get("formats", "safetensors")
     with pytest.raises(loaderkit.PluginError, match="format 'safetensors' of plugin 'safetensors' returned str"):
         mgr.call(entry, lambda: "no", returns=lkp.CheckpointInfo)
+
+
+@pytest.mark.parametrize("record, values", [
+    (lkp.TensorInfo, dict(name="a.weight", shape=(3, 0, 5), dtype="float8_e4m3fn", file="x.safetensors", nbytes=0)),
+    (lkp.QuantizedWeight, dict(weight="a.weight", scale="a.weight_scale_inv", granularity="block", block=(128, 64))),
+    (lkp.QuantizedWeight, dict(weight="a.weight")),
+])
+def test_records_from_checked_values_equal_validated_ones(record, values):
+    fast, slow = record.from_checked(**values), record(**values)
+    assert fast == slow and hash(fast) == hash(slow) and repr(fast) == repr(slow)
+    assert fast.model_dump() == slow.model_dump() and fast.model_fields_set == slow.model_fields_set
+    assert pickle.loads(pickle.dumps(fast)) == slow
+    with pytest.raises(Exception):
+        fast.name = "b"  # still frozen
+    with pytest.raises(TypeError, match="no field"):
+        record.from_checked(**values, nmae="typo")
+
+
+def _keeps_by_components(patterns, name):
+    parts = name.split(".")
+    return any(parts[i:i + len(p.split("."))] == p.split(".") for p in patterns
+               for i in range(len(parts) - len(p.split(".")) + 1))
+
+
+def test_keep_fp32_matches_runs_of_whole_components():
+    facts = lkp.ModelFacts(keep_fp32=("wo", "mlp.gate", "a+b", ""), keep_fp32_fp16=("norm",))
+    names = ["wo", "x.wo", "x.wo.y", "xwo", "wox", "mlp.gate", "layers.3.mlp.gate.proj", "mlp.gates",
+             "x.mlp.gate_proj", "a+b.c", "aab", "norm", "final_norm", "m.norm.w", "a..b", "", "q"]
+    for name in names:
+        assert facts.keeps_fp32(name) == _keeps_by_components(facts.keep_fp32, name), name
+        assert facts.keeps_fp32(name, fp16=True) == _keeps_by_components(
+            (*facts.keep_fp32, *facts.keep_fp32_fp16), name), name
+    assert not lkp.ModelFacts().keeps_fp32("anything")

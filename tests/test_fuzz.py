@@ -32,7 +32,7 @@ import loaderkit
 import loaderkit.plugin
 from loaderkit import LoaderKitError
 from loaderkit.plugin import SAFETENSORS_DTYPES, to_torch
-from loaderkit.plugins._st_header import StHeader, parse_file_bytes, read_header
+from loaderkit.plugins._st_header import StHeader, _entries, _entry, parse_file_bytes, read_header
 
 from test_hostile import watch_opens
 
@@ -235,6 +235,25 @@ def test_arbitrary_headers_describe_consistently_or_raise(scratch: Path, case, p
     path = scratch / "h.safetensors"
     path.write_bytes(data)
     assert_reference_agrees(path, got, header)
+
+
+@FUZZ
+@given(case=headers(), surrogates=st.booleans())
+@example(case=({"a": {"dtype": "F32", "shape": [2**39, 2**39, 0], "data_offsets": [0, 0]}}, b""), surrogates=False)
+def test_the_inline_entry_check_agrees_with_the_full_one(case, surrogates: bool) -> None:
+    """The header parser's fast check of common entries accepts exactly what :func:`_entry`
+    accepts, with the same result, and leaves every refusal (and its message) to it."""
+    header, buffer = case
+    header = {k: v for k, v in header.items() if k != "__metadata__"}
+
+    def full():
+        return [_entry(name, spec, len(buffer), "<fuzz>") for name, spec in header.items()]
+
+    expected, got = outcome(full), outcome(_entries, header, len(buffer), "<fuzz>", surrogates)
+    if isinstance(expected, LoaderKitError):
+        assert type(got) is type(expected) and str(got) == str(expected)
+    else:
+        assert got == expected
 
 
 @FUZZ

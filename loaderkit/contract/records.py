@@ -11,6 +11,7 @@ This module imports nothing from the pipeline; plugin authors reach it through
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from typing import Annotated, Any, Callable, Literal
 
@@ -117,10 +118,48 @@ ReadOnly = _ReadOnlyFactory()
 FrozenJSON = Annotated[dict[str, Any], AfterValidator(freeze)]
 
 
+_new = object.__new__
+_set = object.__setattr__
+
+
+def _defaults(cls: type[BaseModel]) -> dict[str, Any]:
+    """Field name -> default (``None`` stands in for required fields), in field order; cached."""
+    cached = cls.__dict__.get("_checked_defaults")
+    if cached is None:
+        cached = {}
+        for name, field in cls.model_fields.items():
+            if field.default_factory is not None:
+                raise TypeError(f"{cls.__name__}.{name} has a default factory; build it with the constructor")
+            cached[name] = None if field.is_required() else field.default
+        type.__setattr__(cls, "_checked_defaults", cached)
+    return cached
+
+
 class Frozen(BaseModel):
     """Base of loaderkit's immutable records: frozen, no unknown fields, read-only mappings."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    @classmethod
+    def from_checked(cls, **values: Any):
+        """A record made from values its caller has already checked, without validating them.
+
+        For parsers that check every value themselves (the safetensors header parser, the fp8
+        scale pairing) and make tens of thousands of records: half the constructor's cost. Fields
+        left out take their defaults. The values must already be of the field types (tuples for
+        tuples; a mapping field needs a :class:`FrozenDict`); an unknown field name is a
+        ``TypeError``.
+        """
+        defaults = _defaults(cls)
+        fields = {**defaults, **values}
+        if len(fields) != len(defaults):
+            raise TypeError(f"{cls.__name__} has no field(s) {sorted(values.keys() - defaults.keys())}")
+        record = _new(cls)
+        _set(record, "__dict__", fields)
+        _set(record, "__pydantic_fields_set__", set(values))
+        _set(record, "__pydantic_extra__", None)
+        _set(record, "__pydantic_private__", None)
+        return record
 
     def replace(self, **changes: Any):
         """A copy with ``changes`` applied (validated like a new record)."""
@@ -438,16 +477,17 @@ class ModelFacts(Frozen):
     def keeps_fp32(self, module_name: str, fp16: bool = False) -> bool:
         """True if ``module_name`` matches a ``keep_fp32`` pattern (or, with ``fp16``, a
         ``keep_fp32_fp16`` one): a run of dotted components equal to the pattern's."""
-        parts = module_name.split(".")
-        for pat in (*self.keep_fp32, *(self.keep_fp32_fp16 if fp16 else ())):
-            pp = pat.split(".")
-            for i in range(len(parts) - len(pp) + 1):
-                if parts[i : i + len(pp)] == pp:
-                    return True
-        return False
+        patterns = (*self.keep_fp32, *(self.keep_fp32_fp16 if fp16 else ()))
+        return bool(patterns) and _component_runs(patterns).search(module_name) is not None
 
     def skips_low_precision(self, module_name: str) -> bool:
         return any(re.search(p, module_name) for p in self.skip_low_precision)
+
+
+@functools.lru_cache(maxsize=64)
+def _component_runs(patterns: tuple[str, ...]) -> re.Pattern:
+    """One regex matching a name in which some pattern is a run of whole dotted components."""
+    return re.compile("|".join(rf"(?:^|\.){re.escape(p)}(?:\.|$)" for p in patterns))
 
 
 class BuildRequest(Frozen):

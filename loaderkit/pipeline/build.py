@@ -241,6 +241,8 @@ def from_argument(model: Any, dtype: torch.dtype) -> torch.nn.Module:
 LAYER_FACTOR = 2
 LAYER_SLACK = 256
 _LAYER_FIELD = re.compile(r"(^|_)layers?$")
+#: a dotted component of a key (keys joined by newlines) that is a number
+_NUMBERED = re.compile(r"(?:^|\.)(\d+)(?=\.|$)", re.MULTILINE)
 
 
 def check_layer_counts(checkpoint: CheckpointInfo) -> None:
@@ -251,7 +253,7 @@ def check_layer_counts(checkpoint: CheckpointInfo) -> None:
     fields = list(_layer_fields(checkpoint.config))
     if not fields:
         return
-    numbered = 1 + max((int(p) for key in checkpoint.tensors for p in key.split(".") if p.isdigit()), default=-1)
+    numbered = 1 + max(map(int, set(_NUMBERED.findall("\n".join(checkpoint.tensors)))), default=-1)
     allowed = LAYER_FACTOR * numbered + LAYER_SLACK
     for name, value in fields:
         if value > allowed:

@@ -160,14 +160,23 @@ def scaled_weights(
     scales = pair_by_leaf(tensors, scale_leaves, "weight scale")
     inputs = pair_by_leaf(tensors, input_leaves, "input scale")
     out: dict[str, QuantizedWeight] = {}
+    # A verdict depends only on the dtypes and shapes (and the allowed layouts): judged once per
+    # combination, which a model repeats for thousands of weights. A failing one raises the first
+    # time it is met, naming that weight, as judging each weight would.
+    verdicts: dict[tuple, tuple[str, Any, str]] = {}
+    make = QuantizedWeight.from_checked  # every value below is checked
     for w, s in scales.items():
-        _check_weight_dtype(tensors[w], s, family, high_precision_ok)
+        wt, st = tensors[w], tensors[s]
         allowed = layouts.get(w, ()) if isinstance(layouts, dict) else layouts
-        gran, block = classify_scale(tensors[w], tensors[s], allowed, family)
-        enc = scale_encoding(tensors[s], family, ue8m0_bytes=ue8m0_bytes)
-        out[w] = QuantizedWeight(
-            weight=w, scale=s, input_scale=inputs.get(w), granularity=gran, block=block, scale_encoding=enc
-        )
+        key = (wt.dtype, wt.shape, st.dtype, st.shape, tuple(allowed))
+        verdict = verdicts.get(key)
+        if verdict is None:
+            _check_weight_dtype(wt, s, family, high_precision_ok)
+            gran, block = classify_scale(wt, st, allowed, family)
+            verdict = verdicts[key] = (gran, block, scale_encoding(st, family, ue8m0_bytes=ue8m0_bytes))
+        gran, block, enc = verdict
+        out[w] = make(weight=w, scale=s, input_scale=inputs.get(w), granularity=gran,
+                      block=None if block is None else tuple(block), scale_encoding=enc)
     for key in _unscaled_fp8(tensors, out, exclude):
         if scale_required:
             names = " or ".join(sibling(module_of(key), leaf) for leaf in scale_leaves)

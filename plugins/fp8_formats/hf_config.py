@@ -64,9 +64,10 @@ class BlockFp8(Fp8Scheme):
             ue8m0_bytes=ue8m0,
         )
         details = hf_details(checkpoint, qc, weights)
+        partial = {shape for shape in {checkpoint.tensors[w].shape for w, q in weights.items() if q.scale}
+                   if any(d % b for d, b in zip(shape[-2:], block))}
         details["partial_blocks"] = sorted(
-            w for w, q in weights.items()
-            if q.scale and any(d % b for d, b in zip(checkpoint.tensors[w].shape[-2:], block))
+            w for w, q in weights.items() if q.scale and checkpoint.tensors[w].shape in partial
         )
         family = self.family + (", ue8m0 scales" if ue8m0 or any_ue8m0(weights) else "")
         return make_info(checkpoint, self.name, family, weights, details)
