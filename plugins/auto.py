@@ -3,8 +3,10 @@
 The policy, in order (every step is recorded as a decision in the plan):
 
 1. An fp8 checkpoint keeps its fp8 storage (strategy ``fp8``) and computes in the fastest
-   wide dtype of the device: bfloat16 where it is native, else float32 (on a CPU without native
-   bf16 a bf16 matmul is emulated and measured ~4.9x slower than fp32).
+   wide dtype of the device, as ``fp8``'s ``compute_dtype="auto"`` chooses it
+   (:func:`loaderkit.plugins.fp8.choose_compute`): on a probed CPU the dtype in which an fp8
+   Linear measured faster, else bfloat16 where it is native and float32 where it is not (on a CPU
+   without native bf16 a bf16 matmul is emulated and measured ~4.9x slower than fp32).
 2. Otherwise the checkpoint's dominant float dtype is kept if the device computes it natively.
 3. A bf16/fp16 checkpoint on a device that only emulates that dtype is computed in float32
    (``prefer="speed"``, the default: 2x the memory, several times faster), or kept as stored
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from loaderkit.errors import PlanError
+from loaderkit.plugins.fp8 import choose_compute
 from loaderkit.plugin import (
     BuildContext,
     hookimpl,
@@ -82,9 +85,8 @@ class Auto(Strategy):
         checkpoint, device = ctx.checkpoint, ctx.device
         stored = dominant_dtype(checkpoint)
         notes = [("checkpoint dtype", stored, "dominant float dtype by bytes")]
-        wide = "bfloat16" if device.is_fast("bfloat16") else "float32"
         if is_fp8(stored) or checkpoint.quantization is not None:
-            why = f"{device.device}: {_speed(device, 'bfloat16')}"
+            wide, why = choose_compute(device)
             fp8 = ctx.strategy("fp8", compute_dtype=wide)
             if fp8 is not None:
                 notes.append(("strategy", f"fp8 (compute {wide})", f"fp8 checkpoint kept as stored; {why}"))

@@ -4,9 +4,11 @@ CPU: bfloat16 and float16 are *representable* everywhere but only fast with nati
 instructions (``avx512_bf16`` / ``amx_bf16`` for bf16, ``avx512_fp16`` / ``amx_fp16`` for fp16);
 without them torch emulates them, which on an AVX2 machine measured a bf16 forward 4.9x slower
 than fp32. Flags alone are not enough (torch may not use them for every op), so the plugin also
-times a small linear + GELU + layer-norm block in each dtype (about 0.1 s, once per machine: the
-result is cached in ``~/.cache/loaderkit/cpu-probe.json``) and calls a dtype fast only if it runs
-within :data:`FAST_RATIO` of float32. Set ``LOADERKIT_DEVICE_PROBE=0`` to decide from the flags
+times a small linear + GELU + layer-norm block in each dtype, and an fp8 Linear decoded and
+applied in bfloat16 and in float32 (:func:`measure_ratios`; once per machine and thread count: the
+result is cached in ``~/.cache/loaderkit/cpu-probe.json``), calls a dtype fast only if it runs
+within :data:`FAST_RATIO` of float32, and hands the measured ratios to the strategies
+(:attr:`DeviceCaps.speeds`: the ``fp8`` strategy picks its compute dtype from them). Set ``LOADERKIT_DEVICE_PROBE=0`` to decide from the flags
 alone. CUDA: bf16 is native from sm 8.0, fp16 from sm 7.0, scaled fp8 matmul from sm 8.9.
 """
 
@@ -56,10 +58,12 @@ def _cache_file() -> str:
     return os.path.join(base, "loaderkit", "cpu-probe.json")
 
 
-def _probe_key() -> str:
+def _probe_key(threads: int | None = None) -> str:
+    """The cache key of this machine's probe at ``threads`` threads (default: torch's count now)."""
     import hashlib
 
-    parts = (_cpu_name(), " ".join(sorted(cpu_flags())), torch.__version__, str(torch.get_num_threads()))
+    threads = torch.get_num_threads() if threads is None else threads
+    parts = (_cpu_name(), " ".join(sorted(cpu_flags())), torch.__version__, str(threads))
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -78,7 +82,7 @@ def _ratios_for(key: str) -> dict[str, float]:
     path = _cache_file()
     known = _read_cache(path)
     cached = known.get(key)
-    if isinstance(cached, dict) and all(isinstance(cached.get(n), float) for n in ("bfloat16", "float16")):
+    if isinstance(cached, dict) and all(isinstance(cached.get(n), float) for n in PROBED):
         return cached
     ratios = measure_ratios()
     try:
@@ -104,22 +108,37 @@ def _read_cache(path: str) -> dict:
         return {}
 
 
-def measure_ratios() -> dict[str, float]:
-    """Time of a linear+GELU+layer-norm block in bf16/fp16 relative to float32.
+#: what :func:`measure_ratios` measures (the keys of :attr:`DeviceCaps.speeds` on the CPU).
+PROBED = ("bfloat16", "float16", "fp8-bfloat16-rows1", "fp8-bfloat16-rows128")
 
-    The dtypes are timed in interleaved rounds and the median of the per-round ratios is kept,
-    so that a busy machine slows every dtype alike rather than skewing one of them.
+
+def measure_ratios() -> dict[str, float]:
+    """Times relative to float32, on this CPU, of:
+
+    * ``"bfloat16"``, ``"float16"``: a linear + GELU + layer-norm block (128 x 1024 activations);
+    * ``"fp8-bfloat16-rows1"``, ``"fp8-bfloat16-rows128"``: what an fp8 Linear costs per forward
+      on the cast path — its 1024 x 1024 per-channel fp8 weight decoded (:func:`upcast`, into a
+      reused buffer) and applied to 1 row (token-by-token generation) or 128 rows (a prompt, a
+      batch, a diffusion step) — computing in bfloat16 against computing in float32.
+
+    Each is timed in interleaved rounds and the median of the per-round ratios is kept, so that a
+    busy machine slows every dtype alike rather than skewing one of them.
     """
     import statistics
     import time
 
     import torch.nn.functional as F
 
+    from loaderkit.kernels.quant import quantize, upcast
+
     g = torch.Generator().manual_seed(0)
     x32 = torch.randn(128, 1024, generator=g)
     w32 = torch.randn(1024, 1024, generator=g) / 32
     names = ("float32", "bfloat16", "float16")
     data = {n: (x32.to(getattr(torch, n)), w32.to(getattr(torch, n))) for n in names}
+    q, scale = quantize(w32)
+    wide = ("float32", "bfloat16")
+    decoded = {n: torch.empty(w32.shape, dtype=getattr(torch, n)) for n in wide}
 
     def run(name: str) -> float:
         x, w = data[name]
@@ -127,14 +146,25 @@ def measure_ratios() -> dict[str, float]:
         F.layer_norm(F.linear(F.gelu(F.linear(x, w)), w), (1024,))
         return time.perf_counter() - t0
 
-    ratios: dict[str, list[float]] = {"bfloat16": [], "float16": []}
+    def run_fp8(name: str, rows: int) -> float:
+        x, out = data[name][0][:rows], decoded[name]
+        t0 = time.perf_counter()
+        F.linear(x, upcast(q, out.dtype, scale, out=out))
+        return time.perf_counter() - t0
+
+    ratios: dict[str, list[float]] = {n: [] for n in PROBED}
     with torch.no_grad():
         for n in names:
             run(n)  # warm-up
+        for n in wide:
+            run_fp8(n, 128)
         for _ in range(9):
             t = {n: run(n) for n in names}
-            for n in ratios:
+            for n in ("bfloat16", "float16"):
                 ratios[n].append(t[n] / t["float32"])
+            for rows in (1, 128):
+                t = {n: run_fp8(n, rows) for n in wide}
+                ratios[f"fp8-bfloat16-rows{rows}"].append(t["bfloat16"] / t["float32"])
     return {n: statistics.median(r) for n, r in ratios.items()}
 
 
@@ -159,7 +189,8 @@ def cpu_caps(device: str = "cpu") -> DeviceCaps:
             notes.append(f"{name} slow ({'native' if native[name] else 'emulated'}{measured})")
     notes.append("fp8 weights compute only after an upcast on the CPU")
     return DeviceCaps(
-        device=device, kind="cpu", name=_cpu_name(), fast_dtypes=tuple(fast), notes=tuple(notes)
+        device=device, kind="cpu", name=_cpu_name(), fast_dtypes=tuple(fast), notes=tuple(notes),
+        speeds={n: float(r) for n, r in ratios.items() if n in PROBED},
     )
 
 

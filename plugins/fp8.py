@@ -1,5 +1,11 @@
 """Built-in plugin ``fp8``: store weights in fp8, compute in bf16 / fp16 / fp32.
 
+The compute dtype is, by default (``compute_dtype="auto"``), the one the device runs fastest
+(:func:`choose_compute`): where the device was measured (the CPU probe), the dtype in which an
+fp8 Linear — decode plus matmul — ran faster, at the number of rows the model is said to run
+(``tokens``); elsewhere bfloat16 where the device computes it natively, else float32. The
+choice and its numbers are recorded in the plan.
+
 What is stored in fp8 (by default):
 
 * the ``weight`` of every ``Linear`` and ``Conv1d/2d/3d`` (and transposed convolutions);
@@ -27,7 +33,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from loaderkit.plugin import (
     BuildContext,
@@ -65,7 +71,10 @@ class FP8Options(StrategyOptions):
     """Options of the ``fp8`` strategy.
 
     :ivar storage_dtype: ``float8_e4m3fn`` (default) or ``float8_e5m2``, for weights quantized on load.
-    :ivar compute_dtype: ``bfloat16`` (default), ``float16`` or ``float32``.
+    :ivar compute_dtype: ``"auto"`` (default: the fastest on the device, see
+        :func:`choose_compute`), ``bfloat16``, ``float16`` or ``float32``.
+    :ivar tokens: rows of activations a forward mostly runs (``1``: token-by-token generation;
+        ``None``: many — prompts, batches, diffusion steps); only ``compute_dtype="auto"`` uses it.
     :ivar granularity: scale granularity when quantizing a high-precision checkpoint:
         ``"channel"`` (default), ``"tensor"``, ``"block"`` (2-D weights; others per channel) or
         ``"none"`` (unscaled).
@@ -91,7 +100,8 @@ class FP8Options(StrategyOptions):
     """
 
     storage_dtype: str = "float8_e4m3fn"
-    compute_dtype: str = "bfloat16"
+    compute_dtype: str = "auto"
+    tokens: int | None = Field(default=None, ge=1)
     granularity: Literal["channel", "tensor", "block", "none"] = "channel"
     block: tuple[int, int] | None = None
     skip: tuple[str, ...] = ()
@@ -111,6 +121,8 @@ class FP8Options(StrategyOptions):
     @field_validator("compute_dtype", mode="before")
     @classmethod
     def _compute(cls, v):
+        if v == "auto":
+            return v
         return _as_dtype_name(v, ("bfloat16", "float16", "float32"), "compute_dtype")
 
     @field_validator("skip")
@@ -127,23 +139,31 @@ class FP8State:
 
     skips: tuple[re.Pattern, ...]
     native: bool
+    compute: str = "bfloat16"  # the compute dtype, resolved for this device
     keep_all: str = ""  # the reason the whole model stays in the compute dtype, if it does
 
 
 class FP8(Strategy):
     name = "fp8"
-    description = "fp8 (e4m3fn) weight storage, bf16 compute; cast rules on every fp8 module"
+    description = "fp8 (e4m3fn) weight storage, compute in the device's fastest wide dtype; cast rules on every fp8 module"
     Options = FP8Options
 
+    def _compute(self, device) -> tuple[str, str]:
+        o = self.options
+        if o.compute_dtype != "auto":
+            return o.compute_dtype, "compute_dtype given"
+        return choose_compute(device, o.tokens)
+
     def build_dtype(self, ctx: BuildContext) -> str:
-        return self.options.compute_dtype
+        return self._compute(ctx.device)[0]
 
     def prepare(self, ctx: ModelContext) -> FP8State:
         o = self.options
         skips = tuple(re.compile(p) for p in (*(DEFAULT_SKIP if o.default_skips else ()), *o.skip))
-        if o.compute_dtype not in ctx.device.compute_dtypes:
+        compute, why = self._compute(ctx.device)
+        if compute not in ctx.device.compute_dtypes:
             raise PlanError(
-                f"strategy fp8: {ctx.device.device} cannot compute in {o.compute_dtype}; pass "
+                f"strategy fp8: {ctx.device.device} cannot compute in {compute}; pass "
                 f"compute_dtype= one of {', '.join(ctx.device.compute_dtypes)}"
             )
         native = False
@@ -160,33 +180,30 @@ class FP8(Strategy):
             else:
                 ctx.note(
                     "fp8 kernel",
-                    f"cast path (upcast to {o.compute_dtype})",
+                    f"cast path (upcast to {compute})",
                     f"native fp8 matmul unavailable on {ctx.device.device}: needs CUDA sm >= 8.9",
                 )
         q = ctx.checkpoint.quantization
         if q is not None:
             ctx.note("fp8 checkpoint", f"kept as stored ({q.family})", "no requantization, scales kept")
-        ctx.note(
-            "compute",
-            o.compute_dtype,
-            "fp8 storage is upcast per module at forward time"
-            + ("" if ctx.device.is_fast(o.compute_dtype) else f"; note {ctx.device.device} computes "
-               f"{o.compute_dtype} slowly — compute_dtype=torch.float32 may be faster"),
-        )
+        slow = "" if ctx.device.is_fast(compute) else (
+            f"; note {ctx.device.device} computes {compute} slowly — compute_dtype=torch.float32 may be faster")
+        ctx.note("compute", compute, f"{why}; fp8 storage is upcast per module at forward time{slow}")
         keep_all = ""
         if ctx.facts.low_precision_advice and not o.quantize_sensitive:
             keep_all = f"{ctx.facts.low_precision_advice}; pass quantize_sensitive=True to store it in fp8 anyway"
-            ctx.note("whole model", f"kept in {o.compute_dtype}", keep_all)
+            ctx.note("whole model", f"kept in {compute}", keep_all)
         if not o.library_skips and ctx.facts.skip_low_precision:
             ctx.note("library skips", "not applied", "library_skips=False: modules the library never stores "
                      f"in low precision ({', '.join(ctx.facts.skip_low_precision)}) are stored in fp8 too")
-        return FP8State(skips=skips, native=native, keep_all=keep_all)
+        return FP8State(skips=skips, native=native, compute=compute, keep_all=keep_all)
 
-    def _keeps_fp32(self, module: ModuleContext) -> bool:
-        return module.keep_fp32 or (self.options.compute_dtype == "float16" and module.keep_fp32_fp16)
+    @staticmethod
+    def _keeps_fp32(module: ModuleContext, state: FP8State) -> bool:
+        return module.keep_fp32 or (state.compute == "float16" and module.keep_fp32_fp16)
 
     def _skipped(self, module: ModuleContext, state: FP8State) -> str | None:
-        if self._keeps_fp32(module):
+        if self._keeps_fp32(module, state):
             return "kept in float32 by the model's library"
         if module.keep_fp32_fp16:
             return ("the model's library keeps it in float32 under float16 (_keep_in_fp32_modules): "
@@ -206,7 +223,7 @@ class FP8(Strategy):
 
     def decide(self, module: ModuleContext, state: FP8State) -> ModuleDecision:
         o = self.options
-        compute = "float32" if self._keeps_fp32(module) else o.compute_dtype
+        compute = "float32" if self._keeps_fp32(module, state) else state.compute
         storage: dict[str, str] = {}
         weight = module.tensors.get("weight")
         reason = ""
@@ -253,6 +270,35 @@ class FP8(Strategy):
             fold_scale=o.fold_scales,
             reason=reason,
         )
+
+
+#: ``compute_dtype="auto"`` computes in bfloat16 where the device's measured fp8 Linear in
+#: bfloat16 takes at most this factor of its time in float32 (bfloat16 also halves the
+#: activations and the decoded weight; a near tie goes to it), as :data:`devices.FAST_RATIO`.
+BF16_TIE = 1.15
+#: ``tokens`` up to this many rows are judged by the probe's one-row timing (generation).
+FEW_ROWS = 16
+
+
+def choose_compute(device, tokens: int | None = None) -> tuple[str, str]:
+    """The compute dtype for fp8 storage on ``device`` (a :class:`DeviceCaps`), and why.
+
+    Where the device's probe timed the fp8 cast path (:attr:`DeviceCaps.speeds`
+    ``"fp8-bfloat16-rows1"`` / ``"fp8-bfloat16-rows128"``): bfloat16 if its measured time, at
+    one row when ``tokens`` is at most :data:`FEW_ROWS` and at 128 rows otherwise, is at most
+    :data:`BF16_TIE` times float32's; else float32. Where nothing was timed: bfloat16 if the
+    device computes it natively, else float32.
+    """
+    rows = 1 if tokens is not None and tokens <= FEW_ROWS else 128
+    ratio = device.speeds.get(f"fp8-bfloat16-rows{rows}")
+    if ratio is not None:
+        what = f"{'one row' if rows == 1 else '128 rows'} of activations{'' if tokens is None else f' (tokens={tokens})'}"
+        choice = "bfloat16" if ratio <= BF16_TIE else "float32"
+        return choice, (f"compute_dtype='auto': on {device.device} an fp8 Linear on {what} measured "
+                        f"{ratio:.2f}x float32's time in bfloat16")
+    if device.is_fast("bfloat16"):
+        return "bfloat16", f"compute_dtype='auto': {device.device} computes bfloat16 natively"
+    return "float32", f"compute_dtype='auto': {device.device} computes bfloat16 slowly (not native)"
 
 
 @hookimpl

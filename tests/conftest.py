@@ -26,6 +26,37 @@ from torch import nn
 from loaderkit.pipeline import discover as lk_manager
 
 ROOT = Path(__file__).resolve().parent.parent
+
+#: the CPU probe's measurements every test process reads (see :func:`_pin_cpu_probe`)
+PINNED_CPU_SPEEDS = {"bfloat16": 0.8, "float16": 0.8, "fp8-bfloat16-rows1": 0.9, "fp8-bfloat16-rows128": 0.6}
+
+
+def _pin_cpu_probe() -> None:
+    """Make every test (and every process a test starts) read one fixed CPU probe result: a CPU
+    measured fast in bfloat16 and float16, where fp8 computes in bfloat16.
+
+    The suite runs on CPUs with and without native bf16, and ``auto`` and ``fp8`` choose their
+    compute dtype from what the probe measures there; pinned, a test's plan is the same on every
+    machine. The probe's cache file is the real one (its path from ``XDG_CACHE_HOME``, a fresh
+    folder here), filled for every thread count; the tests of the choice itself describe both
+    kinds of CPU with their own device plugins, and the probe's tests their own cache folders.
+    """
+    import atexit
+    import json
+    import tempfile
+
+    from loaderkit.plugins import devices
+
+    cache = Path(tempfile.mkdtemp(prefix="loaderkit-test-cache-"))
+    atexit.register(shutil.rmtree, cache, ignore_errors=True)
+    (cache / "loaderkit").mkdir()
+    keys = {devices._probe_key(n): PINNED_CPU_SPEEDS for n in range(1, max(64, os.cpu_count() or 1) + 1)}
+    (cache / "loaderkit" / "cpu-probe.json").write_text(json.dumps(keys))
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+    devices._ratios_for.cache_clear()
+
+
+_pin_cpu_probe()
 EXAMPLE_PLUGIN = ROOT / "examples" / "loaderkit-example-plugin"
 
 

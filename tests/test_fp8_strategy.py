@@ -172,7 +172,10 @@ def test_compute_dtype_the_device_cannot_run_fails_at_plan_time(bf16_sample, fre
     name = loaderkit.register(NoHalf(), name="no-half")
     try:
         with pytest.raises(loaderkit.PlanError, match="cannot compute in bfloat16"):
-            loaderkit.plan(bf16_sample, "fp8", model=TinyVideoDiT)
+            loaderkit.plan(bf16_sample, loaderkit.strategy("fp8", compute_dtype="bfloat16"), model=TinyVideoDiT)
+        plan = loaderkit.plan(bf16_sample, "fp8", model=TinyVideoDiT)  # compute_dtype="auto": what it can run
+        assert {m.compute_dtype for m in plan.modules.values()} == {"float32"}
+        assert "computes bfloat16 slowly" in next(d.reason for d in plan.decisions if d.subject == "compute")
     finally:
         loaderkit.unregister(name)
 

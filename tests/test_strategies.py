@@ -16,15 +16,17 @@ from loaderkit.plugin import DeviceCaps
 from conftest import EXAMPLE_PLUGIN, TinyNet, save_st, seeded
 
 
-def device_plugin(*fast: str):
-    """A plugin describing the CPU (ahead of the built-in probe) as fast in ``fast`` dtypes only."""
+def device_plugin(*fast: str, speeds: dict[str, float] | None = None):
+    """A plugin describing the CPU (ahead of the built-in probe) as fast in ``fast`` dtypes only,
+    with ``speeds`` as its measured ratios."""
 
     class FakeDevice:
         @loaderkit.hookimpl(tryfirst=True)
         def loaderkit_device_capabilities(self, device):
             if torch.device(device).type != "cpu":
                 return None
-            return DeviceCaps(device=device, kind="cpu", name="described cpu", fast_dtypes=("float32", *fast))
+            return DeviceCaps(device=device, kind="cpu", name="described cpu", fast_dtypes=("float32", *fast),
+                              speeds=speeds or {})
 
     return FakeDevice()
 
@@ -214,7 +216,7 @@ def _probe_per_thread_count(monkeypatch, tmp_path):
 
     def measure():
         runs.append(torch.get_num_threads())
-        return {"bfloat16": float(torch.get_num_threads()), "float16": 3.0}
+        return {**dict.fromkeys(devices.PROBED, 3.0), "bfloat16": float(torch.get_num_threads())}
 
     monkeypatch.setattr(devices, "measure_ratios", measure)
     devices._ratios_for.cache_clear()
@@ -233,7 +235,7 @@ def test_the_cpu_probe_runs_once_per_thread_count(tmp_path, monkeypatch, fresh_p
             torch.set_num_threads(n)
             if fresh_process:
                 devices._ratios_for.cache_clear()  # only the file remembers
-            assert devices.probe_ratios() == {"bfloat16": float(n), "float16": 3.0}
+            assert devices.probe_ratios() == {**dict.fromkeys(devices.PROBED, 3.0), "bfloat16": float(n)}
     finally:
         torch.set_num_threads(threads)
         devices._ratios_for.cache_clear()
@@ -262,3 +264,64 @@ def test_a_corrupt_cpu_probe_cache_is_measured_over_and_rewritten(tmp_path, monk
     assert data[key] == first
     if content.startswith('{"k"'):
         assert len(data) == 1  # the unusable entry for this key was replaced
+
+
+#: a CPU without native bf16 as the probe measures one: an fp8 Linear is 3.2x slower in bf16
+#: than in float32 at 128 rows, a little faster at one row (the decode dominates)
+EMULATED_BF16 = {"bfloat16": 4.9, "float16": 5.5, "fp8-bfloat16-rows1": 0.9, "fp8-bfloat16-rows128": 3.2}
+
+
+@pytest.mark.parametrize("tokens, fast, speeds, expected, measured", [
+    (None, (), EMULATED_BF16, "float32", "3.20x"),
+    (1, (), EMULATED_BF16, "bfloat16", "0.90x"),
+    (64, (), EMULATED_BF16, "float32", "3.20x"),
+    (None, ("bfloat16",), {**EMULATED_BF16, "fp8-bfloat16-rows128": 0.45}, "bfloat16", "0.45x"),
+    (None, ("bfloat16",), None, "bfloat16", "natively"),  # nothing measured: from the capabilities
+    (None, (), None, "float32", "slowly"),
+])
+def test_fp8_computes_in_what_the_device_measured_faster(fresh_manager, bf16_ckpt, tokens, fast, speeds,
+                                                         expected, measured):
+    name = loaderkit.register(device_plugin(*fast, speeds=speeds), name="described-cpu")
+    try:
+        plan = loaderkit.plan(bf16_ckpt[0], loaderkit.strategy("fp8", tokens=tokens), model=TinyNet)
+        fixed = loaderkit.plan(bf16_ckpt[0], loaderkit.strategy("fp8", compute_dtype="float16"), model=TinyNet)
+        auto = loaderkit.plan(bf16_ckpt[0], "auto", model=TinyNet)
+    finally:
+        loaderkit.unregister(name)
+    assert {m.compute_dtype for m in plan.modules.values()} == {expected}
+    assert "weight" in plan.modules["proj"].storage and plan.modules["proj"].storage["weight"] == "float8_e4m3fn"
+    reason = decision(plan, "compute").reason
+    assert measured in reason and "compute_dtype='auto'" in reason, reason
+    assert {m.compute_dtype for m in fixed.modules.values()} == {"float16"}  # a given dtype is kept
+    assert "compute_dtype given" in decision(fixed, "compute").reason
+    assert auto.modules["proj"].compute_dtype in ("float32", "bfloat16")  # a bf16 checkpoint: auto's own rules
+
+
+def test_auto_computes_an_fp8_checkpoint_in_what_the_device_measured_faster(fresh_manager, tmp_path):
+    ref = seeded(TinyNet)
+    path = save_st(tmp_path / "fp8.safetensors", {k: v.to(torch.float8_e4m3fn) if v.dim() == 2 else v
+                                                  for k, v in ref.state_dict().items()})
+    for speeds, expected in ((EMULATED_BF16, "float32"), ({**EMULATED_BF16, "fp8-bfloat16-rows128": 0.5}, "bfloat16")):
+        name = loaderkit.register(device_plugin(speeds=speeds), name="described-cpu")
+        try:
+            plan = loaderkit.plan(path, "auto", model=TinyNet)
+        finally:
+            loaderkit.unregister(name)
+        strategy = decision(plan, "strategy")
+        assert strategy.choice == f"fp8 (compute {expected})" and "measured" in strategy.reason
+        assert plan.modules["proj"].compute_dtype == expected and plan.modules["proj"].storage["weight"] == "float8_e4m3fn"
+
+
+def test_the_cpu_probe_measures_the_fp8_cast_path_and_hands_it_to_the_plan(tmp_path, monkeypatch):
+    from loaderkit.plugins import devices
+
+    ratios = devices.measure_ratios()  # the real measurement, on this machine
+    assert set(ratios) == set(devices.PROBED) and all(0 < r < 1000 for r in ratios.values()), ratios
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(devices, "measure_ratios", lambda: ratios)
+    devices._ratios_for.cache_clear()
+    try:
+        caps = devices.cpu_caps()
+    finally:
+        devices._ratios_for.cache_clear()
+    assert dict(caps.speeds) == ratios
