@@ -300,6 +300,18 @@ def test_state_dict_and_recasting_keep_int8_and_its_scale(odd_ckpt, tmp_path):
     assert loaderkit.verify(model, (torch.randn(4, 48),)).ok
 
 
+def test_disk_offload_gives_the_same_output(demo_path, tmp_path):
+    x = sample_inputs()
+    with torch.no_grad():
+        want = loaderkit.load(demo_path, "int8", model=TinyVideoDiT)(*x)
+        model = loaderkit.load(demo_path, "int8", model=TinyVideoDiT, device_map="auto",
+                               max_memory={"cpu": 200_000}, offload_folder=tmp_path / "offload")
+        got = model(*x)
+    assert "disk" in set(loaderkit.plan_of(model).device_map.values())
+    assert loaderkit.verify(model, sample_inputs()).ok
+    assert torch.equal(got, want)
+
+
 def test_the_cast_path_decodes_int8_exactly():
     """A rule that does not run the kernel decodes ``q.float() * scale`` into the compute dtype:
     the module then computes exactly ``F.linear`` with the decoded weight."""

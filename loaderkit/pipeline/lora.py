@@ -238,9 +238,12 @@ class Merge:
         target = to_torch(self.final.target_dtype)
         if self.final.conversion == "quantize":
             from ..errors import ConversionError
+            from ..kernels.int8 import quantize_int8
             from ..kernels.quant import quantize
 
             try:
+                if target == torch.int8:
+                    return quantize_int8(w)
                 return quantize(w, target, granularity="channel")
             except ConversionError as exc:  # inf/NaN after the merge
                 raise self._overflow(exc) from exc
