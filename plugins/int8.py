@@ -130,6 +130,9 @@ class Int8(Strategy):
         keeps_fp32 = module.keep_fp32
         compute = "float32" if keeps_fp32 else o.compute_dtype
         weight = module.tensors.get("weight")
+        if module.stacked_linear:
+            return ModuleDecision(compute=compute, reason=f"stacked Linear weights ({', '.join(module.stacked_linear)}) "
+                                  f"of a {module.type}: the int8 kernel covers nn.Linear only; stored in {compute}")
         if weight is None or module.kind != "linear" or not weight.torch_dtype.is_floating_point:
             reason = f"a {module.type} ({module.kind}), not an nn.Linear: stored in {compute}" if weight else ""
             return ModuleDecision(compute=compute, reason=reason)

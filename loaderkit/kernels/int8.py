@@ -50,9 +50,9 @@ def kernel_available() -> bool:
     """Whether this torch has the CPU kernel."""
     try:
         op = torch.ops.aten._weight_int8pack_mm
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(op.default.name(), "CPU"))
     except (AttributeError, RuntimeError):
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(op.default.name(), "CPU")
 
 
 def int8_problem(*, linear: bool, shape: tuple[int, ...], compute: str, device: str, kind: str) -> str:
