@@ -382,3 +382,11 @@ def test_moe_experts_stay_bfloat16_with_a_reason(tmp_path):
         got = model(ids).logits
     assert loaderkit.verify(model, (ids,)).ok
     assert rel(got, want) <= 0.015  # measured 0.0070 (hidden 32: only the attention is int8)
+
+
+def test_a_device_mesh_is_refused_at_plan_time(demo_path):
+    from loaderkit.pipeline.distribute import simulated_mesh
+
+    with simulated_mesh(2, 0) as mesh:
+        with pytest.raises(loaderkit.LoaderKitError, match="int8.*not sharded over a device mesh.*'fp8'"):
+            loaderkit.plan(demo_path, "int8", model=TinyVideoDiT, device_mesh=mesh)
