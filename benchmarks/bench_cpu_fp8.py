@@ -1,15 +1,21 @@
-"""fp8 on the CPU, op by op: single-token forward, quantize-on-load, ``pread`` into the scratch.
+"""fp8 and int8 on the CPU, op by op: single-token forward, quantize-on-load, ``pread`` into the scratch.
 
-    python benchmarks/bench_cpu_fp8.py [forward|quantize|read|probe ...] [--rounds 15]
+    python benchmarks/bench_cpu_fp8.py [forward|linear|quantize|read|probe ...] [--rounds 15]
 
 * ``forward``: a 4-layer Llama (hidden 1024, intermediate 2816, vocab 32000, random weights,
   written once under ``.bench/llama-small-bf16``) loaded by ``loaderkit.load(strategy="fp8")``
-  (bf16 and fp32 compute) and as plain bf16 / fp32 (``from_pretrained``); forwards of 1 x 1 and
-  1 x 64 tokens timed round-robin in one process; medians of per-round times and of per-round
-  ratios to plain bf16; agreement of the last position's logits with plain bf16 and plain fp32.
+  (bf16 and fp32 compute), by ``loaderkit.load(strategy="int8")`` and as plain bf16 / fp32
+  (``from_pretrained``); forwards of 1 x 1 and 1 x 64 tokens timed round-robin in one process;
+  medians of per-round times and of per-round ratios to plain bf16; agreement of the last
+  position's logits with plain bf16 and plain fp32.
+* ``linear``: one 2816x1024 Linear (random weights, std 0.02) at 1 and 64 tokens, round-robin:
+  plain bf16 and fp32 ``F.linear``, the int8 kernel (``kernels.int8.int8_linear``) and the fp8
+  cast path (a per-channel fp8 weight decoded into a reused buffer, then ``F.linear``); times,
+  ratios to plain bf16, and each one's rel-L2 error against float32 math on the unquantized
+  weight and the same bf16 input.
 * ``quantize``: ``quant.quantize`` of bf16 weights per output channel (and per tensor, per 128x128
-  block): median wall time and the peak resident memory added during the call (``VmHWM`` after
-  resetting it), for each shape.
+  block) and ``int8.quantize_int8``: median wall time and the peak resident memory added during
+  the call (``VmHWM`` after resetting it), for each shape.
 * ``read``: ``SafetensorsReader.read`` of every tensor of a file whose tensors start at odd page
   offsets, page cache warm: a fresh reader (first touch of its scratch) and the same reader again.
 * ``probe``: whether a second thread count re-runs the CPU probe (cache in a temporary folder).
@@ -65,6 +71,10 @@ def forward(rounds: int) -> None:
         except loaderkit.LoaderKitError:  # a loaderkit without the option
             continue
         models[f"fp8 ({short} compute), fold_scales"] = loaderkit.load(path, strategy=fold)
+    try:
+        models["int8 (bf16 compute)"] = loaderkit.load(path, strategy="int8")
+    except loaderkit.LoaderKitError as exc:  # a loaderkit or torch without it
+        print(f"int8 skipped: {exc}")
     models["plain bf16"] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     models["plain fp32"] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids = torch.randint(0, SMALL["vocab_size"], (1, 64), generator=torch.Generator().manual_seed(0))
@@ -102,6 +112,48 @@ def forward(rounds: int) -> None:
         print(common.table(["model", "forward ms (median)", "min-max", "vs plain bf16", "vs plain fp32"], rows))
 
 
+# -- linear ------------------------------------------------------------------------------------
+
+
+def linear(rounds: int) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from loaderkit.kernels import int8, quant
+
+    n, k = SMALL["intermediate_size"], SMALL["hidden_size"]
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=g) * 0.02
+    wb = w.to(torch.bfloat16)
+    q8, s8 = int8.quantize_int8(wb)
+    f8, sf8 = quant.quantize(wb)
+    buf = torch.empty(n, k, dtype=torch.bfloat16)
+    cases = {
+        "plain bf16": lambda x: F.linear(x, wb),
+        "plain fp32": lambda x: F.linear(x.float(), w),
+        "int8 kernel": lambda x: int8.int8_linear(x, q8, s8, None, torch.bfloat16),
+        "fp8 cast path": lambda x: F.linear(x, quant.upcast(f8, torch.bfloat16, sf8, out=buf)),
+    }
+    for tokens in (1, 64):
+        x = torch.randn(tokens, k, generator=g).to(torch.bfloat16)
+        want = x.float() @ w.t()
+        times = {c: [] for c in cases}
+        with torch.no_grad():
+            errors = {c: float((f(x).float() - want).norm() / want.norm()) for c, f in cases.items()}
+            for r in range(rounds):
+                names = list(cases)
+                for c in names[r % len(names):] + names[: r % len(names)]:
+                    t0 = time.perf_counter()
+                    cases[c](x)
+                    times[c].append(time.perf_counter() - t0)
+        rows = [[c, f"{statistics.median(ts) * 1e3:.3f}",
+                 f"{statistics.median(a / b for a, b in zip(ts, times['plain bf16'])):.2f}x", f"{errors[c]:.4f}"]
+                for c, ts in times.items()]
+        print(f"\nLinear {n}x{k}, {tokens} tokens, {rounds} rounds ({torch.get_num_threads()} threads); "
+              f"load average {os.getloadavg()[0]:.2f}")
+        print(common.table(["kernel", "ms (median)", "vs plain bf16", "rel-L2 vs fp32 math"], rows))
+
+
 # -- quantize ----------------------------------------------------------------------------------
 
 
@@ -120,20 +172,22 @@ def quantize(rounds: int) -> None:
         return
     import torch
 
-    from loaderkit.kernels import quant
+    from loaderkit.kernels import int8, quant
 
     shapes = [(2048, 2048), (5632, 2048), (2048, 5632), (32000, 2048)]
     rows = []
     g = torch.Generator().manual_seed(0)
     for shape in shapes:
         w = (torch.randn(shape, generator=g) / 32).to(torch.bfloat16)
-        for gran in ("channel", "tensor", "block"):
-            quant.quantize(w, granularity=gran)  # warm-up
+        for gran in ("channel", "tensor", "block", "int8 channel"):
+            run = (lambda: int8.quantize_int8(w)) if gran.startswith("int8") else (
+                lambda: quant.quantize(w, granularity=gran))
+            run()  # warm-up
             wall, cpu, peak = [], [], []
             for _ in range(rounds):
                 base = _hwm_reset()
                 t0, c0 = time.perf_counter(), time.process_time()
-                q, _ = quant.quantize(w, granularity=gran)
+                q, _ = run()
                 wall.append(time.perf_counter() - t0)
                 cpu.append(time.process_time() - c0)
                 peak.append(common._status()["VmHWM"] - base - q.nbytes)
@@ -142,7 +196,7 @@ def quantize(rounds: int) -> None:
             t = statistics.median(wall)
             rows.append([f"{shape[0]}x{shape[1]}", gran, f"{t * 1e3:.1f}", f"{statistics.median(cpu) * 1e3:.1f}",
                          f"{n / t / 1e9:.2f}", f"{statistics.median(peak) / common.MiB:.1f}"])
-    print(f"quant.quantize of bf16 weights to float8_e4m3fn, {rounds} runs ({torch.get_num_threads()} threads)")
+    print(f"quant.quantize of bf16 weights to float8_e4m3fn (int8: int8.quantize_int8), {rounds} runs ({torch.get_num_threads()} threads)")
     print(common.table(["shape", "scales", "wall ms (median)", "CPU ms", "Gelem/s", "peak transient MiB (beyond q)"],
                        rows))
 
@@ -216,13 +270,13 @@ def probe(rounds: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", nargs="*", default=["probe", "quantize", "read", "forward"])
+    ap.add_argument("what", nargs="*", default=["probe", "quantize", "read", "linear", "forward"])
     ap.add_argument("--rounds", type=int, default=15)
     args = ap.parse_args()
     print(_machine(), flush=True)
     for what in args.what:
         print(flush=True)
-        {"forward": forward, "quantize": quantize, "read": read, "probe": probe}[what](args.rounds)
+        {"forward": forward, "linear": linear, "quantize": quantize, "read": read, "probe": probe}[what](args.rounds)
 
 
 if __name__ == "__main__":

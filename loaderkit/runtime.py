@@ -25,9 +25,11 @@ every call), and ``module.forward`` is left to accelerate's hook machinery.
   with a different rounding (the matmul's result is rounded before the scale instead of each
   weight after it), so it is opt-in; it applies on the CPU without gradients, on a module with
   no other hook and no low-rank update, and decodes through the cheaper unscaled table route.
-* **Native fp8**: ``native=True`` on an ``nn.Linear`` whose weight is ``float8_e4m3fn`` on a CUDA
+* **Native kernels**: ``native=True`` on an ``nn.Linear`` whose weight is ``float8_e4m3fn`` on a CUDA
   device with compute capability >= 8.9 runs ``torch._scaled_mm`` with a dynamically quantized
-  activation instead of decoding the weight; elsewhere the rule decodes, and says why in
+  activation instead of decoding the weight; one whose weight is ``int8`` with per-channel scales
+  on the CPU runs ``aten._weight_int8pack_mm`` (:mod:`loaderkit.kernels.int8`) with bfloat16
+  activations. Elsewhere the rule decodes (``q.float() * scale``), and says why in
   :attr:`CastRule.native_reason`. Whether it can is decided once, when the rule is attached:
   from the plan's device capabilities when loaderkit binds the plan, from the module's device
   when a rule is attached by hand. Nothing is re-decided at forward time.
@@ -59,7 +61,7 @@ from .hooks import find, hooks_of, remove_hooks
 from .cast_spec import TensorCast, default_names, is_dtensor, resolve, tensor_cast
 from .input_cast import InputCastHook, attach_input_cast, input_cast_of  # noqa: F401 - the runtime's API
 from .low_rank import LowRank
-from .kernels.native import NATIVE_REASON, native_problem
+from .kernels.native import NATIVE_REASON, native_problem, native_reason
 from .kernels.quant import decode_stored
 from .kernels.workspace import POOL, release_workspace, workspace  # noqa: F401 - the runtime's API
 
@@ -174,7 +176,9 @@ def attach_cast(
     rule = CastRule(compute_dtype=compute_dtype, tensors=tensors, resident=resident, fold_scale=fold_scale)
     if native:
         problem = _native_problem(module, rule, device)
-        rule.native, rule.native_reason = not problem, problem or NATIVE_REASON
+        weight = module._parameters.get("weight")
+        reason = native_reason(dtype_name(weight.dtype)) if weight is not None else NATIVE_REASON
+        rule.native, rule.native_reason = not problem, problem or reason
     hook = CastHook(rule, pooled=isinstance(module, KERNEL_LAYERS))
     add_hook_to_module(module, hook, append=True)
     hook.guard = module.register_forward_hook(hook.forward_exit, always_call=True)
@@ -204,7 +208,8 @@ def add_low_rank(module: nn.Module, delta: LowRank, *, name: str = "") -> CastRu
         rule = attach_cast(module, stored.dtype, names=[delta.tensor], name=name)
         rule.for_deltas = True
     if rule.native:
-        raise CastRuleError(f"{label} runs the native fp8 matmul, which never decodes its weight, so a LoRA "
+        raise CastRuleError(f"{label} runs a native kernel (fp8 matmul or int8 weight-only), which never decodes "
+                            "its weight, so a LoRA "
                             "cannot be added at cast time; merge it at load (lora_mode='merge')", module=name)
     if any(d.name == delta.name for d in rule.deltas):
         raise CastRuleError(f"{label} already has an update named {delta.name!r}", module=name)
@@ -402,9 +407,11 @@ class CastHook(ModelHook):
                 )
             scale = getattr(module, tc.scale) if tc.scale else None
             if tc.name in native:
-                from .kernels.native import Fp8LinearWeight  # noqa: PLC0415 - the fp8 matmul code
+                from .kernels.int8 import Int8LinearWeight  # noqa: PLC0415 - the native kernels' code
+                from .kernels.native import Fp8LinearWeight  # noqa: PLC0415
 
-                compute, pooled = Fp8LinearWeight.wrap(stored, scale, self.rule.compute_dtype), False
+                wrapper = Int8LinearWeight if stored.dtype == torch.int8 else Fp8LinearWeight
+                compute, pooled = wrapper.wrap(stored, scale, self.rule.compute_dtype), False
                 swapped = compute
             elif is_dtensor(stored):
                 compute, pooled = self._decode_shard(tc, stored, scale, deltas), False

@@ -143,6 +143,39 @@ class FP8State:
     keep_all: str = ""  # the reason the whole model stays in the compute dtype, if it does
 
 
+def kept_reason(
+    module: ModuleContext,
+    *,
+    keeps_fp32: bool,
+    keep_all: str,
+    library_skips: bool,
+    skip_types: tuple[str, ...],
+    skips: tuple[re.Pattern, ...],
+    storage: str,
+) -> str | None:
+    """Why ``module`` stays in its compute dtype instead of a low-precision ``storage`` (``"fp8"``,
+    ``"int8"``), or ``None``: the rules of the fp8 strategy's docs, in order — the library's
+    float32 modules, locked modules, a whole model kept, the library's skips, ``skip_types``,
+    then the skip patterns. Shared by the strategies that store weights in 8 bits."""
+    if keeps_fp32:
+        return "kept in float32 by the model's library"
+    if module.keep_fp32_fp16:
+        return ("the model's library keeps it in float32 under float16 (_keep_in_fp32_modules): "
+                f"precision-sensitive, so never stored in {storage}")
+    if module.locked:
+        return module.locked
+    if keep_all:
+        return keep_all
+    if module.skip_low_precision and library_skips:
+        return "the model's library never stores it in low precision (library_skips=False overrides)"
+    if module.type in skip_types:
+        return f"{module.type} is in skip_types"
+    for pat in skips:
+        if pat.search(module.name):
+            return f"matches skip pattern {pat.pattern!r}"
+    return None
+
+
 class FP8(Strategy):
     name = "fp8"
     description = "fp8 (e4m3fn) weight storage, compute in the device's fastest wide dtype; cast rules on every fp8 module"
@@ -203,23 +236,9 @@ class FP8(Strategy):
         return module.keep_fp32 or (state.compute == "float16" and module.keep_fp32_fp16)
 
     def _skipped(self, module: ModuleContext, state: FP8State) -> str | None:
-        if self._keeps_fp32(module, state):
-            return "kept in float32 by the model's library"
-        if module.keep_fp32_fp16:
-            return ("the model's library keeps it in float32 under float16 (_keep_in_fp32_modules): "
-                    "precision-sensitive, so never stored in fp8")
-        if module.locked:
-            return module.locked
-        if state.keep_all:
-            return state.keep_all
-        if module.skip_low_precision and self.options.library_skips:
-            return "the model's library never stores it in low precision (library_skips=False overrides)"
-        if module.type in self.options.skip_types:
-            return f"{module.type} is in skip_types"
-        for pat in state.skips:
-            if pat.search(module.name):
-                return f"matches skip pattern {pat.pattern!r}"
-        return None
+        return kept_reason(module, keeps_fp32=self._keeps_fp32(module, state), keep_all=state.keep_all,
+                           library_skips=self.options.library_skips, skip_types=self.options.skip_types,
+                           skips=state.skips, storage="fp8")
 
     def decide(self, module: ModuleContext, state: FP8State) -> ModuleDecision:
         o = self.options

@@ -99,6 +99,26 @@ def test_merge_requantizes_with_fresh_channel_scales(ckpt):
     assert plan.loras[0].mode == "merge" and "blocks.1.fc1" in plan.loras[0].targets
 
 
+def test_int8_merge_requantizes_and_cast_mode_is_refused(ckpt):
+    """int8 weights run a kernel that never decodes them: a LoRA merges before quantization
+    (exactly quantize_int8(W + s * B @ A)), and cast mode is refused at plan time."""
+    pytest.importorskip("loaderkit.kernels.int8")
+    from loaderkit.kernels.int8 import kernel_available, quantize_int8
+
+    if not kernel_available():
+        pytest.skip("torch has no CPU _weight_int8pack_mm")
+    merged = loaderkit.load(ckpt["path"], "int8", model=TinyVideoDiT, lora=[ckpt["lora"]], lora_mode="merge")
+    tp = loaderkit.plan_of(merged).tensors["blocks.1.fc1.weight"]
+    assert (tp.target_dtype, tp.conversion, tp.granularity) == ("int8", "quantize", "channel")
+    w = load_file(str(ckpt["path"]))["blocks.1.fc1.weight"].float()
+    sd = ckpt["sd"]
+    a, b = (sd[f"base_model.model.blocks.1.fc1.lora_{x}.weight"].float() for x in "AB")
+    q, scale = quantize_int8(w + 2.0 * (b @ a))
+    assert torch.equal(merged.blocks[1].fc1.weight, q) and torch.equal(merged.blocks[1].fc1.weight_scale, scale)
+    with pytest.raises(LoraError, match="int8 weight-only"):
+        loaderkit.plan(ckpt["path"], "int8", model=TinyVideoDiT, lora=[ckpt["lora"]], lora_mode="cast")
+
+
 def test_cast_mode_keeps_fp8_bytes_and_remove_restores_bitwise(ckpt):
     plain = loaderkit.load(ckpt["path"], "fp8", model=TinyVideoDiT)
     before = _run(plain)

@@ -8,6 +8,8 @@ scale, per tensor or per row) and runs ``torch._scaled_mm``; every other use of 
 the decoded compute-dtype tensor, and ``weight.dtype`` reports the compute dtype, so modules that
 cast their input to ``self.weight.dtype`` keep working.
 
+An ``int8`` weight runs the int8 weight-only kernel instead (:mod:`loaderkit.kernels.int8`).
+
 Supported: ``float8_e4m3fn`` weights with no scale or a per-tensor scale (any compute dtype), or
 a per-channel scale (rowwise kernel: ``bfloat16`` compute, compute capability >= 9.0); N and K
 multiples of 16. Anything
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..contract.records import DeviceCaps
+from .int8 import INT8_REASON, int8_problem
 from .quant import upcast
 
 _E4M3_MAX = 448.0
@@ -51,6 +54,10 @@ def native_problem(
     scale granularity, compute dtype, and the device's declared capabilities — so the plan
     says which kernel runs, and why, before any weight is read.
     """
+    if weight_dtype == "int8":
+        if granularity != "channel":
+            return f"int8 weights need one scale per output channel, not {granularity} scales"
+        return int8_problem(linear=linear, shape=shape, compute=compute, device=caps.device, kind=caps.kind)
     if not linear:
         return "only nn.Linear has a native fp8 path"
     if weight_dtype != "float8_e4m3fn":
@@ -71,6 +78,11 @@ def native_problem(
 
 
 NATIVE_REASON = "native fp8 matmul (torch._scaled_mm)"
+
+
+def native_reason(weight_dtype: str) -> str:
+    """What runs for a native module whose weight is stored in ``weight_dtype``."""
+    return INT8_REASON if weight_dtype == "int8" else NATIVE_REASON
 
 
 class Fp8LinearWeight(torch.Tensor):

@@ -238,6 +238,7 @@ def make_job(
     request = LoadRequest(path=src, strategy=strategy, model=model, layout=None if layout is None else layout.name)
     plan = prepare(request, mgr).plan
     _refuse_fp8_to_fp8(plan)
+    _refuse_int8(plan)
     fused = [tp for tp in plan.tensors.values() if tp.sources]
     if fused:
         raise ConvertError(
@@ -291,6 +292,18 @@ def _refuse_fp8_to_fp8(plan: Plan) -> None:
             "load it as it is, or convert it with a bf16, fp16 or fp32 strategy to dequantize it",
             path=plan.checkpoint.path,
             tensor=kept[0],
+        )
+
+
+def _refuse_int8(plan: Plan) -> None:
+    int8 = next((tp for tp in plan.tensors.values() if tp.target_dtype == "int8" and tp.conversion == "quantize"), None)
+    if int8 is not None:
+        raise ConvertError(
+            f"the plan stores {int8.source} in int8 (strategy {plan.strategy!r}): int8 weight-only storage is made "
+            "on load for loaderkit's runtime, and no on-disk layout is written for it; load the original with "
+            "that strategy instead, or convert with strategy 'fp8'",
+            path=plan.checkpoint.path,
+            tensor=int8.source,
         )
 
 

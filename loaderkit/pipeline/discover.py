@@ -39,6 +39,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "auto": "loaderkit.plugins.auto",
     "fp8-formats": "loaderkit.plugins.fp8_formats",
     "fp8": "loaderkit.plugins.fp8",
+    "int8": "loaderkit.plugins.int8",
     "transformers": "loaderkit.plugins.transformers_builder",
     "diffusers": "loaderkit.plugins.diffusers_builder",
     "diffusers-single-file": "loaderkit.plugins.diffusers_single_file",

@@ -142,6 +142,10 @@ def _check_plan(plan: Plan) -> None:
     if plan.loras:
         raise UsageError("LoRAs are not applied when loading over a device mesh yet: load without lora= and "
                          "merge the LoRA into the checkpoint first")
+    int8 = next((tp.key for tp in plan.tensors.values() if tp.target_dtype == "int8" and tp.conversion == "quantize"), None)
+    if int8 is not None:
+        raise UsageError(f"the plan stores {int8} in int8, a CPU weight-only layout that is not sharded over a "
+                         "device mesh; use strategy 'fp8' (or a float strategy) with device_mesh=")
 
 
 def _tensor(named: dict, key: str) -> torch.Tensor:

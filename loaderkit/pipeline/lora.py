@@ -181,12 +181,13 @@ def plan_all(reqs: Sequence[LoraRequest], mode: str, model: torch.nn.Module, pla
                         module=tied[0].split(" ")[0])
     native = sorted(m for lp in loras if lp.mode == "cast" for m in lp.targets if plan.modules[m].kernel == "native")
     if native:
-        raise LoraError(f"{', '.join(native)} run the native fp8 matmul, which never decodes the weight, so a LoRA "
+        raise LoraError(f"{', '.join(native)} run a native kernel (fp8 matmul or int8 weight-only), which never "
+                        "decodes the weight, so a LoRA "
                         "cannot be added at cast time; use lora_mode='merge'", module=native[0])
     tensors, modules = dict(plan.tensors), dict(plan.modules)
     for key in merged_keys(loras):
         tp = tensors[key]
-        if is_fp8(tp.target_dtype):
+        if is_fp8(tp.target_dtype) or tp.target_dtype == "int8":  # re-quantized after the merge
             n = tp.shape[0]
             tensors[key] = tp.replace(conversion="quantize", granularity="channel", block=None,
                                       scale=tp.scale or "weight_scale", scale_encoding="float",
@@ -237,9 +238,12 @@ class Merge:
         target = to_torch(self.final.target_dtype)
         if self.final.conversion == "quantize":
             from ..errors import ConversionError
+            from ..kernels.int8 import quantize_int8
             from ..kernels.quant import quantize
 
             try:
+                if target == torch.int8:
+                    return quantize_int8(w)
                 return quantize(w, target, granularity="channel")
             except ConversionError as exc:  # inf/NaN after the merge
                 raise self._overflow(exc) from exc

@@ -25,7 +25,8 @@ from ..errors import (
     StrategyError,
     UnsupportedCheckpointError,
 )
-from ..kernels.native import NATIVE_REASON, native_problem
+from ..kernels.int8 import INT8_REASON
+from ..kernels.native import NATIVE_REASON, native_problem, native_reason
 from .discover import Entry, PluginManager
 from .match import LIBRARY_IGNORES, fused_info, library_keymap, match_keys, model_slots
 
@@ -237,13 +238,15 @@ def _decide(strategy: Strategy, entry: Entry, ctx: ModuleContext, state: Any, mg
             plugin=entry.plugin,
         )
     ints = {k: d for k, d in decision.storage.items()
-            if not is_float(d) and k in ctx.tensors and is_float(ctx.tensors[k].dtype)}
+            if not is_float(d) and k in ctx.tensors and is_float(ctx.tensors[k].dtype)
+            and not (d == "int8" and decision.granularity == "channel")}
     if ints:
         local, dtype = next(iter(ints.items()))
         raise PlanError(
             f"strategy {entry.name!r} asks module {ctx.name!r} to store {local} as {dtype}, an integer dtype, "
             f"but it holds floating-point values ({ctx.tensors[local].dtype}): a cast would keep only their "
-            "integer parts; store weights in float8_e4m3fn, float8_e5m2 or a wider float",
+            "integer parts; store weights in float8_e4m3fn, float8_e5m2 or a wider float, or in int8 with "
+            "one scale per output channel (granularity='channel')",
             module=ctx.name,
             plugin=entry.plugin,
         )
@@ -297,7 +300,8 @@ def _plan_module(ctx, module, decision, keys, slots, source_of, also, checkpoint
             granularity = tp.granularity
         storage[slot.local] = tp.target_dtype
         tplans[key] = tp
-    needs_cast = any(is_float(d) and d != compute for d in storage.values())
+    needs_cast = any(is_float(d) and d != compute for d in storage.values()) or any(
+        _int8_weight(t) for t in tplans.values())
     if needs_cast and not _cast_supported(module):
         raise PlanError(
             f"module {ctx.name!r} ({ctx.type}) would store {sorted(set(storage.values()))} and compute in "
@@ -343,17 +347,27 @@ def _kernel(ctx, decision, needs_cast, storage, tplans, compute, device) -> tupl
         compute=compute,
         caps=device,
     )
-    return ("cast", problem) if problem else ("native", NATIVE_REASON)
+    return ("cast", problem) if problem else ("native", native_reason(weight.target_dtype))
+
+
+def _int8_weight(tp: TensorPlan) -> bool:
+    """A floating weight quantized to int8 on load (stored with its per-channel scale)."""
+    return tp.target_dtype == "int8" and tp.conversion == "quantize"
+
+
+def _low(dtype: str) -> bool:
+    """A weight storage dtype narrower than any compute dtype: fp8 or int8 (with scales)."""
+    return is_fp8(dtype) or dtype == "int8"
 
 
 def _kept_summary(modules: dict[str, ModulePlan]) -> list[Decision]:
-    """When some weights are stored in fp8: the Linear/conv weights kept in their compute dtype,
-    grouped by reason, with their bytes — what each skip rule costs."""
-    if not any(is_fp8(d) for m in modules.values() for d in m.storage.values()):
+    """When some weights are stored in fp8 or int8: the Linear/conv weights kept in their compute
+    dtype, grouped by reason, with their bytes — what each skip rule costs."""
+    if not any(is_fp8(d) or (d == "int8" and m.cast) for m in modules.values() for d in m.storage.values()):
         return []
     groups: dict[str, list[ModulePlan]] = {}
     for m in modules.values():
-        if m.kind in ("linear", "conv") and not is_fp8(m.storage.get("weight", "")) and "weight" in m.storage:
+        if m.kind in ("linear", "conv") and not _low(m.storage.get("weight", "")) and "weight" in m.storage:
             groups.setdefault(m.reason or "not stored in fp8 by the strategy", []).append(m)
     out = []
     for reason, ms in sorted(groups.items(), key=lambda kv: -sum(m.nbytes for m in kv[1])):
@@ -366,21 +380,22 @@ def _kept_summary(modules: dict[str, ModulePlan]) -> list[Decision]:
 
 
 def _native_summary(modules: dict[str, ModulePlan]) -> list[Decision]:
-    native = [m for m in modules.values() if m.kernel == "native"]
-    fallback = [m for m in modules.values() if m.kernel == "cast" and m.kernel_reason]
-    if not native and not fallback:
-        return []
-    reasons: dict[str, list[str]] = {}
-    for m in fallback:
-        reasons.setdefault(m.kernel_reason, []).append(m.name)
-    why = "; ".join(f"{len(v)} cast ({r}: {v[0]}{', ...' if len(v) > 1 else ''})" for r, v in reasons.items())
-    return [
-        Decision(
-            subject="native fp8 kernels",
-            choice=f"{len(native)} modules native, {len(fallback)} cast",
-            reason=why or NATIVE_REASON,
-        )
-    ]
+    """One decision per family of native kernels asked for (fp8 matmul, int8 weight-only): how
+    many modules run it, and why the others do not."""
+    out = []
+    for int8, subject, default in ((False, "native fp8 kernels", NATIVE_REASON), (True, "int8 kernels", INT8_REASON)):
+        mine = [m for m in modules.values() if (m.storage.get("weight") == "int8") == int8]
+        native = [m for m in mine if m.kernel == "native"]
+        fallback = [m for m in mine if m.kernel == "cast" and m.kernel_reason]
+        if not native and not fallback:
+            continue
+        reasons: dict[str, list[str]] = {}
+        for m in fallback:
+            reasons.setdefault(m.kernel_reason, []).append(m.name)
+        why = "; ".join(f"{len(v)} cast ({r}: {v[0]}{', ...' if len(v) > 1 else ''})" for r, v in reasons.items())
+        out.append(Decision(subject=subject, choice=f"{len(native)} modules native, {len(fallback)} cast",
+                            reason=why or default))
+    return out
 
 
 def _cast_supported(module: torch.nn.Module) -> bool:
@@ -422,6 +437,16 @@ def _tensor_plan(info, qw, slot, wanted, decision, checkpoint) -> TensorPlan:
             module=slot.module,
         )
     companions = (qw.scale,) if qw and qw.scale else ()
+    if is_fp8(stored) and not is_float(wanted):
+        raise PlanError(
+            f"tensor {info.name!r} is stored in {stored}; the strategy asks {wanted} for the model's {slot.key!r}, "
+            "but stored fp8 is never requantized (each rounding loses precision); keep it in fp8 with strategy "
+            "'fp8', or decode it with a float strategy ('bf16')",
+            tensor=info.name,
+            module=slot.module,
+        )
+    if wanted == "int8":
+        return _int8_plan(info, slot, plan)
     if is_fp8(stored):
         if is_fp8(wanted):
             # stored fp8 bytes are kept as they are: no requantization
@@ -454,3 +479,16 @@ def _tensor_plan(info, qw, slot, wanted, decision, checkpoint) -> TensorPlan:
             scale_bytes=numel * 4,
         )
     return plan(wanted, "none" if wanted == stored else "cast")
+
+
+def _int8_plan(info: TensorInfo, slot, plan) -> TensorPlan:
+    """A floating weight quantized to int8 on load, one float32 scale per output channel."""
+    if len(info.shape) != 2:
+        raise PlanError(
+            f"cannot store {slot.key!r} in int8: int8 weights are 2-D (one scale per output channel), this one "
+            f"has shape {list(info.shape)}; keep it in its compute dtype",
+            tensor=info.name,
+            module=slot.module,
+        )
+    return plan("int8", "quantize", granularity="channel", scale=f"{slot.local}_scale",
+                scale_bytes=info.shape[0] * 4)

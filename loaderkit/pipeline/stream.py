@@ -346,6 +346,10 @@ def convert_tensor(
                 path=ckpt.path,
             )
         return out, None
+    if tp.conversion == "quantize" and target == torch.int8:
+        from ..kernels.int8 import quantize_int8
+
+        return quantize_int8(raw)
     if tp.conversion == "quantize":
         from ..kernels.quant import quantize
 

@@ -98,9 +98,14 @@ def kernel_dtype(
     """
     covered = covered or {}
     params = {n: p for n, p in module.named_parameters(recurse=False) if p is not None}
-    floats = {n: covered.get(n, p.dtype) for n, p in params.items() if p.dtype.is_floating_point}
+    rule = cast_rule_of(module)
+    ruled = {n for n, t in rule.tensors.items() if t.scale} if rule is not None else set()
+    # an int8 weight its cast rule decodes (or multiplies natively) with its scale counts as a
+    # floating one: the kernel sees it in the rule's compute dtype
+    floats = {n: covered.get(n, p.dtype) for n, p in params.items() if p.dtype.is_floating_point or n in ruled}
     if isinstance(module, STRICT_KERNELS):
-        ints = [f"{n} ({dtype_name(p.dtype)})" for n, p in params.items() if not p.dtype.is_floating_point]
+        ints = [f"{n} ({dtype_name(p.dtype)})" for n, p in params.items()
+                if not p.dtype.is_floating_point and n not in ruled]
         if ints:
             return (next(iter(floats.values())) if floats else None), [
                 f"holds non-float {', '.join(ints)}: its {type(module).__name__} kernel computes in "
@@ -108,7 +113,6 @@ def kernel_dtype(
             ]
     if not floats:
         return None, []
-    rule = cast_rule_of(module)
     if rule is not None:
         compute = rule.compute_dtype
         uncovered = [
