@@ -1,7 +1,12 @@
-"""fp8 and int8 on the CPU, op by op: single-token forward, quantize-on-load, ``pread`` into the scratch.
+"""fp8 and int8 on the CPU, op by op: decode, single-token forward, quantize-on-load, ``pread`` into the scratch.
 
-    python benchmarks/bench_cpu_fp8.py [forward|linear|quantize|read|probe ...] [--rounds 15]
+    python benchmarks/bench_cpu_fp8.py [decode|forward|linear|load|quantize|read|probe ...] [--rounds 15] [--repeats 5]
 
+* ``decode``: ``quant.decode_stored`` (what cast rules run at forward time) of a 4096x4096
+  ``float8_e4m3fn`` weight with per-tensor, per-channel and 128x128 block scales into a reused
+  bf16 / fp16 / fp32 buffer, against a copy of the same number of output bytes into a reused
+  buffer (``copy_``, the memcpy rate); rounds alternate the routes; each route's output is
+  checked bit for bit against ``quant.dequantize_reference``.
 * ``forward``: a 4-layer Llama (hidden 1024, intermediate 2816, vocab 32000, random weights,
   written once under ``.bench/llama-small-bf16``) loaded by ``loaderkit.load(strategy="fp8")``
   (bf16 and fp32 compute), by ``loaderkit.load(strategy="int8")`` and as plain bf16 / fp32
@@ -13,6 +18,10 @@
   cast path (a per-channel fp8 weight decoded into a reused buffer, then ``F.linear``); times,
   ratios to plain bf16, and each one's rel-L2 error against float32 math on the unquantized
   weight and the same bf16 input.
+* ``load``: quantize-on-load of that Llama, the ``lk-fp8`` and ``peer`` cases of
+  ``bench_fp8_load.py`` (``loaderkit.load(strategy="fp8")`` vs ``from_pretrained`` + accelerate's
+  layerwise casting), ``--repeats`` fresh processes each after a warm-up, alternating, at the
+  default thread count; wall and CPU time of load + touch, peak anonymous memory (``common.py``).
 * ``quantize``: ``quant.quantize`` of bf16 weights per output channel (and per tensor, per 128x128
   block) and ``int8.quantize_int8``: median wall time and the peak resident memory added during
   the call (``VmHWM`` after resetting it), for each shape.
@@ -20,7 +29,9 @@
   offsets, page cache warm: a fresh reader (first touch of its scratch) and the same reader again.
 * ``probe``: whether a second thread count re-runs the CPU probe (cache in a temporary folder).
 
-Prints one line of machine facts (``common.environment()``, load average) and markdown tables.
+Prints one line of machine facts (``common.environment()``, load average) and markdown tables,
+then the goals of the modes that ran (thresholds: the constants under "goals" below) and exits 1,
+after printing everything, when one is missed.
 """
 
 from __future__ import annotations
@@ -33,15 +44,124 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import common
 
 SMALL = dict(common.LLAMA_CONFIG, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4)
 
+# -- goals -------------------------------------------------------------------------------------
+# The project's performance targets for fp8 on the CPU. Each is judged on medians of one run, at
+# one thread count; a missed goal is printed as missed and makes the script exit 1.
+
+#: decode of every scaled fp8 route (per tensor, per channel, block) to bf16 / fp16 / fp32
+#: writes its output at no less than this fraction of the memcpy rate of the same output bytes
+DECODE_VS_MEMCPY_MIN = 0.5
+#: an fp8-stored model's forward of 1 x FORWARD_GOAL_TOKENS tokens takes at most this multiple
+#: of the plain model's forward in the same compute dtype
+FORWARD_VS_PLAIN_MAX = 1.3
+FORWARD_GOAL_TOKENS = 64
+#: quantize-on-load takes at most this multiple of the peer's wall time, and of its CPU time
+LOAD_VS_PEER_MAX = 1.2
+#: quantize-on-load's peak anonymous memory is at most the final fp8 + scale bytes plus this
+LOAD_ANON_SLACK = 32 * common.MiB
+
+
+@dataclass
+class Goal:
+    name: str
+    measured: str
+    met: bool
+
+
+GOALS: list[Goal] = []
+#: the modes that evaluate goals
+GOAL_MODES = ("decode", "forward", "load")
+
+
+def _goal(name: str, measured: str, met: bool) -> None:
+    GOALS.append(Goal(name, measured, bool(met)))
+
+
+def _load_average() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
 
 def _machine() -> str:
-    return f"{common.environment()}; load average {os.getloadavg()[0]:.2f}"
+    return f"{common.environment()}; {_load_average()}"
+
+
+# -- decode ------------------------------------------------------------------------------------
+
+DECODE_SHAPE = (4096, 4096)
+DECODE_ROUTES = ("tensor", "channel", "block")
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def decode(rounds: int) -> None:
+    import torch
+
+    from loaderkit.kernels import quant
+
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(DECODE_SHAPE, generator=g) / 32).to(torch.bfloat16)
+    block = (128, 128)
+    stored = {gran: quant.quantize(w, granularity=gran, block=block) for gran in DECODE_ROUTES}
+    dtypes = (torch.bfloat16, torch.float16, torch.float32)
+    outs = {dt: torch.empty(DECODE_SHAPE, dtype=dt) for dt in dtypes}
+    srcs = {dt: torch.ones(DECODE_SHAPE, dtype=dt) for dt in dtypes}  # memcpy source, touched
+    copies = {dt: torch.empty(DECODE_SHAPE, dtype=dt) for dt in dtypes}
+
+    def run(gran, dt):
+        q, scale = stored[gran]
+        return lambda: quant.decode_stored(q, dt, scale, gran, block, out=outs[dt])
+
+    exact = {}
+    for gran in DECODE_ROUTES:
+        q, scale = stored[gran]
+        for dt in dtypes:
+            run(gran, dt)()  # warm-up (tables, thread pool, first touch of the output)
+            ref = quant.dequantize_reference(q, dt, scale, block if gran == "block" else None)
+            exact[gran, dt] = torch.equal(outs[dt].view(torch.uint8), ref.view(torch.uint8))
+    for dt in dtypes:
+        copies[dt].copy_(srcs[dt])
+    memcpy: dict = {dt: [] for dt in dtypes}
+    times: dict = {(gran, dt): [] for gran in DECODE_ROUTES for dt in dtypes}
+    cases = list(times)
+    for r in range(rounds):
+        for dt in dtypes:
+            memcpy[dt].append(_timed(lambda: copies[dt].copy_(srcs[dt])))
+        for gran, dt in cases[r % len(cases):] + cases[: r % len(cases)]:
+            times[gran, dt].append(_timed(run(gran, dt)))
+    n = w.numel()
+    rows = []
+    for dt in dtypes:
+        t = statistics.median(memcpy[dt])
+        rows.append(["memcpy (copy_ into a reused buffer)", _short(dt), f"{t * 1e3:.2f}",
+                     f"{n * dt.itemsize / t / 1e9:.2f}", "1.00", ""])
+    for (gran, dt), ts in times.items():
+        t, tm = statistics.median(ts), statistics.median(memcpy[dt])
+        rows.append([f"{gran} scale", _short(dt), f"{t * 1e3:.2f}", f"{n * dt.itemsize / t / 1e9:.2f}",
+                     f"{tm / t:.2f}", "yes" if exact[gran, dt] else "NO"])
+        _goal(f"decode, {gran} scale -> {_short(dt)}: >= {DECODE_VS_MEMCPY_MIN:.2f}x the memcpy rate",
+              f"{tm / t:.2f}x ({n * dt.itemsize / t / 1e9:.2f} vs {n * dt.itemsize / tm / 1e9:.2f} GB/s of output)",
+              tm / t >= DECODE_VS_MEMCPY_MIN)
+        if not exact[gran, dt]:
+            _goal(f"decode, {gran} scale -> {_short(dt)}: bit-exact with dequantize_reference",
+                  "differs", False)
+    print(f"quant.decode_stored of a {DECODE_SHAPE[0]}x{DECODE_SHAPE[1]} float8_e4m3fn weight into a reused "
+          f"buffer, {rounds} rounds ({torch.get_num_threads()} threads)")
+    print(common.table(["route", "to", "ms (median)", "GB/s of output", "rate vs memcpy", "bit-exact"], rows))
+
+
+def _short(dtype) -> str:
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[str(dtype).removeprefix("torch.")]
 
 
 def _small_checkpoint() -> Path:
@@ -77,7 +197,7 @@ def forward(rounds: int) -> None:
         print(f"int8 skipped: {exc}")
     models["plain bf16"] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     models["plain fp32"] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ids = torch.randint(0, SMALL["vocab_size"], (1, 64), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, SMALL["vocab_size"], (1, FORWARD_GOAL_TOKENS), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = {n: m(input_ids=ids, use_cache=False).logits[0, -1].float() for n, m in models.items()}
     rows = []
@@ -89,7 +209,7 @@ def forward(rounds: int) -> None:
                       f"{float((a - b).abs().max()):.4f}"]
         rows.append(cells)
     print(common.table(["model", "cos vs bf16", "max diff vs bf16", "cos vs fp32", "max diff vs fp32"], rows))
-    for tokens in (1, 64):
+    for tokens in (1, FORWARD_GOAL_TOKENS):
         batch = ids[:, :tokens]
         times = {n: [] for n in models}
         with torch.no_grad():
@@ -110,6 +230,50 @@ def forward(rounds: int) -> None:
                          f"{ratio:.2f}x", f"{ratio32:.2f}x"])
         print(f"\n1 x {tokens} tokens, {rounds} rounds ({torch.get_num_threads()} threads)")
         print(common.table(["model", "forward ms (median)", "min-max", "vs plain bf16", "vs plain fp32"], rows))
+        if tokens == FORWARD_GOAL_TOKENS:
+            for short in ("bf16", "fp32"):
+                fp8, plain = times[f"fp8 ({short} compute)"], times[f"plain {short}"]
+                ratio = statistics.median(a / b for a, b in zip(fp8, plain))
+                _goal(f"fp8 forward ({short} compute), 1x{tokens}: <= {FORWARD_VS_PLAIN_MAX:.2f}x "
+                      f"plain {short}", f"{ratio:.2f}x ({statistics.median(fp8) * 1e3:.1f} vs "
+                      f"{statistics.median(plain) * 1e3:.1f} ms; median of per-round ratios)",
+                      ratio <= FORWARD_VS_PLAIN_MAX)
+
+
+# -- load --------------------------------------------------------------------------------------
+
+LOAD_CASES = {"lk-fp8": 'loaderkit.load(strategy="fp8")', "peer": "peer: from_pretrained(bf16) + layerwise casting"}
+
+
+def load(repeats: int) -> None:
+    import torch
+
+    path = _small_checkpoint()
+    script = Path(__file__).resolve().with_name("bench_fp8_load.py")  # its cases, on this checkpoint
+    runs = common.run_rounds(script, list(LOAD_CASES), path, repeats)
+    rows = []
+    for case, rs in runs.items():
+        rows.append([LOAD_CASES[case], f"{common.median(rs, 'total_s'):.3f}", common.spread(rs, "total_s"),
+                     f"{common.median(rs, 'cpu_s'):.3f}", common.mib(common.median(rs, "anon_growth")),
+                     common.mib(common.median(rs, "rss_growth")),
+                     ", ".join(f"{k} {common.mib(v)}" for k, v in sorted(rs[0]["dtype_bytes"].items()))])
+    print(f"quantize-on-load of {path.name} ({common.mib((path / 'model.safetensors').stat().st_size)} MiB bf16), "
+          f"{repeats} fresh processes per case, default thread count ({torch.get_num_threads()})")
+    print(common.table(["case", "load+touch s (median)", "min-max", "CPU s", "peak anon +MiB", "peak RSS +MiB",
+                        "model MiB by dtype"], rows))
+    lk, peer = runs["lk-fp8"], runs["peer"]
+    for key, what in (("total_s", "wall"), ("cpu_s", "CPU")):
+        a, b = common.median(lk, key), common.median(peer, key)
+        _goal(f"quantize-on-load {what} time <= {LOAD_VS_PEER_MAX:.2f}x the peer's",
+              f"{a / b:.2f}x ({a:.3f} vs {b:.3f} s)", a <= LOAD_VS_PEER_MAX * b)
+    # the scales are float32 buffers; the only other float32 tensor is the rotary inv_freq buffer
+    # (a few hundred bytes), counted here too
+    dt = lk[0]["dtype_bytes"]
+    final = dt.get("float8_e4m3fn", 0) + dt.get("float32", 0)
+    anon = common.median(lk, "anon_growth")
+    _goal(f"quantize-on-load peak anonymous memory <= fp8 + scale bytes + {common.mib(LOAD_ANON_SLACK)} MiB",
+          f"{common.mib(anon)} MiB (limit {common.mib(final + LOAD_ANON_SLACK)} MiB: {common.mib(final)} MiB of fp8 "
+          f"weights and scales)", anon <= final + LOAD_ANON_SLACK)
 
 
 # -- linear ------------------------------------------------------------------------------------
@@ -268,15 +432,38 @@ def probe(rounds: int) -> None:
     print(common.table(["process", "threads", "probe ms"], rows))
 
 
+def report_goals(modes: list[str]) -> bool:
+    """Print the goals evaluated in this run and a ``goal missed:`` line for each missed one;
+    returns whether all were met."""
+    print(f"\n{_load_average()} at the end")
+    skipped = [m for m in GOAL_MODES if m not in modes]
+    if GOALS:
+        print("\n" + common.table(["goal", "measured", "result"],
+                                  [[g.name, g.measured, "met" if g.met else "MISSED"] for g in GOALS]))
+    if skipped:
+        print(f"goals not evaluated in this run (modes not run): {', '.join(skipped)}")
+    missed = [g for g in GOALS if not g.met]
+    for g in missed:
+        print(f"goal missed: {g.name}: {g.measured}")
+    return not missed
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", nargs="*", default=["probe", "quantize", "read", "linear", "forward"])
+    ap.add_argument("what", nargs="*", default=["decode", "probe", "quantize", "read", "linear", "forward", "load"])
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=5, help="fresh-process loads per case (load)")
     args = ap.parse_args()
+    modes = {"decode": decode, "forward": forward, "linear": linear, "load": load, "quantize": quantize, "read": read, "probe": probe}
+    unknown = [w for w in args.what if w not in modes]
+    if unknown:
+        ap.error(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(modes)}")
     print(_machine(), flush=True)
     for what in args.what:
         print(flush=True)
-        {"forward": forward, "linear": linear, "quantize": quantize, "read": read, "probe": probe}[what](args.rounds)
+        modes[what](args.repeats if what == "load" else args.rounds)
+    if not report_goals(args.what):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ def _rank(rank: int, world: int, port: int, method: str, path: str, out: str) ->
     from torch.distributed.fsdp import fully_shard
 
     import loaderkit
+    import loaderkit.loader  # noqa: F401 - the pipeline, which `import loaderkit` defers to the first call
     import transformers  # noqa: F401 - imported before the clock, as by every method
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -13,11 +13,8 @@ Plugin authors import what they need from :mod:`loaderkit.plugin`; every error c
 
 from __future__ import annotations
 
-from .version import __version__
+from typing import TYPE_CHECKING, Any
 
-from . import plugin as plugin  # the plugin authors' namespace, reachable as loaderkit.plugin
-from .contract.hookspecs import hookimpl
-from .contract.plan import Plan
 from .errors import (
     CheckpointError,
     ConvertError,
@@ -28,12 +25,56 @@ from .errors import (
     StrategyError,
     VerifyError,
 )
-from .assembly import load_pipeline, plan_pipeline
-from .loader import add_lora, inspect, load, plan, remove_lora, strategy
-from .pipeline.bind import plan_of
-from .pipeline.convert import convert
-from .pipeline.discover import register, unregister
-from .pipeline.verify import verify
+from .version import __version__
+
+if TYPE_CHECKING:
+    from . import plugin as plugin
+    from .assembly import load_pipeline, plan_pipeline
+    from .contract.hookspecs import hookimpl
+    from .contract.plan import Plan
+    from .loader import add_lora, inspect, load, plan, remove_lora, strategy
+    from .pipeline.bind import plan_of
+    from .pipeline.convert import convert
+    from .pipeline.discover import register, unregister
+    from .pipeline.verify import verify
+
+#: public name -> the module that defines it. These are imported on first access (PEP 562), so
+#: that ``import loaderkit`` imports neither torch nor pydantic, pluggy or loaderkit's pipeline.
+_LAZY = {
+    "plugin": "loaderkit.plugin",  # the plugin authors' namespace, reachable as loaderkit.plugin
+    "hookimpl": "loaderkit.contract.hookspecs",
+    "Plan": "loaderkit.contract.plan",
+    "load_pipeline": "loaderkit.assembly",
+    "plan_pipeline": "loaderkit.assembly",
+    "add_lora": "loaderkit.loader",
+    "inspect": "loaderkit.loader",
+    "load": "loaderkit.loader",
+    "plan": "loaderkit.loader",
+    "remove_lora": "loaderkit.loader",
+    "strategy": "loaderkit.loader",
+    "plan_of": "loaderkit.pipeline.bind",
+    "convert": "loaderkit.pipeline.convert",
+    "register": "loaderkit.pipeline.discover",
+    "unregister": "loaderkit.pipeline.discover",
+    "verify": "loaderkit.pipeline.verify",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'loaderkit' has no attribute {name!r}")
+    import importlib
+
+    mod = importlib.import_module(module)
+    value = mod if module == f"loaderkit.{name}" else getattr(mod, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "CheckpointError",
