@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loaderkit import LoaderKitError
-from loaderkit.kernels import quant
+from loaderkit.kernels import compiled, quant
 from loaderkit.kernels.quant import (
     dequantize_reference, expand_block_scale, fp8_max, quantize, quantize_reference, upcast,
 )
@@ -20,6 +20,21 @@ FP8 = [E4M3, E5M2]
 BF16 = torch.bfloat16
 COMPUTE = [BF16, torch.float16, torch.float32]
 _INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@pytest.fixture(scope="module", autouse=True, params=["compiled", "torch"])
+def decode_route(request):
+    """Every test of this module runs twice: with the compiled decode kernel where this machine
+    builds one (skipped where it cannot), and with the torch route it falls back to."""
+    saved = dict(compiled._STATE)
+    compiled.reset()
+    if request.param == "compiled" and compiled.library() is None:
+        pytest.skip(f"no compiled kernel here: {compiled.status()['reason']}")
+    if request.param == "torch":
+        compiled._STATE.update(tried=True, lib=None, reason="turned off by the test")
+    yield request.param
+    compiled._STATE.clear()
+    compiled._STATE.update(saved)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -154,6 +169,36 @@ def test_block_scale_exact(src, dst, shape, block):
     grid = (math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1]))
     scale = torch.rand(grid, generator=torch.Generator().manual_seed(2)) * 3 + 1e-3
     assert_bit_equal(upcast(q, dst, scale, block), dequantize_reference(q, dst, scale, block))
+
+
+@pytest.mark.parametrize("src", FP8)
+@pytest.mark.parametrize("dst", COMPUTE)
+def test_extreme_channel_scales_exact(src, dst):
+    """Zero, negative, huge (beyond 2**100, where the vector path's 2**8 factor could overflow),
+    tiny, infinite and NaN scales: every row bit-exact with the reference, inf * 0 included."""
+    q = all_codes(src).repeat(10, 3)[:, :700]
+    scale = torch.tensor([0.0, -1.5, 2.0**101, 3.0e38, 2.0**-140, 1e-45, float("inf"), float("-inf"),
+                          float("nan"), 0.25])[:, None]
+    assert_bit_equal(upcast(q, dst, scale), dequantize_reference(q, dst, scale))
+    for s in scale.flatten():
+        assert_bit_equal(upcast(q, dst, s), dequantize_reference(q, dst, s))
+
+
+@pytest.mark.parametrize("dst", COMPUTE)
+@pytest.mark.parametrize("kind", ["block", "row"])
+def test_stacked_expert_scales_exact(dst, kind):
+    """Fused experts ``[E, N, K]``: a block grid per expert, or one scale per row of each."""
+    q = random_codes(E4M3, 3, 130, 300)
+    gen = torch.Generator().manual_seed(4)
+    if kind == "block":
+        scale, block = torch.rand(3, 2, 3, generator=gen) + 0.01, (128, 128)
+    else:
+        scale, block = torch.rand(3, 130, 1, generator=gen) + 0.01, None
+    want = dequantize_reference(q, dst, scale, block)
+    assert_bit_equal(upcast(q, dst, scale, block), want)
+    out = torch.empty(q.shape, dtype=dst)
+    assert upcast(q, dst, scale, block, out=out) is out or kind == "row"
+    assert_bit_equal(out, want)
 
 
 def test_other_broadcast_scales_follow_the_reference():

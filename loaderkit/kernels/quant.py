@@ -65,6 +65,7 @@ import torch
 
 from ..contract.layout import DEFAULT_BLOCK, GRANULARITIES, block_grid
 from ..errors import ConversionError
+from . import compiled
 
 #: elements per op of the table routes: fits L2 and stays under ATen's parallel grain (32768).
 CHUNK = 32000
@@ -153,11 +154,17 @@ def upcast(
         raise ConversionError(f"cannot upcast to {dtype}: choose a compute dtype such as torch.bfloat16")
     if block is not None and scale is None:
         raise ConversionError("a block shape was given without a block scale grid")
-    if block is not None and q.dim() > 2:  # stacked block grids (fused experts): the definition
-        result = dequantize_reference(q, dtype, scale, tuple(block))
-        return result if out is None else out.copy_(result)
-    if block is not None:
+    if block is not None and q.dim() > 2:  # stacked block grids (fused experts)
+        if tuple(scale.shape) != block_grid(tuple(q.shape), tuple(block)) or not _compiled_applies(q, scale, dtype):
+            result = dequantize_reference(q, dtype, scale, tuple(block))
+            return result if out is None else out.copy_(result)
+    elif block is not None:
         _check_block(scale, tuple(q.shape), tuple(block))
+    if block is None and scale is not None and _is_row_scale(q, scale) and _compiled_applies(q, scale, dtype):
+        # one scale per row of a stack [..., N, K] (fused experts): per channel of its [-1, K] view
+        rows = q.contiguous().view(-1, q.shape[-1])
+        dest = upcast(rows, dtype, scale.reshape(-1, 1), out=None if out is None else out.view(rows.shape))
+        return dest.view(q.shape)
     if not _table_route_applies(q, scale, block):
         result = dequantize_reference(q, dtype, scale, block)
         return result if out is None else out.copy_(result)
@@ -166,7 +173,9 @@ def upcast(
         out = torch.empty(q.shape, dtype=dtype)
     elif out.shape != q.shape or out.dtype != dtype or not out.is_contiguous():
         raise ConversionError(f"out= must be a contiguous {dtype} tensor of shape {list(q.shape)}")
-    if scale is None or scale.numel() == 1:
+    if _compiled_applies(q, scale, dtype):
+        _upcast_compiled(q, scale, block, out)
+    elif scale is None or scale.numel() == 1:
         _gather_flat(q.view(torch.uint8).view(-1), _tensor_table(q.dtype, dtype, scale), out.view(-1))
     elif block is not None:
         _upcast_block(q, scale, tuple(block), out)
@@ -201,6 +210,58 @@ def _table_route_applies(q: torch.Tensor, scale: torch.Tensor | None, block) -> 
     if scale.device.type != "cpu" or not scale.dtype.is_floating_point:
         return False
     return scale.numel() == 1 or block is not None or _is_channel_scale(q, scale)
+
+
+def _compiled_applies(q: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> bool:
+    """Whether the compiled kernel takes this decode (a CPU 1-byte float, a float32 / bfloat16 /
+    float16 output, the kernel built and checked on this machine)."""
+    if dtype not in compiled.FORMATS_OUT or q.device.type != "cpu" or q.dtype.itemsize != 1:
+        return False
+    if scale is not None and (scale.device.type != "cpu" or not scale.dtype.is_floating_point
+                              or bool(torch.isnan(scale).any())):  # a NaN scale: the reference's NaN bits
+        return False
+    return compiled.library() is not None
+
+
+def _upcast_compiled(q: torch.Tensor, scale: torch.Tensor | None, block, out: torch.Tensor) -> None:
+    """One pass per element through :mod:`loaderkit.kernels.compiled`, split over threads."""
+    lib = compiled.library()
+    if scale is None or scale.numel() == 1:
+        s = None if scale is None else float(scale.reshape(()).float())
+        codes, dest = q.view(-1), out.view(-1)
+        _parallel(codes.numel(), lambda lo, hi: _checked(compiled.decode_flat(lib, codes[lo:hi], s, dest[lo:hi])))
+        return
+    if block is None:  # per channel: a grid of one column, one block per row
+        rows = q.shape[0]
+        codes, grid, cells = q.view(rows, -1), scale.float().reshape(rows, 1).contiguous(), (1, q[0].numel())
+    else:
+        codes, grid, cells = q, scale.float().contiguous(), tuple(block)
+    if codes.dim() == 2:
+        dest = out.view(codes.shape)
+        _parallel(codes.shape[0], lambda lo, hi: _checked(compiled.decode_grid(lib, codes, grid, cells, dest, lo, hi)),
+                  cost=codes.shape[1])
+        return
+    # a stack of block-scaled matrices [..., N, K] (fused experts): one grid each
+    codes, dest = codes.reshape(-1, *codes.shape[-2:]), out.view(-1, *codes.shape[-2:])
+    grid = grid.reshape(-1, *grid.shape[-2:])
+    n = codes.shape[1]
+
+    def work(lo: int, hi: int) -> None:
+        for e in range(lo // n, -(-hi // n)):
+            r0, r1 = max(lo - e * n, 0), min(hi - e * n, n)
+            _checked(compiled.decode_grid(lib, codes[e], grid[e], cells, dest[e], r0, r1))
+
+    _parallel(codes.shape[0] * n, work, cost=codes.shape[2])
+
+
+def _checked(rc: int) -> None:
+    if rc:
+        raise ConversionError(f"the compiled fp8 decode refused its arguments (status {rc})")
+
+
+def _is_row_scale(q: torch.Tensor, scale: torch.Tensor) -> bool:
+    """True for one scale per row of a stack of matrices: ``q`` ``[..., N, K]``, ``scale`` ``[..., N, 1]``."""
+    return q.dim() > 2 and tuple(scale.shape) == tuple(q.shape[:-1]) + (1,)
 
 
 def _is_channel_scale(q: torch.Tensor, scale: torch.Tensor) -> bool:

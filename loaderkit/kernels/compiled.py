@@ -1,0 +1,216 @@
+"""The compiled fp8 decode kernel: ``fp8_decode.c``, built on first use by the system C compiler.
+
+torch's CPU conversions from fp8 are scalar loops, and any chain of eager torch ops that decodes
+fp8 makes several passes over memory; the kernel decodes, scales and rounds in one pass at close
+to memory speed (AVX2 + F16C where the CPU has them, a portable table loop elsewhere), bit-exact
+with :func:`loaderkit.kernels.quant.dequantize_reference`.
+
+The shared library is compiled once per machine with ``-O3 -march=native`` into
+``$XDG_CACHE_HOME/loaderkit/kernels/`` (``~/.cache`` by default), under a name made of the hash of
+the source, the flags, the compiler and the CPU's flags, and replaced atomically, so processes
+that start together and machines that share a home folder each find a library built for them.
+Before first use every code of every format is decoded by the library and compared bit for bit
+with torch's own reference expression; a library that disagrees is not used.
+
+Nothing here is required: with no C compiler, a failed build or a failed check, or with
+``LOADERKIT_COMPILED_KERNELS=0`` in the environment, :func:`library` returns ``None`` and
+decoding takes the torch route (lookup tables, several times slower). :func:`status` says which,
+and why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("fp8_decode.c")
+#: ``-ffp-contract=off``: no fused multiply-add may change a rounding; no ``-ffast-math``.
+FLAGS = ("-O3", "-march=native", "-std=c11", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
+#: the environment variable that turns the compiled kernels off (``0``) or on (anything else).
+ENV = "LOADERKIT_COMPILED_KERNELS"
+
+#: code formats the kernel widens without a table; any other 1-byte float goes through ``table``.
+FORMATS_IN = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}
+GENERIC_IN = 2
+FORMATS_OUT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+_LOCK = threading.Lock()
+_STATE: dict[str, object] = {}
+
+
+class Library:
+    """The loaded kernel: ``flat`` and ``grid`` entry points (ctypes, the GIL released while
+    they run) and whether it was built with the vector path (``simd``)."""
+
+    def __init__(self, path: Path) -> None:
+        lib = ctypes.CDLL(str(path))
+        i64, f32, ptr, c_int = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
+        lib.lk_decode_flat.argtypes = [ptr, ptr, i64, f32, ptr, c_int, c_int, c_int]
+        lib.lk_decode_grid.argtypes = [ptr, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, c_int, c_int]
+        lib.lk_decode_flat.restype = lib.lk_decode_grid.restype = lib.lk_simd.restype = c_int
+        self.flat = lib.lk_decode_flat
+        self.grid = lib.lk_decode_grid
+        self.simd = bool(lib.lk_simd())
+        self.path = path
+        self._lib = lib
+
+
+def status() -> dict[str, object]:
+    """Whether the compiled kernel is in use: ``{"available": bool, "reason": str, "path": str}``
+    (``reason`` says why not, or how it was built). Builds it if it was not tried yet."""
+    library()
+    return {"available": _STATE.get("lib") is not None, "reason": _STATE.get("reason", ""),
+            "path": str(_STATE.get("path", ""))}
+
+
+def library() -> Library | None:
+    """The checked kernel library, built and loaded on first call; ``None`` when unavailable."""
+    if "tried" in _STATE:
+        return _STATE.get("lib")  # type: ignore[return-value]
+    with _LOCK:
+        if "tried" not in _STATE:
+            _STATE["lib"], _STATE["reason"] = _load()
+            _STATE["tried"] = True
+    return _STATE.get("lib")  # type: ignore[return-value]
+
+
+def reset() -> None:
+    """Forget the loaded library (the next :func:`library` builds or finds it again)."""
+    with _LOCK:
+        _STATE.clear()
+
+
+def _load() -> tuple[Library | None, str]:
+    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, f"turned off by {ENV}={os.environ[ENV]}"
+    compiler = _compiler()
+    if compiler is None:
+        return None, "no C compiler found (set CC, or install gcc or clang)"
+    try:
+        path = build(compiler)
+    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+        return None, f"building {SOURCE.name} failed: {exc}"
+    _STATE["path"] = path
+    try:
+        lib = Library(path)
+    except OSError as exc:
+        return None, f"loading {path} failed: {exc}"
+    problem = self_check(lib)
+    if problem:
+        return None, f"{path.name} disagrees with the reference decode ({problem}); not used"
+    return lib, f"built by {compiler} with {' '.join(FLAGS[:2])}" + (" (AVX2 + F16C path)" if lib.simd else "")
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "loaderkit" / "kernels"
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build(compiler: str, flags: tuple[str, ...] = FLAGS, folder: Path | None = None) -> Path:
+    """Compile the kernel with ``compiler`` and ``flags`` into ``folder`` (default
+    :func:`cache_dir`), unless a library of the same source, flags, compiler and CPU is there."""
+    source = SOURCE.read_bytes()
+    stat = os.stat(compiler)
+    key = "|".join([hashlib.sha256(source).hexdigest(), " ".join(flags), compiler, str(stat.st_size),
+                    str(int(stat.st_mtime)), platform.machine(), _cpu_flags()])
+    folder = cache_dir() if folder is None else folder
+    path = folder / f"fp8_decode-{hashlib.sha256(key.encode()).hexdigest()[:20]}.so"
+    if path.exists():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=folder)
+    os.close(fd)
+    try:
+        proc = subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+        if proc.returncode:
+            raise RuntimeError(f"{compiler} exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def self_check(lib: Library) -> str:
+    """Decode every code of every format, per segment and through the grid, with a few scales
+    (and odd lengths for the tails) and compare with torch's reference bits; '' when all agree."""
+    scales = (1.0, 0.0123, 3.0e-5, 2.0 ** -120, 7.5e20, 0.0, -2.5, 2.0 ** 101, float("inf"))
+    for src in (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz):
+        codes = torch.arange(256, dtype=torch.uint8).repeat(2)[:509].view(src)
+        for dst in FORMATS_OUT:
+            for s in scales:
+                want = (codes.float() * torch.tensor(s, dtype=torch.float32)).to(dst)
+                got = torch.empty_like(want)
+                rc = decode_flat(lib, codes, float(torch.tensor(s, dtype=torch.float32)), got)
+                if rc or not torch.equal(got.view(_bits(dst)), want.view(_bits(dst))):
+                    return f"{src} -> {dst}, scale {s}"
+            want, got = codes.to(dst), torch.empty(codes.shape, dtype=dst)
+            if decode_flat(lib, codes, None, got) or not torch.equal(got.view(_bits(dst)), want.view(_bits(dst))):
+                return f"{src} -> {dst}, unscaled"
+            grid = torch.tensor([[0.5, 3.0e-3], [7.0, 1.0]], dtype=torch.float32)
+            q = codes[:500].reshape(20, 25)
+            want = (q.float() * grid.repeat_interleave(10, 0).repeat_interleave(13, 1)[:, :25]).to(dst)
+            got = torch.empty_like(want)
+            if decode_grid(lib, q, grid, (10, 13), got, 0, 20) or not torch.equal(got.view(_bits(dst)), want.view(_bits(dst))):
+                return f"{src} -> {dst}, block grid"
+    return ""
+
+
+def _bits(dtype: torch.dtype) -> torch.dtype:
+    return {2: torch.int16, 4: torch.int32}[dtype.itemsize]
+
+
+@functools.lru_cache(maxsize=8)
+def code_table(src: torch.dtype) -> torch.Tensor:
+    """The float32 value of each of the 256 codes of ``src``, torch's own conversion."""
+    return torch.arange(256, dtype=torch.uint8).view(src).float().contiguous()
+
+
+def decode_flat(lib: Library, codes: torch.Tensor, scale: float | None, out: torch.Tensor) -> int:
+    """``out = (codes.float() * scale).to(out.dtype)``, or ``codes.to(out.dtype)`` when ``scale``
+    is ``None``, for contiguous CPU ``codes`` (1-byte) and ``out``; returns the kernel's status
+    (0: done). ``scale`` must not be NaN (which NaN a product keeps differs between machines;
+    the caller decodes NaN scales by the reference expression)."""
+    table = code_table(codes.dtype)
+    return lib.flat(codes.data_ptr(), out.data_ptr(), codes.numel(), 1.0 if scale is None else scale,
+                    table.data_ptr(), FORMATS_IN.get(codes.dtype, GENERIC_IN), FORMATS_OUT[out.dtype],
+                    int(scale is None))
+
+
+def decode_grid(lib: Library, codes: torch.Tensor, grid: torch.Tensor, block: tuple[int, int],
+                out: torch.Tensor, r0: int, r1: int) -> int:
+    """Rows ``r0:r1`` of the 2-D ``codes`` times the float32 scale ``grid`` (one value per
+    ``block`` of elements, none NaN) into ``out``; returns the kernel's status (0: done)."""
+    table = code_table(codes.dtype)
+    rows, cols = codes.shape
+    return lib.grid(codes.data_ptr(), out.data_ptr(), r0, r1, cols, grid.data_ptr(), block[0], block[1],
+                    grid.shape[1], table.data_ptr(), FORMATS_IN.get(codes.dtype, GENERIC_IN), FORMATS_OUT[out.dtype])
