@@ -287,3 +287,55 @@ def test_fold_scales_option_reaches_the_linear_cast_rules(tmp_path):
         a, b = folded.blocks(folded.patch(x).flatten(2).transpose(1, 2)), plain.blocks(plain.patch(x).flatten(2).transpose(1, 2))
     assert not torch.equal(a, b)  # folded: rounded differently
     assert F.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0) > 0.9999
+
+
+class WideNet(nn.Module):
+    """Linear layers whose rows do not fill whole 128-row blocks, and a stored bf16 embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(1000, 96)
+        self.up = nn.Linear(96, 1000)
+        self.down = nn.Linear(1000, 300, bias=False)
+
+    def forward(self, ids):
+        return self.down(F.gelu(self.up(self.embed(ids))))
+
+
+@pytest.mark.parametrize("strategy", [
+    "bf16", "fp32", "fp8", loaderkit.strategy("fp8", granularity="block"),
+    loaderkit.strategy("fp8", granularity="tensor"), loaderkit.strategy("fp8", compute_dtype="float32"),
+])
+def test_large_tensors_converted_in_row_blocks_are_bitwise_the_whole_tensor_conversion(tmp_path, monkeypatch, strategy):
+    """Casts and fp8 quantization of large tensors go one block of rows at a time (through
+    ``read_box``: a few MiB of transient memory instead of the whole source tensor): every
+    stored tensor and scale is the one the whole-tensor conversion gives."""
+    from loaderkit.pipeline import stream
+    from loaderkit.plugins.safetensors_format import SafetensorsReader
+
+    torch.manual_seed(0)
+    stored = torch.float32 if strategy == "bf16" else torch.bfloat16
+    sd = {k: (v * 3).to(stored) for k, v in WideNet().state_dict().items()}
+    path = tmp_path / "wide.safetensors"
+    save_file(sd, str(path))
+    plan = loaderkit.plan(path, strategy, model=WideNet)
+    expected = {tp.source for tp in plan.tensors.values() if tp.conversion == "cast"
+                or tp.conversion == "quantize" and tp.granularity != "tensor"} - {"up.bias"}  # too small
+    # (per-tensor scales need the whole tensor's amax first: those tensors are read whole)
+    whole = loaderkit.load(path, strategy, model=WideNet)
+    boxes = []
+    read_box = SafetensorsReader.read_box
+    monkeypatch.setattr(SafetensorsReader, "read_box",
+                        lambda self, name, box: boxes.append((name, box)) or read_box(self, name, box))
+    monkeypatch.setattr(stream, "ROW_BLOCKS_MIN", 1000)
+    monkeypatch.setattr(stream, "ROW_BLOCK_BYTES", 30_000)
+    blocks = loaderkit.load(path, strategy, model=WideNet)
+    assert {name for name, _ in boxes} == expected
+    assert len(boxes) > 2 * len(expected) or not expected
+    assert expected or all(tp.granularity == "tensor" for tp in plan.tensors.values() if tp.conversion == "quantize")
+    a, b = whole.state_dict(), blocks.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)), k
+    ids = torch.tensor([[1, 5, 999]])
+    assert torch.equal(whole(ids), blocks(ids))

@@ -12,7 +12,7 @@ from loaderkit import LoaderKitError, PlanError, StrategyError
 from loaderkit.plugin import BuildError, CheckpointNotFoundError, ModelFacts
 from loaderkit.plugins.safetensors_format import SafetensorsFormat
 
-from conftest import BufferNet, TinyNet, assert_snapshot_equal, save_st, seeded, snapshot
+from conftest import BufferNet, TinyNet, assert_snapshot_equal, run_python, save_st, seeded, snapshot
 
 
 def facts_plugin(facts: ModelFacts, model_type: type = TinyNet):
@@ -302,3 +302,25 @@ def test_every_error_is_a_loaderkit_error(tmp_path):
     path = Path(tmp_path / "buffers.safetensors")
     save_st(path, seeded(BufferNet))
     assert loaderkit.load(path, "fp32", model=BufferNet).position_ids.dtype == torch.int64
+
+
+def test_a_skeleton_whose_init_first_imports_torch_dynamo_builds(tmp_path):
+    """``nn.init.normal_`` (an Embedding's init) imports torch._dynamo on first use; that import
+    checks ``Tensor.__new__``, which the skeleton build replaces while it runs, and must accept it.
+    In a fresh process, where nothing imported torch._dynamo before."""
+    code = f"""
+import sys, torch, loaderkit
+from torch import nn
+from safetensors.torch import save_file
+assert "torch._dynamo" not in sys.modules
+class E(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+save_file({{"embed.weight": torch.randn(10, 4)}}, {str(tmp_path / "e.safetensors")!r})
+m = loaderkit.load({str(tmp_path / "e.safetensors")!r}, "bf16", model=E)
+print(m.embed.weight.dtype, torch.Tensor.__new__ is torch._C.TensorBase.__new__ or torch.Tensor.__new__)
+"""
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("torch.bfloat16")

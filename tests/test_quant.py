@@ -19,7 +19,7 @@ E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 FP8 = [E4M3, E5M2]
 BF16 = torch.bfloat16
 COMPUTE = [BF16, torch.float16, torch.float32]
-_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @pytest.fixture(scope="module", autouse=True, params=["compiled", "torch"])
@@ -366,6 +366,25 @@ def test_quantize_in_row_blocks_is_bitwise_the_reference(shape, src, granularity
     q_ref, scale_ref = quantize_reference(w, fp8, granularity, **kw)
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
     assert (scale is None and scale_ref is None) or (scale.shape == scale_ref.shape and torch.equal(scale, scale_ref))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_quantize_split_over_threads_gives_the_reference_bits(monkeypatch, threads):
+    monkeypatch.setattr(quant, "PARALLEL_MIN", 1000)  # split even these small tensors
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(threads)
+        w = torch.randn(301, 1500, generator=gen) * torch.logspace(-8, 2, 301)[:, None]
+        for src in (torch.bfloat16, torch.float16, torch.float32):
+            for granularity in ("channel", "tensor", "block"):
+                for fp8 in FP8:
+                    q, scale = quantize(w.to(src), fp8, granularity)
+                    rq, rscale = quantize_reference(w.to(src), fp8, granularity)
+                    assert_bit_equal(q, rq)
+                    assert_bit_equal(scale, rscale)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_quantize_in_row_blocks_across_several_blocks(monkeypatch):

@@ -9,8 +9,9 @@ The shared library is compiled once per machine with ``-O3 -march=native`` into
 ``$XDG_CACHE_HOME/loaderkit/kernels/`` (``~/.cache`` by default), under a name made of the hash of
 the source, the flags, the compiler and the CPU's flags, and replaced atomically, so processes
 that start together and machines that share a home folder each find a library built for them.
-Before first use every code of every format is decoded by the library and compared bit for bit
-with torch's own reference expression; a library that disagrees is not used.
+Before first use every code of every format is decoded by the library, and every bfloat16 and
+float16 value encoded, and the results compared bit for bit with torch's own reference
+expressions, once per process (about 15 ms); a library that disagrees is not used.
 
 Nothing here is required: with no C compiler, a failed build or a failed check, or with
 ``LOADERKIT_COMPILED_KERNELS=0`` in the environment, :func:`library` returns ``None`` and
@@ -43,23 +44,31 @@ ENV = "LOADERKIT_COMPILED_KERNELS"
 FORMATS_IN = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}
 GENERIC_IN = 2
 FORMATS_OUT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+#: what the quantize kernels encode into
+FP8_OUT = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}
 
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 
 
 class Library:
-    """The loaded kernel: ``flat`` and ``grid`` entry points (ctypes, the GIL released while
-    they run) and whether it was built with the vector path (``simd``)."""
+    """The loaded kernel: its entry points (``flat``, ``grid``: decode; ``amax``, ``encode``:
+    quantize; ctypes, the GIL released while they run) and whether it was built with the vector
+    path (``simd``)."""
 
     def __init__(self, path: Path) -> None:
         lib = ctypes.CDLL(str(path))
         i64, f32, ptr, c_int = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
         lib.lk_decode_flat.argtypes = [ptr, ptr, i64, f32, ptr, c_int, c_int, c_int]
         lib.lk_decode_grid.argtypes = [ptr, ptr, i64, i64, i64, ptr, i64, i64, i64, ptr, c_int, c_int]
-        lib.lk_decode_flat.restype = lib.lk_decode_grid.restype = lib.lk_simd.restype = c_int
+        lib.lk_amax_grid.argtypes = [ptr, c_int, i64, i64, i64, ptr, i64, i64, i64]
+        lib.lk_encode_grid.argtypes = [ptr, c_int, ptr, i64, i64, i64, ptr, i64, i64, i64, f32, c_int]
+        for fn in (lib.lk_decode_flat, lib.lk_decode_grid, lib.lk_simd, lib.lk_amax_grid, lib.lk_encode_grid):
+            fn.restype = c_int
         self.flat = lib.lk_decode_flat
         self.grid = lib.lk_decode_grid
+        self.amax = lib.lk_amax_grid
+        self.encode = lib.lk_encode_grid
         self.simd = bool(lib.lk_simd())
         self.path = path
         self._lib = lib
@@ -105,9 +114,9 @@ def _load() -> tuple[Library | None, str]:
         lib = Library(path)
     except OSError as exc:
         return None, f"loading {path} failed: {exc}"
-    problem = self_check(lib)
+    problem = self_check(lib) or _quantize_check(lib)
     if problem:
-        return None, f"{path.name} disagrees with the reference decode ({problem}); not used"
+        return None, f"{path.name} disagrees with the reference conversions ({problem}); not used"
     return lib, f"built by {compiler} with {' '.join(FLAGS[:2])}" + (" (AVX2 + F16C path)" if lib.simd else "")
 
 
@@ -185,6 +194,34 @@ def self_check(lib: Library) -> str:
     return ""
 
 
+def _quantize_check(lib: Library) -> str:
+    """Encode every finite bfloat16 and float16 value, and float32 values around each fp8
+    rounding boundary, with a few scales; compare with ``(w.float() / s).clamp(-m, m).to(fp8)``
+    and the amax with ``w.abs().amax()``."""
+    g = torch.Generator().manual_seed(0)
+    every16 = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    sources = [every16.view(torch.bfloat16), every16.view(torch.float16),
+               torch.randn(8192, generator=g) * torch.logspace(-12, 3, 8192),
+               torch.arange(0, 1 << 16, dtype=torch.int32).mul_(1 << 15).add_(3 << 23).view(torch.float32)]
+    for w in sources:
+        w = w[torch.isfinite(w)]
+        w = w[: w.numel() - w.numel() % 64].reshape(64, -1)
+        for fp8 in FP8_OUT:
+            top = float(torch.finfo(fp8).max)
+            for s in (1.0, 0.0123, 2.0 ** -120, 3.0e-3 * 448):
+                want = (w.float() / torch.tensor(s)).clamp(-top, top).to(fp8)
+                got = torch.empty(w.shape, dtype=fp8)
+                grid = torch.full((1, 1), s, dtype=torch.float32)
+                if (encode_grid(lib, w, got, grid, tuple(w.shape), top, 0, w.shape[0])
+                        or not torch.equal(got.view(torch.uint8), want.view(torch.uint8))):
+                    return f"encoding {w.dtype} -> {fp8}, scale {s}"
+        amax = torch.zeros(w.shape[0], 1)
+        if amax_grid(lib, w, amax, (1, w.shape[1]), 0, w.shape[0]) or not torch.equal(
+                amax.flatten(), w.abs().amax(dim=1).float()):
+            return f"amax of {w.dtype}"
+    return ""
+
+
 def _bits(dtype: torch.dtype) -> torch.dtype:
     return {2: torch.int16, 4: torch.int32}[dtype.itemsize]
 
@@ -214,3 +251,18 @@ def decode_grid(lib: Library, codes: torch.Tensor, grid: torch.Tensor, block: tu
     rows, cols = codes.shape
     return lib.grid(codes.data_ptr(), out.data_ptr(), r0, r1, cols, grid.data_ptr(), block[0], block[1],
                     grid.shape[1], table.data_ptr(), FORMATS_IN.get(codes.dtype, GENERIC_IN), FORMATS_OUT[out.dtype])
+
+
+def amax_grid(lib: Library, w: torch.Tensor, grid: torch.Tensor, block: tuple[int, int], r0: int, r1: int) -> int:
+    """``grid`` (float32, contiguous) ``= max(grid, |w|)`` per ``block`` of the contiguous 2-D
+    ``w`` (float32 / bfloat16 / float16), over rows ``r0:r1``; NaN wins. Returns the kernel's status."""
+    return lib.amax(w.data_ptr(), FORMATS_OUT[w.dtype], r0, r1, w.shape[1], grid.data_ptr(), block[0], block[1],
+                    grid.shape[1])
+
+
+def encode_grid(lib: Library, w: torch.Tensor, q: torch.Tensor, grid: torch.Tensor, block: tuple[int, int],
+                top: float, r0: int, r1: int) -> int:
+    """Rows ``r0:r1`` of ``q = (w.float() / scale).clamp(-top, top).to(q.dtype)`` with one float32
+    scale of ``grid`` per ``block``; ``w`` and ``q`` contiguous 2-D. Returns the kernel's status."""
+    return lib.encode(w.data_ptr(), FORMATS_OUT[w.dtype], q.data_ptr(), r0, r1, w.shape[1], grid.data_ptr(),
+                      block[0], block[1], grid.shape[1], top, FP8_OUT[q.dtype])

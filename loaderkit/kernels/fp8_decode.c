@@ -217,3 +217,162 @@ int lk_decode_grid(const uint8_t *q, void *out, int64_t r0, int64_t r1, int64_t 
     }
     return 0;
 }
+
+/* ---- quantize: amax and encode, bit-exact with torch's (w.float() / s).clamp(-m, m).to(fp8) ----
+ *
+ * Sources in: 0 = float32, 1 = bfloat16, 2 = float16 (the formats-out numbering above).
+ * fp8 out: 0 = float8_e4m3fn, 1 = float8_e5m2. The rounding is torch's own (c10's
+ * fp8e4m3fn_from_fp32_value / fp8e5m2_from_fp32_value: round to nearest even, subnormals by a
+ * float addition). The grid of amax values / scales is laid out as in lk_decode_grid.
+ */
+
+static inline float load_f32(const void *src, int64_t i, int fmt) {
+    if (fmt == 0) return ((const float *)src)[i];
+    uint16_t h = ((const uint16_t *)src)[i];
+    if (fmt == 1) return bits_f32((uint32_t)h << 16);
+    /* float16: exact widening (normal, subnormal, inf, NaN) */
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1F, m = h & 0x3FF;
+    if (e == 0x1F) return bits_f32(sign | 0x7F800000 | (m << 13) | (m ? 0x400000 : 0));
+    if (e == 0) {
+        float v = (float)m * 0x1p-24f;
+        return sign ? -v : v;
+    }
+    return bits_f32(sign | ((e + 112) << 23) | (m << 13));
+}
+
+static inline uint8_t e4m3_from_f32(float f) {
+    uint32_t x = f32_bits(f), sign = x & 0x80000000u, r;
+    x ^= sign;
+    if (x >= (1087u << 20)) {
+        r = 0x7F;
+    } else if (x < (121u << 23)) {
+        r = (uint8_t)(f32_bits(bits_f32(x) + bits_f32(141u << 23)) - (141u << 23));
+    } else {
+        r = (uint8_t)((x + ((uint32_t)(7 - 127) << 23) + 0x7FFFF + ((x >> 20) & 1)) >> 20);
+    }
+    return (uint8_t)(r | (sign >> 24));
+}
+
+static inline uint8_t e5m2_from_f32(float f) {
+    uint32_t x = f32_bits(f), sign = x & 0x80000000u, r;
+    x ^= sign;
+    if (x >= (143u << 23)) {
+        r = x > (255u << 23) ? 0x7F : 0x7C;
+    } else if (x < (113u << 23)) {
+        r = (uint8_t)(f32_bits(bits_f32(x) + bits_f32(134u << 23)) - (134u << 23));
+    } else {
+        r = (uint8_t)((x + ((uint32_t)(15 - 127) << 23) + 0xFFFFF + ((x >> 21) & 1)) >> 21);
+    }
+    return (uint8_t)(r | (sign >> 24));
+}
+
+/* largest |w| of n values: the largest magnitude bit pattern (NaN patterns sort above inf) */
+static float seg_amax(const void *src, int64_t n, int fmt) {
+    if (fmt == 0) {
+        const uint32_t *s = (const uint32_t *)src;
+        uint32_t m = 0;
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t v = s[i] & 0x7FFFFFFFu;
+            m = v > m ? v : m;
+        }
+        return bits_f32(m);
+    }
+    const uint16_t *s = (const uint16_t *)src;
+    uint16_t m = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint16_t v = s[i] & 0x7FFF;
+        m = v > m ? v : m;
+    }
+    return fmt == 1 ? bits_f32((uint32_t)m << 16) : load_f32(&m, 0, 2);
+}
+
+/* rows [r0, r1): grid[(r / b0) * grid_cols + c / b1] = max(itself, |w[r, c]|) */
+int lk_amax_grid(const void *src, int fmt, int64_t r0, int64_t r1, int64_t cols, float *grid, int64_t b0,
+                 int64_t b1, int64_t grid_cols) {
+    if (fmt < 0 || fmt > 2 || b0 < 1 || b1 < 1) return -1;
+    const int64_t size = fmt == 0 ? 4 : 2;
+    for (int64_t r = r0; r < r1; r++) {
+        float *grow = grid + (r / b0) * grid_cols;
+        const char *row = (const char *)src + r * cols * size;
+        for (int64_t c = 0, g = 0; c < cols; c += b1, g++) {
+            int64_t n = cols - c < b1 ? cols - c : b1;
+            float m = seg_amax(row + c * size, n, fmt);
+            if (!(m <= grow[g])) grow[g] = m; /* NaN wins */
+        }
+    }
+    return 0;
+}
+
+static void seg_encode_scalar(const void *src, int fmt, uint8_t *q, int64_t n, float s, float top, int fp8) {
+    for (int64_t i = 0; i < n; i++) {
+        float v = load_f32(src, i, fmt) / s;
+        v = v < -top ? -top : (v > top ? top : v); /* clamp as torch's: NaN stays NaN */
+        q[i] = fp8 == 0 ? e4m3_from_f32(v) : e5m2_from_f32(v);
+    }
+}
+
+#if LK_SIMD
+static inline __m256 load8(const void *src, int64_t i, int fmt) {
+    if (fmt == 0) return _mm256_loadu_ps((const float *)src + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)src + i));
+    if (fmt == 1) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+}
+
+static inline __m256i e4m3_from_f32x8(__m256 v) {
+    __m256i x = _mm256_castps_si256(v);
+    __m256i sign = _mm256_and_si256(x, _mm256_set1_epi32((int)0x80000000u));
+    __m256i ax = _mm256_xor_si256(x, sign);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(ax, 20), _mm256_set1_epi32(1));
+    __m256i rn = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(ax, _mm256_set1_epi32((int)0xC407FFFFu)), odd), 20);
+    __m256 dm = _mm256_castsi256_ps(_mm256_set1_epi32(141 << 23));
+    __m256i rd = _mm256_sub_epi32(_mm256_castps_si256(_mm256_add_ps(_mm256_castsi256_ps(ax), dm)),
+                                  _mm256_castps_si256(dm));
+    __m256i small = _mm256_cmpgt_epi32(_mm256_set1_epi32(121 << 23), ax);
+    __m256i big = _mm256_cmpgt_epi32(ax, _mm256_set1_epi32((1087 << 20) - 1));
+    __m256i r = _mm256_blendv_epi8(rn, rd, small);
+    r = _mm256_blendv_epi8(_mm256_and_si256(r, _mm256_set1_epi32(0xFF)), _mm256_set1_epi32(0x7F), big);
+    return _mm256_or_si256(r, _mm256_srli_epi32(sign, 24));
+}
+
+static void seg_encode(const void *src, int fmt, uint8_t *q, int64_t n, float s, float top, int fp8) {
+    if (fp8 != 0) {
+        seg_encode_scalar(src, fmt, q, n, s, top, fp8);
+        return;
+    }
+    const int64_t size = fmt == 0 ? 4 : 2;
+    const __m256 vs = _mm256_set1_ps(s), hi = _mm256_set1_ps(top), lo = _mm256_set1_ps(-top);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256i r[4];
+        for (int k = 0; k < 4; k++) {
+            __m256 v = _mm256_div_ps(load8(src, i + 8 * k, fmt), vs);
+            /* torch's clamp: max then min, a NaN operand kept (vmaxps returns its second operand) */
+            v = _mm256_min_ps(hi, _mm256_max_ps(lo, v));
+            r[k] = e4m3_from_f32x8(v);
+        }
+        __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+        _mm256_storeu_si256((__m256i *)(q + i), _mm256_permutevar8x32_epi32(b, order));
+    }
+    seg_encode_scalar((const char *)src + i * size, fmt, q + i, n - i, s, top, fp8);
+}
+#else
+#define seg_encode seg_encode_scalar
+#endif
+
+/* rows [r0, r1): q[r, c] = fp8(clamp(w[r, c] / grid[(r / b0) * grid_cols + c / b1], -top, top)) */
+int lk_encode_grid(const void *src, int fmt, uint8_t *q, int64_t r0, int64_t r1, int64_t cols, const float *grid,
+                   int64_t b0, int64_t b1, int64_t grid_cols, float top, int fp8) {
+    if (fmt < 0 || fmt > 2 || fp8 < 0 || fp8 > 1 || b0 < 1 || b1 < 1) return -1;
+    const int64_t size = fmt == 0 ? 4 : 2;
+    for (int64_t r = r0; r < r1; r++) {
+        const float *srow = grid + (r / b0) * grid_cols;
+        const char *row = (const char *)src + r * cols * size;
+        for (int64_t c = 0, g = 0; c < cols; c += b1, g++) {
+            int64_t n = cols - c < b1 ? cols - c : b1;
+            seg_encode(row + c * size, fmt, q + r * cols + c, n, srow[g], top, fp8);
+        }
+    }
+    return 0;
+}

@@ -557,6 +557,11 @@ def quantize(
     if granularity == "block" and w.dim() != 2:
         raise ConversionError(f"block scales need a 2-D weight; this one has shape {list(w.shape)}")
     rows = w.reshape(w.shape[0] if w.dim() else 1, -1)
+    if granularity != "none" and _compiled_quantize_applies(rows, fp8_dtype):
+        q, scale = _quantize_compiled(rows.contiguous(), fp8_dtype, granularity, tuple(block))
+        if granularity == "channel":
+            scale = scale.reshape((w.shape[0],) + (1,) * (w.dim() - 1))
+        return q.view(w.shape), scale
     if granularity == "none":
         return _encode(rows, fp8_dtype, None, clamp=True).view(w.shape), None
     if granularity == "block":
@@ -570,6 +575,36 @@ def quantize(
         return _encode(rows, fp8_dtype, lambda r0, r1: grid).view(w.shape), scale
     q, scale = _quantize_channel(rows, fp8_dtype)
     return q.view(w.shape), scale.reshape((w.shape[0],) + (1,) * (w.dim() - 1))
+
+
+def _compiled_quantize_applies(rows: torch.Tensor, fp8_dtype: torch.dtype) -> bool:
+    return (rows.device.type == "cpu" and rows.dtype in compiled.FORMATS_OUT and fp8_dtype in compiled.FP8_OUT
+            and rows.numel() > 0 and compiled.library() is not None)
+
+
+def _quantize_compiled(rows: torch.Tensor, fp8_dtype: torch.dtype, granularity: str, block: tuple[int, int]):
+    """:func:`quantize` of the contiguous 2-D ``rows`` through the compiled kernel: the amax of
+    each group in one pass, the scales by :func:`_finish_scale` (torch, as the reference), the
+    encoding in a second pass; each pass split over threads by rows (whole blocks of rows)."""
+    lib = compiled.library()
+    n, k = rows.shape
+    if granularity == "block":
+        cells, align = block, block[0]
+        amax = torch.zeros(block_grid((n, k), block), dtype=torch.float32)
+    else:  # channel, and tensor through its rows' maxima
+        cells, align = (1, k), 1
+        amax = torch.zeros(n, 1, dtype=torch.float32)
+    _parallel(n, lambda lo, hi: _checked(compiled.amax_grid(lib, rows, amax, cells, lo, hi)), align=align, cost=k)
+    if granularity == "tensor":
+        scale = _finish_scale(amax.max(), fp8_dtype)
+        grid, cells = scale.reshape(1, 1), (n, k)
+    else:
+        scale = grid = _finish_scale(amax, fp8_dtype)
+    q = torch.empty((n, k), dtype=fp8_dtype)
+    top = fp8_max(fp8_dtype)
+    _parallel(n, lambda lo, hi: _checked(compiled.encode_grid(lib, rows, q, grid, cells, top, lo, hi)),
+              align=align, cost=k)
+    return q, scale if granularity != "channel" else scale.reshape(n)
 
 
 def row_amax(w: torch.Tensor) -> torch.Tensor:

@@ -58,9 +58,14 @@ def _set_default_dtype(dtype: torch.dtype) -> None:
 _tensor_new = torch.Tensor.__new__
 
 
-def _legacy_new(cls, *args, **kwargs):
+def _legacy_new(*args, **kwargs):
     """``torch.Tensor(3)``, the legacy constructor (torch function modes do not see it): in a
-    thread building a skeleton, in that build's default dtype."""
+    thread building a skeleton, in that build's default dtype.
+
+    Its signature is the wildcard ``(*args, **kwargs)``: torch._dynamo, when it is first imported
+    while a skeleton is built (``nn.init`` imports it), checks that whatever ``Tensor.__new__``
+    is then has a signature compatible with its own stand-in, and accepts the wildcard."""
+    cls, args = args[0], args[1:]
     t = _tensor_new(cls, *args, **kwargs)
     dtype = getattr(_BUILDING, "dtype", None)
     if (dtype is None or cls is not torch.Tensor or t.dtype == dtype or t.dtype != _torch_default_dtype()

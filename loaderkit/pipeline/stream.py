@@ -107,11 +107,63 @@ def _read_one(tp: TensorPlan, plan: Plan, reader: TensorReader, manager: PluginM
         return convert_tensor(tp, build_fused(tp, plan, reader, keymap), plan.checkpoint, reader, manager)
     if tp.conversion == "none" or not isinstance(reader, Source):
         return convert_tensor(tp, reader.get(tp.source), plan.checkpoint, reader, manager)
+    chunked = _convert_in_row_blocks(tp, plan, reader)
+    if chunked is not None:
+        return chunked
     raw = reader.read(tp.source)  # may live in a buffer the next read reuses
     tensor, scale = convert_tensor(tp, raw, plan.checkpoint, reader, manager)
     if raw.numel() and tensor.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr():
         tensor = tensor.clone()  # a conversion that returned its input: keep a private copy
     return tensor, scale
+
+
+#: a converted tensor of at least this many bytes is read and converted in row blocks ...
+ROW_BLOCKS_MIN = 16 << 20
+#: ... of about this many source bytes: the transient memory of its conversion.
+ROW_BLOCK_BYTES = 4 << 20
+
+
+def _convert_in_row_blocks(tp: TensorPlan, plan: Plan, reader: TensorReader):
+    """``(tensor, scale)`` of a large cast, or fp8 quantization with per-channel, per-row or block scales,
+    read and converted one block of whole rows at a time straight into the final tensor (each
+    row's result depends on its own row, or its own row of blocks, alone: the same bits as the
+    whole-tensor conversion); ``None`` when ``tp`` is not such a conversion or the reader cannot
+    read rows alone."""
+    info = plan.checkpoint.tensors[tp.source]
+    if (info.nbytes < ROW_BLOCKS_MIN or len(info.shape) < 2 or not info.shape[0] or not isinstance(reader, Source)
+            or not reader.reads_box(tp.source) or info.torch_dtype.itemsize == 1):
+        return None
+    target = to_torch(tp.target_dtype)
+    gran = tp.granularity or "channel"
+    if tp.conversion == "quantize" and (target.itemsize != 1 or not target.is_floating_point
+                                        or gran not in ("channel", "row", "block")
+                                        or gran == "block" and len(info.shape) != 2):
+        return None
+    if tp.conversion not in ("cast", "quantize") or tp.companions:
+        return None
+    from ..contract.layout import DEFAULT_BLOCK
+    from ..kernels.quant import quantize
+
+    n, rest = info.shape[0], tuple(info.shape[1:])
+    row_bytes = max(1, info.nbytes // n)
+    block = tuple(tp.block or DEFAULT_BLOCK)
+    align = block[0] if gran == "block" and tp.conversion == "quantize" else 1
+    step = max(align, ROW_BLOCK_BYTES // row_bytes // align * align)
+    out = torch.empty(info.shape, dtype=target)
+    scale = None
+    for r0 in range(0, n, step):
+        r1 = min(r0 + step, n)
+        part = reader.read_box(tp.source, ((r0, r1),) + tuple((0, d) for d in rest))
+        if tp.conversion == "cast":
+            out[r0:r1].copy_(part)
+            continue
+        q, s = quantize(part, target, granularity=gran, block=block)
+        out[r0:r1].copy_(q)
+        if scale is None:
+            grid = (-(-n // align),) + tuple(s.shape[1:])
+            scale = torch.empty(grid, dtype=s.dtype)
+        scale[r0 // align: r0 // align + s.shape[0]].copy_(s)
+    return out, scale
 
 
 def build_fused(tp: TensorPlan, plan: Plan, reader: TensorReader, keymap: KeyMap | None,
