@@ -72,6 +72,12 @@ def case_lk_fp8_fp32(path: Path):
     return _lk(path, compute_dtype=torch.float32)
 
 
+def case_lk_fp8_bf16(path: Path):
+    import torch
+
+    return _lk(path, compute_dtype=torch.bfloat16)
+
+
 def case_lk_fp8_one_thread(path: Path):
     import torch
 
@@ -83,6 +89,7 @@ CASES = {
     "lk-fp8": _lk,
     "peer": case_peer,
     "lk-fp8-fp32": case_lk_fp8_fp32,
+    "lk-fp8-bf16": case_lk_fp8_bf16,
     "lk-fp8-resident": lambda path: _lk(path, resident=True),
     "lk-fp8-1thread": case_lk_fp8_one_thread,
     "bf16": lambda path: _hf(path, "bfloat16"),

@@ -276,12 +276,23 @@ def _statm_anon(pid: int) -> int | None:
     return (int(fields[1]) - int(fields[2])) * PAGE
 
 
+def child_env() -> dict[str, str]:
+    """The environment of a measured child: bytecode cached (under ``.bench/pycache``) for every
+    package, this checkout's included, as an installed package has it, even where the shell sets
+    ``PYTHONDONTWRITEBYTECODE`` (then every first load would pay for compiling loaderkit's
+    sources, and only loaderkit's: the peers' installed packages carry their bytecode)."""
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env.setdefault("PYTHONPYCACHEPREFIX", str(Path(__file__).resolve().parent.parent / ".bench" / "pycache"))
+    return env
+
+
 def run_child(script: Path, case: str, path: Path, interval: float = 0.001) -> dict:
     """Run ``case`` of ``script`` in a fresh process; returns its measurements plus the sampled
     anonymous peak (``peak_anon``, absolute, and ``anon_growth`` over the pre-load level)."""
     cmd = [sys.executable, str(script), "--child", case, "--path", str(path)]
     errfile = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty child never blocks
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errfile, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errfile, text=True, env=child_env())
     state = {"start": threading.Event(), "loaded": threading.Event(), "result": None}
     lines: list[str] = []
 

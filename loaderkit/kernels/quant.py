@@ -579,14 +579,14 @@ def quantize(
 
 def _compiled_quantize_applies(rows: torch.Tensor, fp8_dtype: torch.dtype) -> bool:
     return (rows.device.type == "cpu" and rows.dtype in compiled.FORMATS_OUT and fp8_dtype in compiled.FP8_OUT
-            and rows.numel() > 0 and compiled.library() is not None)
+            and rows.numel() > 0 and compiled.library("quantize") is not None)
 
 
 def _quantize_compiled(rows: torch.Tensor, fp8_dtype: torch.dtype, granularity: str, block: tuple[int, int]):
     """:func:`quantize` of the contiguous 2-D ``rows`` through the compiled kernel: the amax of
     each group in one pass, the scales by :func:`_finish_scale` (torch, as the reference), the
     encoding in a second pass; each pass split over threads by rows (whole blocks of rows)."""
-    lib = compiled.library()
+    lib = compiled.library("quantize")
     n, k = rows.shape
     if granularity == "block":
         cells, align = block, block[0]
