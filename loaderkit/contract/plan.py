@@ -364,7 +364,9 @@ class Plan(Frozen):
 
 def _parallel_lines(plan: Plan) -> list[str]:
     par = plan.parallel
-    total = sum(plan.checkpoint.tensors[t.source].nbytes if t.source in plan.checkpoint.tensors else t.nbytes
+    stored = plan.checkpoint.tensors
+    total = sum(sum(stored[k].nbytes for k in t.sources if k in stored) or t.nbytes if t.sources
+                else stored[t.source].nbytes if t.source in stored else t.nbytes
                 for t in plan.tensors.values())
     read = par.bytes_read()
     lines = ["", f"parallel    {par.style} on mesh {list(par.mesh)}"

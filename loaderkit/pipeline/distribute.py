@@ -10,8 +10,10 @@ before any tensor data is read:
    with the library's own tensor-parallel plan (:attr:`ModelFacts.tp_plan`) or the user's, or
    the user's own ``callable(model, mesh)``;
 3. each parameter's placements give this rank's box of it
-   (``compute_local_shape_and_global_offset``), and the plan records, per tensor, the box and
-   the part of the checkpoint tensor read for it (:class:`~loaderkit.contract.plan.ShardPlan`);
+   (``compute_local_shape_and_global_offset``; a strided shard, a packed gate/up weight, is
+   several boxes, its ``pieces``, each planned like a box), and the plan records, per tensor,
+   the box and the part of the checkpoint tensor read for it
+   (:class:`~loaderkit.contract.plan.ShardPlan`);
    impossible shardings (a tensor-parallel split that is uneven or cuts an fp8 block) are a
    :class:`PlanError` on every rank, before anything is read.
 
