@@ -153,6 +153,8 @@ __all__ = [
     "building_thread_only",
     "module_kind",
     "opened_contained",
+    "packed_placement",
+    "parameter_parallel",
     "gc_paused",
     "read_by_parent",
     "read_json",
@@ -173,6 +175,24 @@ def detach_others(model) -> None:
     from .runtime import detach_others as _detach_others
 
     _detach_others(model)
+
+
+def parameter_parallel(placements: dict, *, sum_output: bool = False, local_forward: bool = True):
+    """A torch ``ParallelStyle`` that shards a module's own parameters by name and runs its
+    forward on their local shards, optionally summing its output over the mesh
+    (:class:`loaderkit.parallel_styles.ParameterParallel`: fused MoE experts; torch.distributed
+    is imported on first use)."""
+    from .parallel_styles import ParameterParallel
+
+    return ParameterParallel(placements, sum_output=sum_output, local_forward=local_forward)
+
+
+def packed_placement(dim: int, parts: int = 2):
+    """The placement of a weight packing ``parts`` blocks along ``dim`` (a fused gate/up): each rank
+    holds its slice of every block (:func:`loaderkit.parallel_styles.packed`)."""
+    from .parallel_styles import packed
+
+    return packed(dim, parts)
 
 
 def has_runtime_hooks(model) -> bool:

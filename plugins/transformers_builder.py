@@ -330,25 +330,108 @@ def _torch_style(name: str):
     }.get(name)
 
 
+#: transformers' styles of a module's own parameter (the plan names ``module.param``), as a
+#: placement of the parameter: what ``PackedColwiseParallel`` / ``RowwiseParallel.shard_param``
+#: give a fused MoE expert weight. Biases, and other styles, are refused.
+_PARAM_STYLES = ("packed_colwise", "rowwise", "colwise")
+#: transformers' module styles that run the module on its parameters' local shards, and whether
+#: they sum its output over the ranks.
+_LOCAL_MODULE_STYLES = {"moe_tp_experts": True}
+
+
+def _param_placement(model: torch.nn.Module, pattern: str, style: str, param: torch.nn.Parameter, module):
+    """The placement transformers gives a parameter for ``style``, checked."""
+    from torch.distributed.tensor import Shard
+
+    from loaderkit.plugin import packed_placement
+
+    name = type(model).__name__
+    nd = param.dim()
+    if nd < 2 or "bias" in pattern.rpartition(".")[2]:
+        raise PlanError(f"{name}: transformers' tensor-parallel plan shards the {nd}-D parameter {pattern!r} as "
+                        f"{style!r}; loaderkit shards only weight matrices (and stacks of them) this way, not biases; pass your "
+                        "own plan (parallelize={pattern: style}) or parallelize='fsdp'")
+    if getattr(module, "is_transposed", False):
+        raise PlanError(f"{name}: {pattern!r} is stored transposed ([experts, in, out]); transformers' "
+                        f"{style!r} style shards the other layout, so loaderkit refuses it; pass your own plan "
+                        "or parallelize='fsdp'")
+    if style == "packed_colwise":  # gate and up along the output dimension: each rank its slice of both
+        return packed_placement(nd - 2, 2)
+    if style == "colwise":
+        return Shard(nd - 2)
+    return Shard(nd - 1)  # rowwise: along the input dimension; the module's output is a partial sum
+
+
+def _matches(pattern: str, name: str) -> bool:
+    import fnmatch
+
+    a, b = pattern.split("."), name.split(".")
+    return len(a) == len(b) and all(fnmatch.fnmatchcase(y, x) for x, y in zip(a, b))
+
+
 def tp_plan(model: torch.nn.Module, degree: int) -> dict[str, Any]:
     """The model's own tensor-parallel plan (``model.tp_plan``: its config's
     ``base_model_tp_plan`` under the model's prefix, and the head's ``_tp_plan``) in torch's
     parallel styles, for ``degree`` ranks. Heads must divide evenly (the attention reshapes by
-    head count); styles torch does not express (packed or expert-parallel MoE layers) are refused."""
+    head count).
+
+    Entries naming a module's own parameters (``experts.gate_up_proj: packed_colwise``,
+    ``experts.down_proj: rowwise``) and the module's ``moe_tp_experts`` entry become one
+    :func:`loaderkit.plugin.parameter_parallel` style for the module: each parameter a DTensor
+    placed as transformers shards it (the packed gate/up as a strided shard: every rank its slice
+    of gate and of up), the forward run on the local shards and its partial output all-reduced.
+    Parameters sharded without a module entry that runs the forward on local shards, and styles
+    neither torch nor these express (``packed_rowwise``, expert-parallel dispatch, ...), are
+    refused."""
+    from loaderkit.plugin import parameter_parallel
+
     config = getattr(model, "config", None)
     for field in ("num_attention_heads", "num_key_value_heads"):
         heads = getattr(config, field, None)
         if isinstance(heads, int) and heads % degree:
             raise PlanError(f"{type(model).__name__}: config {field}={heads} is not divisible by the "
                             f"tensor-parallel degree {degree}; use a degree that divides it, or parallelize='fsdp'")
+    name = type(model).__name__
+    modules = dict(model.named_modules())
+    plan = dict(model.tp_plan)
+
+    def refuse(pattern: str, style: str):
+        return PlanError(f"{name}: transformers' tensor-parallel plan shards {pattern!r} as {style!r}, which "
+                         "torch's parallel styles do not express; pass your own plan (parallelize={pattern: "
+                         "style}) or parallelize='fsdp'")
+
+    params: dict[str, dict[str, Any]] = {}  # module pattern -> parameter -> placement
+    for pattern, style in plan.items():
+        owner, _, local = pattern.rpartition(".")
+        owned = [m for n, m in modules.items() if owner and _matches(owner, n) and local in m._parameters]
+        if not owned or any(_matches(pattern, n) for n in modules):
+            continue  # a module entry
+        if style not in _PARAM_STYLES:
+            raise refuse(pattern, style)
+        placement = _param_placement(model, pattern, style, owned[0]._parameters[local], owned[0])
+        params.setdefault(owner, {})[local] = placement
     out: dict[str, Any] = {}
-    for pattern, style in dict(model.tp_plan).items():
+    for pattern, style in plan.items():
+        owner, _, local = pattern.rpartition(".")
+        if local in params.get(owner, {}):
+            continue
+        if style in _LOCAL_MODULE_STYLES:
+            out[pattern] = parameter_parallel(params.pop(pattern, {}), sum_output=_LOCAL_MODULE_STYLES[style])
+            continue
         make = _torch_style(style)
         if make is None:
-            raise PlanError(f"{type(model).__name__}: transformers' tensor-parallel plan shards {pattern!r} as "
-                            f"{style!r}, which torch's parallel styles do not express; pass your own plan "
-                            "(parallelize={pattern: style}) or parallelize='fsdp'")
+            raise refuse(pattern, style)
+        if pattern in params:
+            raise PlanError(f"{name}: transformers' tensor-parallel plan shards the parameters of {pattern!r} "
+                            f"({', '.join(params[pattern])}) and also styles the module {style!r}; loaderkit runs "
+                            "a module on its parameters' shards only under 'moe_tp_experts'; pass your own plan or "
+                            "parallelize='fsdp'")
         out[pattern] = make()
+    for owner, placed in params.items():
+        raise PlanError(f"{name}: transformers' tensor-parallel plan shards {', '.join(f'{owner}.{p}' for p in placed)}"
+                        f" but gives {owner!r} no style that runs it on their local shards (such as "
+                        "'moe_tp_experts'); its forward would mix shards and whole tensors; pass your own plan or "
+                        "parallelize='fsdp'")
     return out
 
 
@@ -420,7 +503,7 @@ def key_map(model: torch.nn.Module, keys: tuple[str, ...]) -> KeyMap:
 
     fused = {
         t: FusedTensor(key=t, sources=tuple(k for k, _ in srcs), transform=", ".join(map(repr, conv.operations)),
-                       per_row=_per_row(conv, srcs))
+                       per_row=_per_row(conv, srcs), cat_dim=_cat_dim(conv, srcs))
         for t, (conv, srcs) in groups.items()
     }
     return KeyMap(renamed=renamed, fused=fused, run=run)
@@ -445,6 +528,22 @@ def _per_row(converter: Any, sources: list[tuple[str, str]]) -> tuple[tuple[str,
     if len(counts) != 1:
         return ()
     return tuple(zip(*(by_pattern[p] for p in converter.source_patterns if p in by_pattern)))
+
+
+def _cat_dim(converter: Any, sources: list[tuple[str, str]]) -> int:
+    """How a part of a per-row fused tensor's index is made of parts of its sources
+    (``FusedTensor.cat_dim``): ``MergeModulelist(dim=0)`` then ``Concatenate(dim=c)`` puts each
+    index's sources side by side along ``c``, in ``source_patterns`` order (a later
+    ``Concatenate`` sees one tensor and changes nothing); a lone ``MergeModulelist`` stacks one
+    source per index (``0``). ``-1`` for anything else."""
+    from transformers.core_model_loading import Concatenate
+
+    if not _per_row(converter, sources):
+        return -1
+    cats = [op for op in list(converter.operations)[1:] if type(op) is Concatenate]
+    if cats:
+        return cats[0].dim
+    return 0 if len({p for _, p in sources}) == 1 else -1
 
 
 def _dtype_source(model: torch.nn.Module) -> tuple[str, ...]:

@@ -64,13 +64,47 @@ def _compare(model, ref, plan) -> list[str]:
         else:  # a tensor-parallel shard's scale: the part of the single-process scale for its rows
             wkey, wtp = local_scales[k]
             sp = plan.parallel.shards[wkey]
-            if not _same(got.detach(), _scale_part(want.detach(), sp.box, wtp.shape, wtp.block).contiguous()):
+            scale_parts = [_scale_part(want.detach(), box, wtp.shape, wtp.block) for box in sp.boxes]
+            if not _same(got.detach(), _joined(scale_parts, sp).contiguous()):
                 bad.append(f"{k}: not the rank's part of the scale")
             decoded = decode_stored(mine[wkey].to_local(), torch.float32, got, wtp.granularity, wtp.block)
             whole_dec = decode_stored(theirs[wkey].detach(), torch.float32, want, wtp.granularity, wtp.block)
-            if not torch.equal(decoded, whole_dec[tuple(slice(a, b) for a, b in sp.box)]):
+            if not torch.equal(decoded, _local_part(whole_dec, sp)):
                 bad.append(f"{wkey}: the shard decoded with its scale differs from the single-process weight")
     return bad
+
+
+def _local_part(whole: torch.Tensor, sp) -> torch.Tensor:
+    """The rank's part of a whole tensor: its box, or its packed shard's boxes concatenated."""
+    parts = [whole[tuple(slice(a, b) for a, b in box)] for box in sp.boxes]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=sp.dim)
+
+
+def _joined(parts: list[torch.Tensor], sp) -> torch.Tensor:
+    """A packed shard's scale from its pieces' parts: one scale when it does not vary along the
+    packed dimension, else the parts concatenated along it."""
+    first = parts[0]
+    if len(parts) == 1 or first.numel() == 1 or first.dim() <= sp.dim or first.shape[sp.dim] == 1:
+        return first
+    return torch.cat(parts, dim=sp.dim)
+
+
+def _packed_shards(model, ref, rank: int, world: int) -> dict[str, bool]:
+    """For each packed (strided) parameter: whether its local shard is the rank's slice of each
+    packed block of the single-process tensor (transformers' ``packed_colwise``: gate rows
+    ``r/n`` and up rows ``r/n``), cut here by plain slicing."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    theirs = dict(ref.named_parameters())
+    out = {}
+    for k, p in model.named_parameters():
+        if isinstance(p, DTensor) and isinstance(p.placements[0], _StridedShard):
+            pl = p.placements[0]
+            blocks = theirs[k].detach().chunk(pl.split_factor, dim=pl.dim)
+            want = torch.cat([b.chunk(world, dim=pl.dim)[rank] for b in blocks], dim=pl.dim)
+            out[k] = _same(p.to_local().detach(), want.contiguous())
+    return out
 
 
 def _tp_scales(plan) -> dict[str, tuple[str, object]]:
@@ -145,6 +179,7 @@ def run_case(case: dict, out: Path, rank: int, mesh) -> None:
             replicated=sum(_stored(plan, t) for t in plan.tensors.values()
                            if "Shard" not in plan.parallel.shards[t.key].placements),
             tied=model.get_output_embeddings().weight is model.get_input_embeddings().weight,
+            packed=_packed_shards(model, ref, rank, dist.get_world_size()),
             plan=str(plan) if rank == 0 else "",
         )
     (out / f"{case['name']}.{rank}.json").write_text(json.dumps(result))

@@ -8,6 +8,7 @@ what every rank found. One spawn serves many cases.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -109,6 +110,10 @@ def two(request, tmp_path_factory):
         _case("moe-fsdp-bf16", moe, "bf16", "fsdp"),
         _case("moe-fsdp-fp8", moe, "fp8", "fsdp"),
         _case("moe-tp", moe, "bf16", "tp"),
+        _case("moe-tp-fp8", moe, "fp8", "tp"),
+        _case("moe8-channel-tp-fp8", moe8["channel"], "fp8", "tp"),
+        _case("moe8-block-tp-bf16", moe8["block"], "bf16", "tp"),
+        _case("moe8-block-tp-fp8", moe8["block"], "fp8", "tp"),
         _case("moe8-channel-fsdp-fp8", moe8["channel"], "fp8", "fsdp"),
         _case("moe8-block-fsdp-fp8", moe8["block"], "fp8", "fsdp"),
         _case("moe8-block-fsdp-bf16", moe8["block"], "bf16", "fsdp"),
@@ -124,9 +129,12 @@ LOADS += [f"ct-{p}-{s}" for p in ("fsdp", "tp") for s in ("fp8", "bf16")]
 LOADS += [f"block-{p}-{s}" for p in ("fsdp", "tp") for s in ("fp8", "bf16")] + ["block-cut-fsdp"]
 MOE = ["moe-fsdp-bf16", "moe-fsdp-fp8", "moe8-channel-fsdp-fp8", "moe8-block-fsdp-fp8", "moe8-block-fsdp-bf16"]
 LOADS += ["quant-block-fsdp", "quant-block-tp"]
+#: Mixtral's experts under transformers' own TP plan: packed gate/up, row-parallel down, summed output
+MOE_TP = ["moe-tp", "moe-tp-fp8", "moe8-channel-tp-fp8"]
+LOADS += MOE_TP
 
 
-@pytest.mark.parametrize("name", LOADS + MOE)
+@pytest.mark.parametrize("name", LOADS + MOE + ["moe8-block-tp-bf16"])
 def test_every_tensor_equals_the_single_process_load(two, name):
     for r in two[name]:
         assert "error" not in r, r["error"]
@@ -135,7 +143,7 @@ def test_every_tensor_equals_the_single_process_load(two, name):
         assert set(r["params"].values()) == {"DTensor"} or "-tp" in name  # norms stay plain under TP
 
 
-@pytest.mark.parametrize("name", LOADS + MOE)
+@pytest.mark.parametrize("name", LOADS + MOE + ["moe8-block-tp-bf16"])
 def test_forward_agrees_with_the_single_process_model(two, name):
     for r in two[name]:
         assert r["logits_repeat"]
@@ -173,6 +181,22 @@ def test_each_rank_reads_only_its_experts(two, name):
     assert "built by the model's library from its rows' 4 of 8 checkpoint tensors" in two[name][0]["plan"]
 
 
+@pytest.mark.parametrize("name", MOE_TP + ["moe8-block-tp-bf16"])
+def test_packed_experts_hold_their_slice_of_gate_and_of_up(two, name):
+    """transformers' ``packed_colwise``: each rank's ``gate_up_proj`` is its slice of the gate
+    rows and its slice of the up rows (checked against the single-process tensor cut by plain
+    slicing), read as those two runs of each expert's ``w1`` and ``w3``."""
+    for r in two[name]:
+        assert r["packed"] and all(r["packed"].values()), r["packed"]
+        assert r["read"] == r["planned"]
+    text = two[name][0]["plan"]
+    assert "model.layers.0.mlp.experts.gate_up_proj" in text and "_StridedShard(1, split_factor=2)" in text
+    if name == "moe8-block-tp-bf16":  # dequantized by whole blocks, which the shards cut: built whole, once
+        assert "read whole, then cut" in text
+    else:
+        assert "from its part of 4 of 8 checkpoint tensors" in text  # each piece: w1's rows, or w3's
+
+
 def test_tied_weights_stay_one_parameter(two):
     for name in ("llama-fsdp-bf16", "llama-tp-bf16", "llama-tp-fp8"):
         assert all(r["tied"] for r in two[name])
@@ -190,7 +214,8 @@ def test_the_plan_shows_each_rank_its_share(two):
     ("heads-tp", "num_attention_heads=3 is not divisible by the tensor-parallel degree 2"),
     ("rank-fails", "rank 1 could not load its shards"),
     ("rank-fails-between-collectives", "rank 1 could not load its shards"),
-    ("moe-tp", "'packed_colwise', which torch's parallel styles do not express"),
+    ("moe8-block-tp-fp8", "the block-fp8 weight 'model.layers.0.mlp.experts.gate_up_proj' [4, 96, 32] "
+                          "(_StridedShard(1, split_factor=2)) cut its [16, 16] blocks"),
     ("quant-block-cut-tp", "cut the [128, 128] blocks it is quantized in"),
 ])
 def test_a_bad_configuration_fails_on_every_rank(two, name, expected):
@@ -300,11 +325,76 @@ def test_the_ranks_boxes_cover_every_tensor_once(tmp_path, world, how):
     for key, tp in plans[0].tensors.items():
         count = torch.zeros(tp.shape, dtype=torch.int32)
         for p in plans:
-            sp = p.parallel.shards[key]
-            count[tuple(slice(a, b) for a, b in sp.box)] += 1
+            for box in p.parallel.shards[key].boxes:
+                count[tuple(slice(a, b) for a, b in box)] += 1
         replicated = plans[0].parallel.shards[key].placements == "Replicate()"
         assert bool((count == (world if replicated else 1)).all()), key
     assert {p.parallel.rank for p in plans} == set(range(world))
+
+
+def test_packed_experts_cover_every_element_once_and_read_two_runs(tmp_path):
+    """Mixtral under transformers' TP plan, every rank planned in one process: the packed
+    ``gate_up_proj`` [E, 2I, H] shard is two boxes (its rows of gate, its rows of up), each read
+    from its part of the experts' ``w1`` or ``w3`` alone; every element is held once."""
+    path = _mixtral(tmp_path / "m")
+    plans = [_plan_rank(path, 2, r, "tp") for r in range(2)]
+    key = "model.layers.0.mlp.experts.gate_up_proj"
+    sp = plans[1].parallel.shards[key]
+    assert sp.placements == "_StridedShard(1, split_factor=2)" and sp.dim == 1
+    assert sp.boxes == (((0, 4), (32, 64), (0, 32)), ((0, 4), (96, 128), (0, 32)))
+    assert sp.nbytes_read == 4 * 2 * 32 * 32 * 4  # half of each expert's w1 and w3 (float32)
+    down = plans[1].parallel.shards["model.layers.0.mlp.experts.down_proj"]
+    assert down.placements == "Shard(2)" and down.boxes == (((0, 4), (0, 32), (32, 64)),)
+    assert "0:4x32:64x0:32 + 0:4x96:128x0:32" in str(plans[1])
+    for key, tp in plans[0].tensors.items():
+        count = torch.zeros(tp.shape, dtype=torch.int32)
+        for p in plans:
+            for box in p.parallel.shards[key].boxes:
+                count[tuple(slice(a, b) for a, b in box)] += 1
+        replicated = plans[0].parallel.shards[key].placements == "Replicate()"
+        assert bool((count == (2 if replicated else 1)).all()), key
+
+
+def _meta_mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    with torch.device("meta"):
+        return MixtralForCausalLM(MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                                num_local_experts=4, num_experts_per_tok=2))
+
+
+def test_transformers_moe_styles_map_to_parameter_styles():
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    from loaderkit.parallel_styles import ParameterParallel
+    from loaderkit.plugins.transformers_builder import tp_plan
+
+    model = _meta_mixtral()
+    assert model.tp_plan["model.layers.*.mlp.experts.gate_up_proj"] == "packed_colwise"
+    styles = tp_plan(model, 2)
+    experts = styles["model.layers.*.mlp.experts"]
+    assert isinstance(experts, ParameterParallel) and experts.sum_output  # moe_tp_experts: partial sums all-reduced
+    assert experts.placements == {"gate_up_proj": _StridedShard(1, split_factor=2), "down_proj": Shard(2)}
+    assert not any(k.endswith(("gate_up_proj", "down_proj")) for k in styles)  # folded into the module's style
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"model.layers.*.mlp.experts.down_proj": "packed_rowwise"}, "as 'packed_rowwise', which torch's parallel"),
+    ({"model.layers.*.mlp.experts": "ep_dispatch_experts"}, "as 'ep_dispatch_experts', which torch's parallel"),
+    ({"model.layers.*.mlp.experts": None}, "gives 'model.layers.*.mlp.experts' no style that runs it on their local"),
+    ({"model.norm.weight": "rowwise"}, "not biases"),
+])
+def test_other_transformers_styles_stay_refused(change, expected):
+    from loaderkit.errors import PlanError
+    from loaderkit.plugins.transformers_builder import tp_plan
+
+    model = _meta_mixtral()
+    plan = {**model.tp_plan, **change}
+    model._tp_plan = {k: v for k, v in plan.items() if v is not None}
+    with pytest.raises(PlanError, match=re.escape(expected)):
+        tp_plan(model, 2)
 
 
 def test_parallelize_needs_a_mesh_and_a_known_style(tmp_path):

@@ -120,6 +120,13 @@ class ShardPlan(Frozen):
     :ivar reduce: mesh dimensions whose ranks share this shard's rows: fp8 made on load takes
         each row's maximum over them (an all-reduce), so its per-row scales are the
         single-process ones while each rank reads only its columns.
+    :ivar pieces: a packed shard (a strided placement, ``_StridedShard``: a fused gate/up weight
+        split so that each rank holds its part of the gate *and* its part of the up block) is
+        not one box: it is these boxes of the tensor, each planned and read as a shard of its
+        own, concatenated in order along :attr:`dim`. :attr:`box` and :attr:`read` are then
+        the boxes spanning them (not what is read), :attr:`nbytes_read` their sum. Empty for a
+        shard that is one box.
+    :ivar dim: the dimension :attr:`pieces` are concatenated along.
     """
 
     key: str
@@ -130,6 +137,13 @@ class ShardPlan(Frozen):
     why: str = ""
     gathered: bool = False
     reduce: tuple[int, ...] = ()
+    pieces: tuple[ShardPlan, ...] = ()
+    dim: int = 0
+
+    @property
+    def boxes(self) -> tuple[tuple[tuple[int, int], ...], ...]:
+        """The boxes of the tensor this rank holds, in the order its local shard holds them."""
+        return tuple(p.box for p in self.pieces) or (self.box,)
 
 
 class ParallelPlan(Frozen):
@@ -350,7 +364,9 @@ class Plan(Frozen):
 
 def _parallel_lines(plan: Plan) -> list[str]:
     par = plan.parallel
-    total = sum(plan.checkpoint.tensors[t.source].nbytes if t.source in plan.checkpoint.tensors else t.nbytes
+    stored = plan.checkpoint.tensors
+    total = sum(sum(stored[k].nbytes for k in t.sources if k in stored) or t.nbytes if t.sources
+                else stored[t.source].nbytes if t.source in stored else t.nbytes
                 for t in plan.tensors.values())
     read = par.bytes_read()
     lines = ["", f"parallel    {par.style} on mesh {list(par.mesh)}"
@@ -362,7 +378,7 @@ def _parallel_lines(plan: Plan) -> list[str]:
                      + (" ..." if len(par.groups) > 4 else "") + ")")
     rows = []
     for s in list(par.shards.values()):
-        box = "x".join(f"{a}:{b}" for a, b in s.box) or "scalar"
+        box = " + ".join("x".join(f"{a}:{b}" for a, b in b_) for b_ in s.boxes) or "scalar"
         note = s.why or (f"row maxima all-reduced over mesh dim {', '.join(map(str, s.reduce))}" if s.reduce else "-")
         rows.append((s.key, s.placements, box, fmt_bytes(s.nbytes_read), note))
     shown = rows[:24]

@@ -356,6 +356,12 @@ class FusedTensor(Frozen):
         experts: index ``e`` from expert ``e``'s tensors), those sources, per index; empty
         otherwise. ``KeyMap.run(key, fetch, rows=(a, b))`` then builds indices ``a..b-1`` from
         theirs only: what one rank of a parallel load reads.
+    :ivar cat_dim: for a :attr:`per_row` tensor, how a part of an index is made of parts of its
+        sources (what a tensor-parallel rank reads): ``0`` when each index is one source
+        stacked as it is (the fused dimension ``d`` is the source's ``d - 1``); ``c >= 1`` when
+        each index's sources lie side by side, in :attr:`per_row` order, along the fused
+        dimension ``c`` (``experts.gate_up_proj``: ``w1`` then ``w3`` along dimension 1);
+        ``-1`` when unknown (a part of an index is then built from its sources read whole).
     """
 
     key: str
@@ -363,6 +369,7 @@ class FusedTensor(Frozen):
     transform: str
     shape: tuple[int, ...] | None = None
     per_row: tuple[tuple[str, ...], ...] = ()
+    cat_dim: int = -1
 
 
 class KeyMap(Frozen):

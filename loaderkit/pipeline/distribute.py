@@ -10,8 +10,10 @@ before any tensor data is read:
    with the library's own tensor-parallel plan (:attr:`ModelFacts.tp_plan`) or the user's, or
    the user's own ``callable(model, mesh)``;
 3. each parameter's placements give this rank's box of it
-   (``compute_local_shape_and_global_offset``), and the plan records, per tensor, the box and
-   the part of the checkpoint tensor read for it (:class:`~loaderkit.contract.plan.ShardPlan`);
+   (``compute_local_shape_and_global_offset``; a strided shard, a packed gate/up weight, is
+   several boxes, its ``pieces``, each planned like a box), and the plan records, per tensor,
+   the box and the part of the checkpoint tensor read for it
+   (:class:`~loaderkit.contract.plan.ShardPlan`);
    impossible shardings (a tensor-parallel split that is uneven or cuts an fp8 block) are a
    :class:`PlanError` on every rank, before anything is read.
 
@@ -234,6 +236,7 @@ def _check_gatherable(model: torch.nn.Module, named: dict, blocks: list[str], pa
 def _check_even(model: torch.nn.Module, plan: Plan) -> None:
     """A tensor-parallel split must be even: the model's own reshapes (heads) assume it."""
     from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
 
     named = dict(model.named_modules(remove_duplicate=False))
     for tp in plan.tensors.values():
@@ -241,6 +244,12 @@ def _check_even(model: torch.nn.Module, plan: Plan) -> None:
         if not isinstance(t, DTensor):
             continue
         for i, p in enumerate(t.placements):
+            if isinstance(p, _StridedShard) and t.shape[p.dim] % (t.device_mesh.size(i) * p.split_factor):
+                raise PlanError(f"{plan.checkpoint.path}: tensor parallelism splits each of the {p.split_factor} "
+                                f"packed blocks of {tp.key!r} (dimension {p.dim} of size {t.shape[p.dim]}) over "
+                                f"{t.device_mesh.size(i)} ranks, which is not even; use a degree that divides "
+                                f"{t.shape[p.dim] // p.split_factor}, or parallelize='fsdp'",
+                                path=plan.checkpoint.path, tensor=tp.key)
             if isinstance(p, Shard) and t.shape[p.dim] % t.device_mesh.size(i):
                 raise PlanError(f"{plan.checkpoint.path}: tensor parallelism splits {tp.key!r} along dimension "
                                 f"{p.dim} of size {t.shape[p.dim]} over {t.device_mesh.size(i)} ranks, which is not "
@@ -272,7 +281,8 @@ def _placements(t: torch.Tensor) -> str:
     placements = getattr(t, "placements", None)
     if placements is None:
         return "Replicate()"
-    return ", ".join(f"{type(p).__name__}({getattr(p, 'dim', '')})" for p in placements)
+    return ", ".join(f"{type(p).__name__}({getattr(p, 'dim', '')}"
+                     + (f", split_factor={p.split_factor})" if hasattr(p, "split_factor") else ")") for p in placements)
 
 
 def _fsdp_managed(model: torch.nn.Module) -> set[int]:
@@ -303,10 +313,158 @@ def _box(t: torch.Tensor, mesh) -> Box:
     return tuple((o, o + n) for o, n in zip(offset, shape))
 
 
+def _pieces(t: torch.Tensor, mesh) -> tuple[int, tuple[Box, ...]] | None:
+    """A strided shard's boxes (``_StridedShard``: a packed gate/up weight, where each rank holds
+    its slice of every packed block), in the order its local tensor holds them, and the
+    dimension they are concatenated along; ``None`` for a tensor without a strided placement,
+    whose box is :func:`_box`. Worked out by sharding each dimension's indices as the placements
+    shard the tensor, so it is torch's own split (``_split_tensor``)."""
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    if not isinstance(t, DTensor) or not any(isinstance(p, _StridedShard) for p in t.placements):
+        return None
+    own = mesh if t.device_mesh == mesh else t.device_mesh
+    coord = own.get_coordinate()
+    idx = [torch.arange(n) for n in t.shape]
+    for i, p in enumerate(t.placements):
+        if isinstance(p, _StridedShard):
+            one = _StridedShard(0, split_factor=p.split_factor)
+        elif isinstance(p, Shard):
+            one = Shard(0)
+        else:
+            continue
+        d = p.dim % t.dim()
+        idx[d] = one._split_tensor(idx[d], own.size(i), with_padding=False)[0][coord[i]]
+    runs = [_runs(v.tolist()) for v in idx]
+    split = [d for d, r in enumerate(runs) if len(r) > 1]
+    if len(split) > 1:
+        raise PlanError(f"a strided placement {_placements(t)} of a {list(t.shape)} tensor splits dimensions "
+                        f"{split} into several runs each; loaderkit reads a packed shard split along one dimension")
+    base = tuple(r[0] if r else (0, 0) for r in runs)
+    if not split:
+        return None if all(r for r in runs) else (0, (base,))
+    d = split[0]
+    return d, tuple(base[:d] + (r,) + base[d + 1:] for r in runs[d])
+
+
+def _runs(values: list[int]) -> list[tuple[int, int]]:
+    """Consecutive ascending runs of ``values`` as ``(start, stop)``, in order."""
+    out: list[tuple[int, int]] = []
+    for v in values:
+        if out and out[-1][1] == v:
+            out[-1] = (out[-1][0], v + 1)
+        else:
+            out.append((v, v + 1))
+    return out
+
+
 def _shard(t: torch.Tensor, tp: TensorPlan, plan: Plan, gathered: bool, reader, mesh, fused=None) -> ShardPlan:
-    """This rank's box of ``tp`` and what is read for it."""
+    """This rank's shard of ``tp`` and what is read for it: one box, or the pieces of a packed
+    (strided) shard, each planned as a box of its own."""
+    packed = _pieces(t, mesh)
+    if packed is None:
+        return _shard_box(t, tp, plan, gathered, reader, mesh, fused, _box(t, mesh))
+    dim, boxes = packed
+    pieces = tuple(_shard_box(t, tp, plan, gathered, reader, mesh, fused, b) for b in boxes)
+    if len(pieces) == 1:
+        return pieces[0]
+    whys = list(dict.fromkeys(p.why for p in pieces if p.why))
+    once = _reads_whole_once(tp, pieces)  # every piece needs the whole tensor: it is read once
+    nbytes = pieces[0].nbytes_read if once else (sum(p.nbytes_read for p in pieces)
+                                                 - (len(pieces) - 1) * _companion_bytes(tp, plan))  # scales once
+    return ShardPlan(key=tp.key, placements=_placements(t), box=_hull([p.box for p in pieces]),
+                     read=_hull([p.read for p in pieces]), nbytes_read=nbytes,
+                     why="; ".join([f"a packed shard: {len(pieces)} pieces along dimension {dim}", *whys]),
+                     gathered=gathered, reduce=pieces[0].reduce, pieces=pieces, dim=dim)
+
+
+def _reads_whole_once(tp: TensorPlan, pieces) -> bool:
+    """Whether every piece of a packed shard reads the whole tensor (a scale over all of it, or a
+    fused tensor that is built whole): it is then read and converted once, and cut."""
+    return len(pieces) > 1 and all(p.read == _full(tp) and not p.reduce for p in pieces)
+
+
+def _hull(boxes: list[Box]) -> Box:
+    return tuple((min(b[d][0] for b in boxes), max(b[d][1] for b in boxes)) for d in range(len(boxes[0])))
+
+
+def _companion_bytes(tp: TensorPlan, plan: Plan) -> int:
+    return sum(plan.checkpoint.tensors[k].nbytes for k in tp.companions)
+
+
+def _source_boxes(tp: TensorPlan, fused, box: Box, ckpt) -> dict[str, Box] | None:
+    """The part of each source of a per-row fused tensor that makes ``box`` of it
+    (``FusedTensor.cat_dim``): index ``e`` of dimension 0 is made of its own sources; along
+    ``cat_dim`` they lie side by side, and every other fused dimension ``d`` is the sources'
+    ``d - 1``. Sources the box does not reach get an empty box. ``None`` where the library's
+    operations do not say how (``cat_dim`` -1) or the sources' shapes do not fit."""
+    rows = fused.per_row if fused is not None else ()
+    cat = fused.cat_dim if fused is not None else -1
+    if not rows or len(rows) != tp.shape[0] or cat < 0 or cat >= len(tp.shape):
+        return None
+    out: dict[str, Box] = {}
+    for per in rows[box[0][0]:box[0][1]]:
+        if cat == 0 and len(per) != 1:
+            return None
+        offset = 0
+        for k in per:
+            shape = ckpt.tensors[k].shape
+            if len(shape) != len(tp.shape) - 1:
+                return None
+            sbox = list(box[1:])
+            if cat:
+                a, z = box[cat]
+                lo, hi = max(a - offset, 0), min(z - offset, shape[cat - 1])
+                sbox[cat - 1] = (lo, hi) if lo < hi else (0, 0)
+                offset += shape[cat - 1]
+            if any(not (0 <= lo <= hi <= n) for (lo, hi), n in zip(sbox, shape)):
+                return None
+            out[k] = tuple(sbox)
+        if cat and offset != tp.shape[cat]:
+            return None
+    return out
+
+
+def _fused_part(t: torch.Tensor, tp: TensorPlan, plan: Plan, gathered: bool, reader, mesh, fused, box: Box):
+    """The ShardPlan of a per-row fused tensor's box that cuts more than its rows (a
+    tensor-parallel shard of stacked experts): built by the library's operations from the parts
+    of its sources that make the box, read as boxes. ``None`` where that is not possible, or
+    does not give the single-process values; the fused tensor is then read whole."""
     ckpt = plan.checkpoint
-    box = _box(t, mesh)
+    full = _full(tp)
+    qw = ckpt.quantization.weights.get(tp.sources[0]) if ckpt.quantization is not None and tp.companions else None
+    block = qw.block if qw is not None and qw.granularity == "block" else None
+    if block is not None and _blocks(box, tp.shape, block) != box:
+        if tp.conversion == "none" and not gathered:
+            raise PlanError(f"{ckpt.path}: the shards of the block-fp8 weight {tp.key!r} {list(tp.shape)} "
+                            f"({_placements(t)}) cut its {list(block)} blocks, so they cannot be decoded with their "
+                            "own scales; use a degree whose shards fall on block boundaries, dequantize it "
+                            "(strategy 'bf16'), or parallelize='fsdp'", path=ckpt.path, tensor=tp.key)
+        return None  # dequantized by whole blocks: read whole, then cut
+    read, why, reduce = box, "", ()
+    if tp.conversion == "quantize":
+        if tp.granularity == "tensor" or tp.granularity == "block":
+            return None  # a scale over the whole tensor (or over blocks of stacked rows): read whole
+        if tp.granularity != "none" and box[-1] != full[-1]:
+            reduce = _row_sharing_dims(t, mesh, tp, gathered)
+            if not reduce:
+                read, why = box[:-1] + (full[-1],), "per-row scales made on load need whole rows"
+    parts = _source_boxes(tp, fused, read, ckpt)
+    if parts is None or not all(reader.reads_box(k) for k, b in parts.items() if _numel(b)):
+        return None
+    itemsize = {k: ckpt.tensors[k].torch_dtype.itemsize for k in parts}
+    need = [k for k, b in parts.items() if _numel(b)]
+    nbytes = sum(_numel(b) * itemsize[k] for k, b in parts.items()) + _companion_bytes(tp, plan)
+    scales = " and every source's scale" if tp.companions else ""
+    note = f"built by the model's library from its part of {len(need)} of {len(tp.sources)} checkpoint tensors{scales}"
+    return ShardPlan(key=tp.key, placements=_placements(t), box=box, read=read, nbytes_read=nbytes,
+                     why=f"{note}; {why}" if why else note, gathered=gathered, reduce=reduce)
+
+
+def _shard_box(t: torch.Tensor, tp: TensorPlan, plan: Plan, gathered: bool, reader, mesh, fused, box: Box) -> ShardPlan:
+    """This rank's box ``box`` of ``tp`` and what is read for it."""
+    ckpt = plan.checkpoint
     full = tuple((0, n) for n in tp.shape)
     read, why = box, ""
     if tp.sources:
@@ -318,6 +476,10 @@ def _shard(t: torch.Tensor, tp: TensorPlan, plan: Plan, gathered: bool, reader, 
                              nbytes_read=sum(ckpt.tensors[k].nbytes for k in (*need, *tp.companions)), gathered=gathered,
                              why=f"built by the model's library from its rows' {len(need)} of {len(tp.sources)} "
                                  f"checkpoint tensors{scales}")
+        if box != full:
+            part = _fused_part(t, tp, plan, gathered, reader, mesh, fused, box)
+            if part is not None:
+                return part
         read, why = full, f"built by the model's library from {len(tp.sources)} checkpoint tensors: read whole, then cut"
         nbytes = sum(ckpt.tensors[k].nbytes for k in (*tp.sources, *tp.companions))
         return ShardPlan(key=tp.key, placements=_placements(t), box=box, read=read, nbytes_read=nbytes, why=why,
@@ -411,18 +573,29 @@ def read_shards(prep, mgr) -> tuple[dict[str, torch.Tensor], dict[tuple[str, str
         with torch.no_grad():
             for tp in plan.tensors.values():
                 sp = plan.parallel.shards[tp.key]
-                if sp.reduce:  # a collective: every rank takes part, also one that already failed
-                    local, scale, error = _quantize_shared_rows(tp, sp, reader, prep.request.parallel.mesh, error)
-                elif error is not None:
-                    continue  # this rank failed: it only keeps up with the others' collectives
-                else:
+                got = []
+                if _reads_whole_once(tp, sp.pieces) and error is None:
                     try:
-                        local, scale = _read_part(tp, sp, plan, reader, mgr, prep.keymap)
+                        got = _whole_pieces(tp, sp, plan, reader, mgr, prep.keymap)
                     except Exception as exc:  # reported to every rank after the read
                         error = exc
-                        continue
+                for piece in () if got else sp.pieces or (sp,):  # a packed shard: each piece read as a shard
+                    if piece.reduce:  # a collective: every rank takes part, also one that already failed
+                        local, scale, error = _quantize_shared_rows(tp, piece, plan, reader, prep.keymap,
+                                                                    prep.request.parallel.mesh, error)
+                    elif error is not None:
+                        continue  # this rank failed: it only keeps up with the others' collectives
+                    else:
+                        try:
+                            local, scale = _read_part(tp, piece, plan, reader, mgr, prep.keymap)
+                        except Exception as exc:  # reported to every rank after the read
+                            error = exc
+                            continue
+                    if error is None:
+                        got.append((piece, local, scale))
                 if error is not None:
                     continue
+                local, scale = got[0][1:] if len(got) == 1 else _join_pieces(sp, got)
                 mod = tp.key.rpartition(".")[0]
                 tensors[tp.key] = local
                 if scale is not None:
@@ -439,7 +612,28 @@ def read_shards(prep, mgr) -> tuple[dict[str, torch.Tensor], dict[tuple[str, str
     return tensors, scales, gather
 
 
-def _quantize_shared_rows(tp: TensorPlan, sp: ShardPlan, reader, mesh, error: Exception | None):
+def _whole_pieces(tp: TensorPlan, sp: ShardPlan, plan: Plan, reader, mgr, keymap) -> list:
+    """The pieces of a packed shard that all need the whole tensor, from one whole read."""
+    full = _full(tp)
+    whole = sp.pieces[0].model_copy(update={"box": full, "read": full})
+    tensor, scale = _read_part(tp, whole, plan, reader, mgr, keymap)
+    return [(p, _cut(tensor, p.box, full).contiguous(), _local_scale(scale, tp, p, p.gathered)) for p in sp.pieces]
+
+
+def _join_pieces(sp: ShardPlan, got: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A packed shard's local tensor and scale from its pieces': concatenated along
+    ``sp.dim``; a scale that does not vary along it (one per tensor, or kept whole) is one."""
+    local = torch.cat([t for _, t, _ in got], dim=sp.dim)
+    scales = [s for _, _, s in got]
+    if scales[0] is None:
+        return local, None
+    first, extent = scales[0], got[0][0].box[sp.dim][1] - got[0][0].box[sp.dim][0]
+    if sp.gathered or first.numel() == 1 or first.dim() <= sp.dim or (first.shape[sp.dim] == 1 and extent > 1):
+        return local, first
+    return local, torch.cat(scales, dim=sp.dim).contiguous()
+
+
+def _quantize_shared_rows(tp: TensorPlan, sp: ShardPlan, plan: Plan, reader, keymap, mesh, error: Exception | None):
     """fp8 made on load for a shard whose rows other ranks share: its columns are read, each
     row's maximum is all-reduced over the ranks sharing it, and the shard is encoded with the
     single-process scales. A rank that failed earlier contributes zeros and encodes nothing, so
@@ -453,7 +647,7 @@ def _quantize_shared_rows(tp: TensorPlan, sp: ShardPlan, reader, mesh, error: Ex
     raw, amax = None, torch.zeros(rows, dtype=torch.float32)
     if error is None:
         try:
-            raw = reader.read_box(tp.source, sp.read)
+            raw = _fused_rows(tp, sp, plan, reader, keymap) if tp.sources else reader.read_box(tp.source, sp.read)
             amax = row_amax(raw)
             if not bool(torch.isfinite(amax).all()):
                 raise CorruptCheckpointError(f"{tp.source!r} holds inf or NaN values, which cannot be quantized",
@@ -504,17 +698,24 @@ def _read_part(tp: TensorPlan, sp: ShardPlan, plan: Plan, reader, mgr, keymap):
 
     ckpt = plan.checkpoint
     gathered = sp.gathered
-    if tp.sources and tp.companions and sp.read != _full(tp):  # quantized experts: its rows, every scale
+    if tp.sources and tp.companions and sp.read != _full(tp):  # quantized experts: their part, every scale
         q = _fused_rows(tp, sp, plan, reader, keymap)
         scale = stream.fused_scales(tp, plan, reader, mgr, keymap)  # small: read whole, kept whole under FSDP
-        block = tp.block if tp.granularity == "block" else None
+        first = ckpt.quantization.weights[tp.sources[0]]
+        block = first.block if first.granularity == "block" else None
         if tp.conversion == "none":
             _check_range(q, scale, tp, sp, plan, reader)
             return q, _local_scale(scale, tp, sp, gathered)
         return stream.decode_fused(tp, plan, q, _scale_part(scale, sp.read, tp.shape, block).contiguous())
-    if tp.sources and sp.read != _full(tp):  # built by the library from its rows' sources only
+    if tp.sources and sp.read != _full(tp):  # built by the library from (parts of) its rows' sources only
         part = tp.model_copy(update={"shape": tuple(b - a for a, b in sp.read)})
-        return stream.convert_tensor(part, _fused_rows(tp, sp, plan, reader, keymap), ckpt, reader, mgr)
+        tensor, scale = stream.convert_tensor(part, _fused_rows(tp, sp, plan, reader, keymap), ckpt, reader, mgr)
+        if sp.read == sp.box:
+            return tensor, scale
+        if tp.conversion == "quantize" and scale is not None:  # whole rows read for per-row scales
+            inner = tuple((a - r, b - r) for (a, b), (r, _) in zip(sp.box, sp.read))
+            scale = _scale_part(scale, inner, part.shape, tp.block).contiguous()
+        return _cut(tensor, sp.box, sp.read).contiguous(), scale
     if tp.sources:  # built by the library from several tensors: whole, then cut
         tensor, scale = stream._read_one(tp, plan, reader, mgr, keymap)
         return _cut(tensor, sp.box, _full(tp)).clone(), _local_scale(scale, tp, sp, gathered)
@@ -546,13 +747,32 @@ def _read_part(tp: TensorPlan, sp: ShardPlan, plan: Plan, reader, mgr, keymap):
 
 
 def _fused_rows(tp: TensorPlan, sp: ShardPlan, plan: Plan, reader, keymap) -> torch.Tensor:
-    """Rows ``sp.read`` of a tensor the library stacks from per-row sources (experts), by its own
-    operations on those rows' sources alone, each read whole (``pread``) from the checkpoint."""
+    """The part ``sp.read`` of a tensor the library stacks from per-row sources (experts), by its
+    own operations on those rows' sources alone: each read whole (``pread``) when the part has
+    whole rows (FSDP), else only the part of each source that makes it (``FusedTensor.cat_dim``:
+    a tensor-parallel shard of stacked experts; a source it does not reach is an empty tensor)."""
     from . import stream
 
-    tensors = plan.checkpoint.tensors
-    return stream.build_fused(tp, plan, reader, keymap, rows=sp.read[0],
-                         fetch=lambda key: reader.read_box(key, tuple((0, n) for n in tensors[key].shape)))
+    ckpt = plan.checkpoint
+    tensors = ckpt.tensors
+    full = _full(tp)
+    parts = None
+    if sp.read[1:] != full[1:]:
+        fused = keymap.fused.get(tp.key) if keymap is not None else None
+        parts = _source_boxes(tp, fused, sp.read, ckpt)
+        if parts is None:
+            raise PlanError(f"{tp.key!r}: the plan reads part {sp.read} of it, but the library's operations do not "
+                            "say which parts of its sources make it; this is a bug in loaderkit, please report it",
+                            tensor=tp.key)
+
+    def fetch(key: str) -> torch.Tensor:
+        box = parts[key] if parts is not None else tuple((0, n) for n in tensors[key].shape)
+        if not _numel(box):
+            return torch.empty(tuple(b - a for a, b in box), dtype=tensors[key].torch_dtype)
+        return reader.read_box(key, box)
+
+    return stream.build_fused(tp, plan, reader, keymap, rows=sp.read[0], fetch=fetch,
+                              shape=tuple(b - a for a, b in sp.read))
 
 
 def _check_range(raw: torch.Tensor, scale: torch.Tensor, tp: TensorPlan, sp: ShardPlan, plan: Plan, reader) -> None:

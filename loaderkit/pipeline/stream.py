@@ -167,11 +167,12 @@ def _convert_in_row_blocks(tp: TensorPlan, plan: Plan, reader: TensorReader):
 
 
 def build_fused(tp: TensorPlan, plan: Plan, reader: TensorReader, keymap: KeyMap | None,
-           rows: tuple[int, int] | None = None, fetch=None) -> torch.Tensor:
+           rows: tuple[int, int] | None = None, fetch=None, shape: tuple[int, ...] | None = None) -> torch.Tensor:
     """Build a tensor the model's library fuses from several checkpoint tensors, by its own code,
     reading each source as it asks for it (with ``fetch``, default ``reader.get``); the result
     must have the planned shape and dtype. ``rows``: only those indices of dimension 0, from
-    their own sources (``FusedTensor.per_row``)."""
+    their own sources (``FusedTensor.per_row``); ``shape``: the shape the result must have
+    instead (a part of those rows, when ``fetch`` hands out parts of the sources)."""
     if keymap is None or keymap.run is None:
         raise PlanError(f"{tp.key!r} is planned from {len(tp.sources)} tensors, but no key mapping of the "
                         "model's library is available to build it", tensor=tp.key)
@@ -183,6 +184,7 @@ def build_fused(tp: TensorPlan, plan: Plan, reader: TensorReader, keymap: KeyMap
                           f"not the tensor {tp.key!r}", tensor=tp.key)
     info = plan.checkpoint.tensors[tp.sources[0]]
     want = tp.shape if rows is None else (rows[1] - rows[0],) + tuple(tp.shape[1:])
+    want = tuple(shape) if shape is not None else want
     if tuple(tensor.shape) != want or tensor.dtype != info.torch_dtype:
         part = "" if rows is None else f" (rows {rows[0]}:{rows[1]})"
         raise CorruptCheckpointError(
