@@ -109,6 +109,7 @@ def two(request, tmp_path_factory):
         _case("rank-fails-between-collectives", llama, "fp8", "tp", fail_rank=1),
         _case("moe-fsdp-bf16", moe, "bf16", "fsdp"),
         _case("moe-fsdp-fp8", moe, "fp8", "fsdp"),
+        _case("moe-fsdp-fp8-tensor", moe, "fp8", "fsdp", options={"granularity": "tensor"}),
         _case("moe-tp", moe, "bf16", "tp"),
         _case("moe-tp-fp8", moe, "fp8", "tp"),
         _case("moe8-channel-tp-fp8", moe8["channel"], "fp8", "tp"),
@@ -127,7 +128,7 @@ def two(request, tmp_path_factory):
 LOADS = [f"llama-{p}-{s}" for p in ("fsdp", "tp") for s in ("fp32", "bf16", "fp8")]
 LOADS += [f"ct-{p}-{s}" for p in ("fsdp", "tp") for s in ("fp8", "bf16")]
 LOADS += [f"block-{p}-{s}" for p in ("fsdp", "tp") for s in ("fp8", "bf16")] + ["block-cut-fsdp"]
-MOE = ["moe-fsdp-bf16", "moe-fsdp-fp8", "moe8-channel-fsdp-fp8", "moe8-block-fsdp-fp8", "moe8-block-fsdp-bf16"]
+MOE = ["moe-fsdp-bf16", "moe-fsdp-fp8", "moe-fsdp-fp8-tensor", "moe8-channel-fsdp-fp8", "moe8-block-fsdp-fp8", "moe8-block-fsdp-bf16"]
 LOADS += ["quant-block-fsdp", "quant-block-tp"]
 #: Mixtral's experts under transformers' own TP plan: packed gate/up, row-parallel down, summed output
 MOE_TP = ["moe-tp", "moe-tp-fp8", "moe8-channel-tp-fp8"]
@@ -168,7 +169,18 @@ def test_each_rank_reads_what_its_plan_says(two, name):
             assert r["read"] == r["replicated"] + sharded // 2
 
 
-@pytest.mark.parametrize("name", MOE)
+def test_a_per_tensor_scale_made_on_load_reads_every_expert(two):
+    """A per-tensor fp8 scale made on load needs every expert's maximum: the fused experts are
+    read whole on each rank (and the scale equals the single-process one, tested above), not
+    built from the rank's own experts with a scale of its rows alone."""
+    for r in two["moe-fsdp-fp8-tensor"]:
+        assert r["read"] == r["planned"]
+    shown = two["moe-fsdp-fp8-tensor"][0]["plan"]
+    assert "built by the model's library from 8 checkpoint tensors: read whole, then cut" in shown
+    assert "from its rows' 4 of 8" not in shown
+
+
+@pytest.mark.parametrize("name", [m for m in MOE if m != "moe-fsdp-fp8-tensor"])
 def test_each_rank_reads_only_its_experts(two, name):
     """transformers stacks the experts' tensors; each FSDP rank builds its rows from its own
     experts' tensors by the library's operations, and reads nothing else."""

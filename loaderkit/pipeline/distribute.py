@@ -469,7 +469,9 @@ def _shard_box(t: torch.Tensor, tp: TensorPlan, plan: Plan, gathered: bool, read
     read, why = box, ""
     if tp.sources:
         rows = fused.per_row if fused is not None else ()
-        if rows and len(rows) == tp.shape[0] and box[1:] == full[1:] and box != full:
+        # (a per-tensor scale made on load needs every row's maximum: such a tensor is read whole)
+        whole_scale = tp.conversion == "quantize" and tp.granularity == "tensor"
+        if rows and len(rows) == tp.shape[0] and box[1:] == full[1:] and box != full and not whole_scale:
             need = [k for per in rows[box[0][0]:box[0][1]] for k in per]  # this rank's experts' tensors
             scales = " and every source's scale" if tp.companions else ""
             return ShardPlan(key=tp.key, placements=_placements(t), box=box, read=box,
