@@ -251,6 +251,13 @@ def cmd_plugins(args) -> int:
     for r in records:
         provides = "; ".join(f"{k}: {', '.join(v)}" for k, v in r["provides"].items()) or "-"
         print(f"{r['name']:<14} {r['version']:<10} {r['source']:<12} {provides}")
+    from .kernels import compiled
+
+    state = compiled.status()
+    if state["available"]:
+        print(f"\nfp8 CPU kernel: compiled, {state['reason']} ({state['path']})")
+    else:
+        print(f"\nfp8 CPU kernel: not in use ({state['reason']}); fp8 is decoded by torch lookup tables")
     return 0
 
 

@@ -151,6 +151,11 @@ def test_plugins_text(capsys):
     assert code == 0
     line = next(ln for ln in out.splitlines() if ln.startswith("uniform"))
     assert "built-in" in line and "strategies: fp32, bf16, fp16" in line
+    from loaderkit.kernels import compiled
+
+    kernel = next(ln for ln in out.splitlines() if ln.startswith("fp8 CPU kernel:"))
+    state = compiled.status()
+    assert (state["path"] in kernel) if state["available"] else ("not in use" in kernel and state["reason"] in kernel)
 
 
 # -------------------------------------------------------------------------------------------

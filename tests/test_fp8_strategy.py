@@ -303,7 +303,7 @@ class WideNet(nn.Module):
 
 
 @pytest.mark.parametrize("strategy", [
-    "bf16", "fp32", "fp8", loaderkit.strategy("fp8", granularity="block"),
+    "bf16", "fp32", "fp8", "int8", loaderkit.strategy("fp8", granularity="block"),
     loaderkit.strategy("fp8", granularity="tensor"), loaderkit.strategy("fp8", compute_dtype="float32"),
 ])
 def test_large_tensors_converted_in_row_blocks_are_bitwise_the_whole_tensor_conversion(tmp_path, monkeypatch, strategy):

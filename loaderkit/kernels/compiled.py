@@ -46,7 +46,7 @@ FORMATS_IN = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}
 GENERIC_IN = 2
 FORMATS_OUT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 #: what the quantize kernels encode into
-FP8_OUT = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}
+FP8_OUT = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1, torch.int8: 2}
 
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
@@ -222,9 +222,12 @@ def _quantize_check(lib: Library) -> str:
         w = w[torch.isfinite(w)]
         w = w[: w.numel() - w.numel() % 64].reshape(64, -1)
         for fp8 in FP8_OUT:
-            top = float(torch.finfo(fp8).max)
+            top = float(torch.finfo(fp8).max) if fp8.is_floating_point else 127.0
             for s in (1.0, 0.0123, 2.0 ** -120):
-                want = (w.float() / torch.tensor(s)).clamp(-top, top).to(fp8)
+                if fp8.is_floating_point:
+                    want = (w.float() / torch.tensor(s)).clamp(-top, top).to(fp8)
+                else:  # int8: round half to even, as torch.round
+                    want = torch.round(w.float() / torch.tensor(s)).clamp(-top, top).to(fp8)
                 got = torch.empty(w.shape, dtype=fp8)
                 grid = torch.full((1, 1), s, dtype=torch.float32)
                 if (encode_grid(lib, w, got, grid, tuple(w.shape), top, 0, w.shape[0])

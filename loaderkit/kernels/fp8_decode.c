@@ -221,9 +221,9 @@ int lk_decode_grid(const uint8_t *q, void *out, int64_t r0, int64_t r1, int64_t 
 /* ---- quantize: amax and encode, bit-exact with torch's (w.float() / s).clamp(-m, m).to(fp8) ----
  *
  * Sources in: 0 = float32, 1 = bfloat16, 2 = float16 (the formats-out numbering above).
- * fp8 out: 0 = float8_e4m3fn, 1 = float8_e5m2. The rounding is torch's own (c10's
+ * Out: 0 = float8_e4m3fn, 1 = float8_e5m2, 2 = int8. The fp8 rounding is torch's own (c10's
  * fp8e4m3fn_from_fp32_value / fp8e5m2_from_fp32_value: round to nearest even, subnormals by a
- * float addition). The grid of amax values / scales is laid out as in lk_decode_grid.
+ * float addition); int8 is ``round_half_even(w / s).clamp(-top, top)``. The grid of amax values / scales is laid out as in lk_decode_grid.
  */
 
 static inline float load_f32(const void *src, int64_t i, int fmt) {
@@ -307,7 +307,15 @@ static void seg_encode_scalar(const void *src, int fmt, uint8_t *q, int64_t n, f
     for (int64_t i = 0; i < n; i++) {
         float v = load_f32(src, i, fmt) / s;
         v = v < -top ? -top : (v > top ? top : v); /* clamp as torch's: NaN stays NaN */
-        q[i] = fp8 == 0 ? e4m3_from_f32(v) : e5m2_from_f32(v);
+        if (fp8 == 2) {
+            /* int8: round half to even (adding and taking away 1.5 * 2^23 rounds a float of
+             * magnitude below 2^22 to an integer in the default rounding mode); clamping to the
+             * integer +-top first gives the same as rounding first */
+            volatile float r = v + 12582912.0f;
+            q[i] = (uint8_t)(int8_t)(int)(r - 12582912.0f);
+        } else {
+            q[i] = fp8 == 0 ? e4m3_from_f32(v) : e5m2_from_f32(v);
+        }
     }
 }
 
@@ -336,7 +344,7 @@ static inline __m256i e4m3_from_f32x8(__m256 v) {
 }
 
 static void seg_encode(const void *src, int fmt, uint8_t *q, int64_t n, float s, float top, int fp8) {
-    if (fp8 != 0) {
+    if (fp8 == 1) {
         seg_encode_scalar(src, fmt, q, n, s, top, fp8);
         return;
     }
@@ -350,9 +358,13 @@ static void seg_encode(const void *src, int fmt, uint8_t *q, int64_t n, float s,
             __m256 v = _mm256_div_ps(load8(src, i + 8 * k, fmt), vs);
             /* torch's clamp: max then min, a NaN operand kept (vmaxps returns its second operand) */
             v = _mm256_min_ps(hi, _mm256_max_ps(lo, v));
-            r[k] = e4m3_from_f32x8(v);
+            if (fp8 == 2) /* int8: round half to even, then the integer */
+                r[k] = _mm256_cvtps_epi32(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            else
+                r[k] = e4m3_from_f32x8(v);
         }
-        __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+        __m256i lo16 = _mm256_packs_epi32(r[0], r[1]), hi16 = _mm256_packs_epi32(r[2], r[3]);
+        __m256i b = fp8 == 2 ? _mm256_packs_epi16(lo16, hi16) : _mm256_packus_epi16(lo16, hi16);
         _mm256_storeu_si256((__m256i *)(q + i), _mm256_permutevar8x32_epi32(b, order));
     }
     seg_encode_scalar((const char *)src + i * size, fmt, q + i, n - i, s, top, fp8);
@@ -364,7 +376,7 @@ static void seg_encode(const void *src, int fmt, uint8_t *q, int64_t n, float s,
 /* rows [r0, r1): q[r, c] = fp8(clamp(w[r, c] / grid[(r / b0) * grid_cols + c / b1], -top, top)) */
 int lk_encode_grid(const void *src, int fmt, uint8_t *q, int64_t r0, int64_t r1, int64_t cols, const float *grid,
                    int64_t b0, int64_t b1, int64_t grid_cols, float top, int fp8) {
-    if (fmt < 0 || fmt > 2 || fp8 < 0 || fp8 > 1 || b0 < 1 || b1 < 1) return -1;
+    if (fmt < 0 || fmt > 2 || fp8 < 0 || fp8 > 2 || b0 < 1 || b1 < 1 || (fp8 == 2 && !(top <= 127.0f))) return -1;
     const int64_t size = fmt == 0 ? 4 : 2;
     for (int64_t r = r0; r < r1; r++) {
         const float *srow = grid + (r / b0) * grid_cols;

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConversionError
+from . import compiled
+from .quant import _checked, _parallel
 
 #: the largest int8 code used (symmetric: -127..127).
 INT8_MAX = 127
@@ -113,6 +115,15 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.ones(n, dtype=torch.float32, device=w.device)
     if n == 0 or k == 0:
         return q, scale[:, None]
+    lib = compiled.library("quantize") if w.device.type == "cpu" and w.dtype in compiled.FORMATS_OUT else None
+    if lib is not None:  # the compiled kernel: the row maxima in one pass, the codes in another
+        rows = w.contiguous()
+        amax = torch.zeros(n, 1, dtype=torch.float32)
+        _parallel(n, lambda lo, hi: _checked(compiled.amax_grid(lib, rows, amax, (1, k), lo, hi)), cost=k)
+        grid = _finish_scale(amax)
+        _parallel(n, lambda lo, hi: _checked(compiled.encode_grid(lib, rows, q, grid, (1, k), float(INT8_MAX), lo, hi)),
+                  cost=k)
+        return q, grid
     step = max(1, QUANT_BLOCK // (w.element_size() * k))
     work = torch.empty((min(step, n), k), dtype=torch.float32, device=w.device)
     for r0 in range(0, n, step):

@@ -124,7 +124,8 @@ ROW_BLOCK_BYTES = 4 << 20
 
 
 def _convert_in_row_blocks(tp: TensorPlan, plan: Plan, reader: TensorReader):
-    """``(tensor, scale)`` of a large cast, or fp8 quantization with per-channel, per-row or block scales,
+    """``(tensor, scale)`` of a large cast, fp8 quantization with per-channel, per-row or block scales,
+    or int8 quantization (per channel),
     read and converted one block of whole rows at a time straight into the final tensor (each
     row's result depends on its own row, or its own row of blocks, alone: the same bits as the
     whole-tensor conversion); ``None`` when ``tp`` is not such a conversion or the reader cannot
@@ -135,13 +136,17 @@ def _convert_in_row_blocks(tp: TensorPlan, plan: Plan, reader: TensorReader):
         return None
     target = to_torch(tp.target_dtype)
     gran = tp.granularity or "channel"
-    if tp.conversion == "quantize" and (target.itemsize != 1 or not target.is_floating_point
-                                        or gran not in ("channel", "row", "block")
-                                        or gran == "block" and len(info.shape) != 2):
+    int8 = tp.conversion == "quantize" and target == torch.int8
+    if int8 and len(info.shape) != 2:
+        return None
+    if tp.conversion == "quantize" and not int8 and (target.itemsize != 1 or not target.is_floating_point
+                                                     or gran not in ("channel", "row", "block")
+                                                     or gran == "block" and len(info.shape) != 2):
         return None
     if tp.conversion not in ("cast", "quantize") or tp.companions:
         return None
     from ..contract.layout import DEFAULT_BLOCK
+    from ..kernels.int8 import quantize_int8
     from ..kernels.quant import quantize
 
     n, rest = info.shape[0], tuple(info.shape[1:])
@@ -157,7 +162,7 @@ def _convert_in_row_blocks(tp: TensorPlan, plan: Plan, reader: TensorReader):
         if tp.conversion == "cast":
             out[r0:r1].copy_(part)
             continue
-        q, s = quantize(part, target, granularity=gran, block=block)
+        q, s = quantize_int8(part) if int8 else quantize(part, target, granularity=gran, block=block)
         out[r0:r1].copy_(q)
         if scale is None:
             grid = (-(-n // align),) + tuple(s.shape[1:])
