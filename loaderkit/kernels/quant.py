@@ -12,7 +12,10 @@ The definition of a decoded weight is :func:`dequantize_reference`::
 
 :func:`upcast` returns exactly those bits (NaN, signed zero and subnormals included) by a faster
 route. On CUDA and other accelerators it uses the reference expression, which the device fuses.
-On the CPU, torch's own fp8 conversion is a slow scalar loop, so every 1-byte float is decoded
+On the CPU, torch's own fp8 conversion is a slow scalar loop. Where this machine builds and checks
+the compiled kernel (:mod:`loaderkit.kernels.compiled`), it decodes every route in one pass at
+about memory speed, and :func:`quantize` (per channel, per tensor, per block) encodes through it
+too. Otherwise (no C compiler, ``LOADERKIT_COMPILED_KERNELS=0``) every 1-byte float is decoded
 with lookup tables whose entries are computed *by the reference expression itself*, which is
 what makes the result bit-exact by construction:
 
@@ -27,7 +30,7 @@ The work is done in steps of ~32k elements (L2-sized, and under ATen's parallel 
 opens an OpenMP region) and split over ``torch.get_num_threads()`` threads for tensors of 1M
 elements or more (``index_select`` itself is single-threaded).
 
-Measured on the 2-core AVX-512 VM this was written on (torch 2.13; fp8 ``float8_e4m3fn``
+The table routes, measured on a 2-core AVX-512 VM (torch 2.13; fp8 ``float8_e4m3fn``
 4096x4096 and 8192x8192; Gelem/s = GB/s of fp8 read; median of 7-9 runs; the machine was shared,
 so single-thread figures are the steadier ones; ``python benchmarks/bench_upcast.py`` reprints
 them):
