@@ -58,18 +58,30 @@ def _cache_file() -> str:
     return os.path.join(base, "loaderkit", "cpu-probe.json")
 
 
-def _probe_key(threads: int | None = None) -> str:
-    """The cache key of this machine's probe at ``threads`` threads (default: torch's count now)."""
+def decode_route() -> str:
+    """Which fp8 decode the CPU runs: ``"compiled-<library>"`` (the compiled kernel built and
+    checked on this machine) or ``"tables"`` (torch lookup tables): part of the probe's key, as
+    the fp8 cast path's speed depends on it."""
+    from loaderkit.kernels import compiled
+
+    lib = compiled.library("decode")
+    return "tables" if lib is None else f"compiled-{lib.path.name}"
+
+
+def _probe_key(threads: int | None = None, route: str | None = None) -> str:
+    """The cache key of this machine's probe at ``threads`` threads (default: torch's count now)
+    with the fp8 decode ``route`` (default: :func:`decode_route`)."""
     import hashlib
 
     threads = torch.get_num_threads() if threads is None else threads
-    parts = (_cpu_name(), " ".join(sorted(cpu_flags())), torch.__version__, str(threads))
+    route = decode_route() if route is None else route
+    parts = (_cpu_name(), " ".join(sorted(cpu_flags())), torch.__version__, str(threads), route)
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def probe_ratios() -> dict[str, float]:
     """:func:`measure_ratios`, remembered per machine (CPU model and flags, torch version,
-    thread count) in ``~/.cache/loaderkit/cpu-probe.json`` so that a process does not pay the
+    thread count, fp8 decode route) in ``~/.cache/loaderkit/cpu-probe.json`` so that a process does not pay the
     probe on every first load, and in the process per key (a process that changes its thread
     count gets that count's ratios). A cache that cannot be read or written is ignored."""
     return _ratios_for(_probe_key())

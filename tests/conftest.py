@@ -50,9 +50,11 @@ def _pin_cpu_probe() -> None:
     cache = Path(tempfile.mkdtemp(prefix="loaderkit-test-cache-"))
     atexit.register(shutil.rmtree, cache, ignore_errors=True)
     (cache / "loaderkit").mkdir()
-    keys = {devices._probe_key(n): PINNED_CPU_SPEEDS for n in range(1, max(64, os.cpu_count() or 1) + 1)}
+    os.environ["XDG_CACHE_HOME"] = str(cache)  # (the compiled kernel is built here, once per run)
+    routes = {devices.decode_route(), "tables"}  # tests that turn the compiled kernel off plan alike
+    keys = {devices._probe_key(n, r): PINNED_CPU_SPEEDS for n in range(1, max(64, os.cpu_count() or 1) + 1)
+            for r in routes}
     (cache / "loaderkit" / "cpu-probe.json").write_text(json.dumps(keys))
-    os.environ["XDG_CACHE_HOME"] = str(cache)
     devices._ratios_for.cache_clear()
 
 

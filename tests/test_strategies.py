@@ -245,6 +245,20 @@ def test_the_cpu_probe_runs_once_per_thread_count(tmp_path, monkeypatch, fresh_p
     assert len(json.loads((tmp_path / "loaderkit" / "cpu-probe.json").read_text())) == 2
 
 
+def test_the_cpu_probe_is_kept_per_fp8_decode_route(monkeypatch):
+    """The probe times the fp8 cast path, whose speed depends on the decode in use: ratios
+    measured with the torch tables are not reused once the compiled kernel is in use, nor back."""
+    from loaderkit.kernels import compiled
+    from loaderkit.plugins import devices
+
+    available, now = compiled.library("decode") is not None, devices._probe_key()
+    monkeypatch.setattr(compiled, "_STATE", {"tried": True, "lib": None, "reason": "turned off by the test"})
+    assert devices.decode_route() == "tables"
+    assert devices._probe_key() == devices._probe_key(route="tables")
+    assert (devices._probe_key() != now) == available  # with the kernel in use, another entry
+    assert devices._probe_key(route="compiled-x.so") != devices._probe_key(route="tables")
+
+
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"k": 3}', ""])
 def test_a_corrupt_cpu_probe_cache_is_measured_over_and_rewritten(tmp_path, monkeypatch, content):
     devices, runs = _probe_per_thread_count(monkeypatch, tmp_path)
