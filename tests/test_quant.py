@@ -97,29 +97,33 @@ def test_non_contiguous_and_offset_inputs():
         assert_bit_equal(upcast(view, torch.bfloat16), view.to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.fixture
+def threads(request):
+    """torch's thread count set to the parameter for the test, then restored."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
 def test_split_over_threads_gives_the_same_bits(monkeypatch, threads):
     monkeypatch.setattr(quant, "PARALLEL_MIN", 1000)  # split even these small tensors
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        q = random_codes(E4M3, 301, 1500)
-        gen = torch.Generator().manual_seed(5)
-        cases = [
-            (None, None),
-            (torch.tensor(0.3), None),
-            (torch.rand(301, 1, generator=gen), None),
-            (torch.rand(3, 12, generator=gen), (128, 128)),
-            (torch.rand(301, 1500, generator=gen)[:76, :375], (4, 4)),  # float route
-        ]
-        for scale, block in cases:
-            for dst in COMPUTE:
-                assert_bit_equal(upcast(q, dst, scale, block), dequantize_reference(q, dst, scale, block))
-        narrow = random_codes(E4M3, 5000, 7)  # float route for channel scales
-        scale = torch.rand(5000, 1, generator=gen)
-        assert_bit_equal(upcast(narrow, BF16, scale), dequantize_reference(narrow, BF16, scale))
-    finally:
-        torch.set_num_threads(previous)
+    q = random_codes(E4M3, 301, 1500)
+    gen = torch.Generator().manual_seed(5)
+    cases = [
+        (None, None),
+        (torch.tensor(0.3), None),
+        (torch.rand(301, 1, generator=gen), None),
+        (torch.rand(3, 12, generator=gen), (128, 128)),
+        (torch.rand(301, 1500, generator=gen)[:76, :375], (4, 4)),  # float route
+    ]
+    for scale, block in cases:
+        for dst in COMPUTE:
+            assert_bit_equal(upcast(q, dst, scale, block), dequantize_reference(q, dst, scale, block))
+    narrow = random_codes(E4M3, 5000, 7)  # float route for channel scales
+    scale = torch.rand(5000, 1, generator=gen)
+    assert_bit_equal(upcast(narrow, BF16, scale), dequantize_reference(narrow, BF16, scale))
 
 
 def test_out_buffer_is_filled_and_returned():
@@ -368,23 +372,18 @@ def test_quantize_in_row_blocks_is_bitwise_the_reference(shape, src, granularity
     assert (scale is None and scale_ref is None) or (scale.shape == scale_ref.shape and torch.equal(scale, scale_ref))
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
 def test_quantize_split_over_threads_gives_the_reference_bits(monkeypatch, threads):
     monkeypatch.setattr(quant, "PARALLEL_MIN", 1000)  # split even these small tensors
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        gen = torch.Generator().manual_seed(threads)
-        w = torch.randn(301, 1500, generator=gen) * torch.logspace(-8, 2, 301)[:, None]
-        for src in (torch.bfloat16, torch.float16, torch.float32):
-            for granularity in ("channel", "tensor", "block"):
-                for fp8 in FP8:
-                    q, scale = quantize(w.to(src), fp8, granularity)
-                    rq, rscale = quantize_reference(w.to(src), fp8, granularity)
-                    assert_bit_equal(q, rq)
-                    assert_bit_equal(scale, rscale)
-    finally:
-        torch.set_num_threads(previous)
+    gen = torch.Generator().manual_seed(threads)
+    w = torch.randn(301, 1500, generator=gen) * torch.logspace(-8, 2, 301)[:, None]
+    for src in (torch.bfloat16, torch.float16, torch.float32):
+        for granularity in ("channel", "tensor", "block"):
+            for fp8 in FP8:
+                q, scale = quantize(w.to(src), fp8, granularity)
+                rq, rscale = quantize_reference(w.to(src), fp8, granularity)
+                assert_bit_equal(q, rq)
+                assert_bit_equal(scale, rscale)
 
 
 def test_quantize_in_row_blocks_across_several_blocks(monkeypatch):
