@@ -343,11 +343,8 @@ static inline __m256i e4m3_from_f32x8(__m256 v) {
     return _mm256_or_si256(r, _mm256_srli_epi32(sign, 24));
 }
 
-static void seg_encode(const void *src, int fmt, uint8_t *q, int64_t n, float s, float top, int fp8) {
-    if (fp8 == 1) {
-        seg_encode_scalar(src, fmt, q, n, s, top, fp8);
-        return;
-    }
+static inline __attribute__((always_inline)) void seg_encode_simd(const void *src, const int fmt, uint8_t *q,
+                                                                   int64_t n, float s, float top, const int fp8) {
     const int64_t size = fmt == 0 ? 4 : 2;
     const __m256 vs = _mm256_set1_ps(s), hi = _mm256_set1_ps(top), lo = _mm256_set1_ps(-top);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -368,6 +365,21 @@ static void seg_encode(const void *src, int fmt, uint8_t *q, int64_t n, float s,
         _mm256_storeu_si256((__m256i *)(q + i), _mm256_permutevar8x32_epi32(b, order));
     }
     seg_encode_scalar((const char *)src + i * size, fmt, q + i, n - i, s, top, fp8);
+}
+
+/* one specialized loop per (source format, e4m3fn or int8); e5m2 by the scalar loop */
+static void seg_encode(const void *src, int fmt, uint8_t *q, int64_t n, float s, float top, int fp8) {
+    if (fp8 == 1) {
+        seg_encode_scalar(src, fmt, q, n, s, top, fp8);
+    } else if (fp8 == 0) {
+        if (fmt == 0) seg_encode_simd(src, 0, q, n, s, top, 0);
+        else if (fmt == 1) seg_encode_simd(src, 1, q, n, s, top, 0);
+        else seg_encode_simd(src, 2, q, n, s, top, 0);
+    } else {
+        if (fmt == 0) seg_encode_simd(src, 0, q, n, s, top, 2);
+        else if (fmt == 1) seg_encode_simd(src, 1, q, n, s, top, 2);
+        else seg_encode_simd(src, 2, q, n, s, top, 2);
+    }
 }
 #else
 #define seg_encode seg_encode_scalar

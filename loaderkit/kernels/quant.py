@@ -163,7 +163,8 @@ def upcast(
             return result if out is None else out.copy_(result)
     elif block is not None:
         _check_block(scale, tuple(q.shape), tuple(block))
-    if block is None and scale is not None and _is_row_scale(q, scale) and _compiled_applies(q, scale, dtype):
+    if (block is None and scale is not None and _is_row_scale(q, scale) and (out is None or out.is_contiguous())
+            and _compiled_applies(q, scale, dtype)):
         # one scale per row of a stack [..., N, K] (fused experts): per channel of its [-1, K] view
         rows = q.contiguous().view(-1, q.shape[-1])
         dest = upcast(rows, dtype, scale.reshape(-1, 1), out=None if out is None else out.view(rows.shape))
@@ -259,7 +260,7 @@ def _upcast_compiled(q: torch.Tensor, scale: torch.Tensor | None, block, out: to
 
 def _checked(rc: int) -> None:
     if rc:
-        raise ConversionError(f"the compiled fp8 decode refused its arguments (status {rc})")
+        raise ConversionError(f"the compiled fp8 kernel refused its arguments (status {rc})")
 
 
 def _is_row_scale(q: torch.Tensor, scale: torch.Tensor) -> bool:
