@@ -95,13 +95,14 @@ CASES = {
     "bf16": lambda path: _hf(path, "bfloat16"),
     "fp32": lambda path: _hf(path, "float32"),
 }
-LOAD_CASES = ["lk-fp8", "peer", "lk-fp8-1thread"]
+LOAD_CASES = ["lk-fp8", "lk-fp8-bf16", "peer", "lk-fp8-1thread"]
 FORWARD_CASES = ["lk-fp8", "lk-fp8-fp32", "lk-fp8-resident", "bf16", "fp32", "peer"]
 
 LABELS = {
     "lk-fp8": '(e) loaderkit.load(strategy="fp8")',
     "peer": "(f) peer: from_pretrained(bf16) + accelerate layerwise casting (fp8 storage)",
     "lk-fp8-fp32": 'loaderkit fp8, compute_dtype=float32',
+    "lk-fp8-bf16": "(e'') same as (e) with compute_dtype=bfloat16, as the peer computes",
     "lk-fp8-resident": "loaderkit fp8, resident=True (bf16 copies kept)",
     "lk-fp8-1thread": "(e') same as (e) after torch.set_num_threads(1)",
     "bf16": "plain bf16 (from_pretrained)",
