@@ -204,7 +204,8 @@ def self_check(lib: Library) -> str:
             q = codes[:500].reshape(20, 25)
             want = (q.float() * grid.repeat_interleave(10, 0).repeat_interleave(13, 1)[:, :25]).to(dst)
             got = torch.empty_like(want)
-            if decode_grid(lib, q, grid, (10, 13), got, 0, 20) or not torch.equal(got.view(_bits(dst)), want.view(_bits(dst))):
+            rc = decode_grid(lib, q, grid, (10, 13), got, 0, 20)
+            if rc or not torch.equal(got.view(_bits(dst)), want.view(_bits(dst))):
                 return f"{src} -> {dst}, block grid"
     return ""
 
@@ -238,6 +239,14 @@ def _quantize_check(lib: Library) -> str:
                 amax.flatten(), w.abs().amax(dim=1).float()):
             return f"amax of {w.dtype}"
     return ""
+
+
+def checked(rc: int) -> None:
+    """Raise for a kernel call that refused its arguments (a non-zero status)."""
+    if rc:
+        from ..errors import ConversionError
+
+        raise ConversionError(f"the compiled fp8 kernel refused its arguments (status {rc})")
 
 
 def _bits(dtype: torch.dtype) -> torch.dtype:

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..errors import ConversionError
 from . import compiled
-from .quant import _checked, _parallel
+from .quant import split_over_threads
 
 #: the largest int8 code used (symmetric: -127..127).
 INT8_MAX = 127
@@ -119,10 +119,12 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if lib is not None:  # the compiled kernel: the row maxima in one pass, the codes in another
         rows = w.contiguous()
         amax = torch.zeros(n, 1, dtype=torch.float32)
-        _parallel(n, lambda lo, hi: _checked(compiled.amax_grid(lib, rows, amax, (1, k), lo, hi)), cost=k)
+        split_over_threads(n, lambda lo, hi: compiled.checked(compiled.amax_grid(lib, rows, amax, (1, k), lo, hi)),
+                           cost=k)
         grid = _finish_scale(amax)
-        _parallel(n, lambda lo, hi: _checked(compiled.encode_grid(lib, rows, q, grid, (1, k), float(INT8_MAX), lo, hi)),
-                  cost=k)
+        top = float(INT8_MAX)
+        encode = compiled.encode_grid
+        split_over_threads(n, lambda lo, hi: compiled.checked(encode(lib, rows, q, grid, (1, k), top, lo, hi)), cost=k)
         return q, grid
     step = max(1, QUANT_BLOCK // (w.element_size() * k))
     work = torch.empty((min(step, n), k), dtype=torch.float32, device=w.device)

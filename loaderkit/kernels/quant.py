@@ -233,7 +233,8 @@ def _upcast_compiled(q: torch.Tensor, scale: torch.Tensor | None, block, out: to
     if scale is None or scale.numel() == 1:
         s = None if scale is None else float(scale.reshape(()).float())
         codes, dest = q.view(-1), out.view(-1)
-        _parallel(codes.numel(), lambda lo, hi: _checked(compiled.decode_flat(lib, codes[lo:hi], s, dest[lo:hi])))
+        split_over_threads(codes.numel(),
+                           lambda lo, hi: compiled.checked(compiled.decode_flat(lib, codes[lo:hi], s, dest[lo:hi])))
         return
     if block is None:  # per channel: a grid of one column, one block per row
         rows = q.shape[0]
@@ -242,8 +243,9 @@ def _upcast_compiled(q: torch.Tensor, scale: torch.Tensor | None, block, out: to
         codes, grid, cells = q, scale.float().contiguous(), tuple(block)
     if codes.dim() == 2:
         dest = out.view(codes.shape)
-        _parallel(codes.shape[0], lambda lo, hi: _checked(compiled.decode_grid(lib, codes, grid, cells, dest, lo, hi)),
-                  cost=codes.shape[1])
+        split_over_threads(codes.shape[0],
+                           lambda lo, hi: compiled.checked(compiled.decode_grid(lib, codes, grid, cells, dest, lo, hi)),
+                           cost=codes.shape[1])
         return
     # a stack of block-scaled matrices [..., N, K] (fused experts): one grid each
     codes, dest = codes.reshape(-1, *codes.shape[-2:]), out.view(-1, *codes.shape[-2:])
@@ -253,14 +255,9 @@ def _upcast_compiled(q: torch.Tensor, scale: torch.Tensor | None, block, out: to
     def work(lo: int, hi: int) -> None:
         for e in range(lo // n, -(-hi // n)):
             r0, r1 = max(lo - e * n, 0), min(hi - e * n, n)
-            _checked(compiled.decode_grid(lib, codes[e], grid[e], cells, dest[e], r0, r1))
+            compiled.checked(compiled.decode_grid(lib, codes[e], grid[e], cells, dest[e], r0, r1))
 
-    _parallel(codes.shape[0] * n, work, cost=codes.shape[2])
-
-
-def _checked(rc: int) -> None:
-    if rc:
-        raise ConversionError(f"the compiled fp8 kernel refused its arguments (status {rc})")
+    split_over_threads(codes.shape[0] * n, work, cost=codes.shape[2])
 
 
 def _is_row_scale(q: torch.Tensor, scale: torch.Tensor) -> bool:
@@ -328,7 +325,7 @@ def _pairs_work() -> bool:
 def _gather_flat(codes: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor | None], out: torch.Tensor) -> None:
     """``out[i] = table[codes[i]]`` (pair table when it pays), split over threads."""
     index, table, dest, tail = _gather_operands(codes, tables, out)
-    _parallel(index.numel(), functools.partial(_gather_range, index, table, dest))
+    split_over_threads(index.numel(), functools.partial(_gather_range, index, table, dest))
     if tail:
         out.view(tables[0].dtype)[-1] = tables[0][codes[-1].long()]
 
@@ -372,7 +369,7 @@ def _gather_steps(index: torch.Tensor, table: torch.Tensor, out: torch.Tensor, w
         torch.index_select(table, 0, idx.copy_(src), out=dst)
 
 
-def _parallel(total: int, work, *, align: int = 1, cost: int = 1) -> None:
+def split_over_threads(total: int, work, *, align: int = 1, cost: int = 1) -> None:
     """Run ``work(lo, hi)`` over ``[0, total)`` in contiguous shares, one per torch thread.
 
     The steps inside a share stay below ATen's parallel grain, so no op opens an OpenMP region:
@@ -455,7 +452,7 @@ def _upcast_block(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], 
             torch.index_select(table, 0, idx.view(-1), out=dest[r0:r1].reshape(-1))
             r0 = r1
 
-    _parallel(n, work, cost=k)
+    split_over_threads(n, work, cost=k)
 
 
 def _float_route(codes: torch.Tensor, src: torch.dtype, scale: torch.Tensor, dest: torch.Tensor) -> None:
@@ -480,7 +477,7 @@ def _float_route(codes: torch.Tensor, src: torch.dtype, scale: torch.Tensor, des
                 _gather_serial(c.reshape(-1), tables, chunk)
             d.copy_(chunk.view(c.shape).mul_(scales[i] if per_row else scale))
 
-    _parallel(rows, work, cost=width)
+    split_over_threads(rows, work, cost=width)
 
 
 def _row_step(width: int, align: int) -> int:
@@ -598,7 +595,8 @@ def _quantize_compiled(rows: torch.Tensor, fp8_dtype: torch.dtype, granularity: 
     else:  # channel, and tensor through its rows' maxima
         cells, align = (1, k), 1
         amax = torch.zeros(n, 1, dtype=torch.float32)
-    _parallel(n, lambda lo, hi: _checked(compiled.amax_grid(lib, rows, amax, cells, lo, hi)), align=align, cost=k)
+    split_over_threads(n, lambda lo, hi: compiled.checked(compiled.amax_grid(lib, rows, amax, cells, lo, hi)),
+                       align=align, cost=k)
     if granularity == "tensor":
         scale = _finish_scale(amax.max(), fp8_dtype)
         grid, cells = scale.reshape(1, 1), (n, k)
@@ -606,8 +604,8 @@ def _quantize_compiled(rows: torch.Tensor, fp8_dtype: torch.dtype, granularity: 
         scale = grid = _finish_scale(amax, fp8_dtype)
     q = torch.empty((n, k), dtype=fp8_dtype)
     top = fp8_max(fp8_dtype)
-    _parallel(n, lambda lo, hi: _checked(compiled.encode_grid(lib, rows, q, grid, cells, top, lo, hi)),
-              align=align, cost=k)
+    split_over_threads(n, lambda lo, hi: compiled.checked(compiled.encode_grid(lib, rows, q, grid, cells, top, lo, hi)),
+                       align=align, cost=k)
     return q, scale if granularity != "channel" else scale.reshape(n)
 
 
