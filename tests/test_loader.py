@@ -324,3 +324,27 @@ print(m.embed.weight.dtype, torch.Tensor.__new__ is torch._C.TensorBase.__new__ 
     proc = run_python(code)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("torch.bfloat16")
+
+
+def test_a_skeleton_with_parameters_larger_than_memory_is_built_on_meta():
+    """``nn.Parameter(torch.empty(E, 2 * I, H))`` in a model's ``__init__`` (fused MoE experts:
+    DeepSeek-V3's ask for 15-30 GB at once) is made on the meta device, never allocated; small
+    tensors (buffers with computed values) are made on the CPU as before."""
+    from torch import nn
+
+    from loaderkit.pipeline.build import meta_init
+
+    class Huge(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = nn.Parameter(torch.empty(256, 4096, 1 << 20))  # 4 TiB in float32
+            self.table = nn.Parameter(torch.zeros((1 << 18, 1 << 14)))
+            self.filled = nn.Parameter(torch.full((1 << 16, 1 << 15), 0.5))
+            self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, 64, 2) / 64), persistent=False)
+
+    with meta_init(torch.bfloat16):
+        model = Huge()
+    for p in model.parameters():
+        assert p.device.type == "meta" and p.dtype == torch.bfloat16
+    assert model.experts.shape == (256, 4096, 1 << 20)
+    assert model.inv_freq.device.type == "cpu" and model.inv_freq[1].item() > 0

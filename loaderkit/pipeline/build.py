@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import re
 import threading
 from typing import Any
@@ -82,6 +83,9 @@ class _DefaultDtype(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         dtype = _BUILDING.dtype
+        if func in _SIZED_FACTORIES and kwargs.get("device") is None and kwargs.get("out") is None:
+            if _nbytes(args, kwargs, dtype) >= META_FACTORY_BYTES:
+                kwargs["device"] = "meta"  # a parameter-sized tensor: never allocated (see below)
         if dtype == _torch_default_dtype() or kwargs.get("dtype") is not None or kwargs.get("out") is not None:
             return func(*args, **kwargs)
         if func in _FLOAT_FACTORIES:
@@ -94,6 +98,29 @@ class _DefaultDtype(TorchFunctionMode):
                 return out
             return func(*args, **{**kwargs, "dtype": dtype})
         return _promoted(func, args, kwargs, out, dtype)
+
+
+#: factories taking a size first, which a model's ``__init__`` makes its parameters with ...
+_SIZED_FACTORIES = frozenset({torch.empty, torch.zeros, torch.ones, torch.rand, torch.randn, torch.full,
+                              torch.empty_strided})
+#: ... made on the meta device from this many bytes. Parameters move to the meta device when they
+#: are registered, but ``nn.Parameter(torch.empty(E, 2 * I, H))`` allocates first: DeepSeek-V3's
+#: fused experts ask for 15-30 GB at once, which a machine with less memory refuses. Buffers
+#: (which stay on the CPU with their computed values) are never this large.
+META_FACTORY_BYTES = 1 << 30
+
+
+def _nbytes(args, kwargs, default: torch.dtype) -> int:
+    """Bytes of the tensor a sized factory call asks for (0 when its size cannot be read)."""
+    size = kwargs.get("size", args[0] if len(args) == 1 or (args and not isinstance(args[0], int)) else args)
+    if isinstance(size, int):
+        size = (size,)
+    try:
+        count = math.prod(int(n) for n in size)
+    except (TypeError, ValueError):
+        return 0
+    dtype = kwargs.get("dtype") or default
+    return count * (dtype.itemsize if isinstance(dtype, torch.dtype) else 4)
 
 
 #: tensor methods whose float32 result was asked for explicitly (``ids.float()``, ``.to(...)``).
