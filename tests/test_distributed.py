@@ -334,14 +334,19 @@ def test_the_ranks_boxes_cover_every_tensor_once(tmp_path, world, how):
             _plan_rank(path, world, 0, how)
         return
     plans = [_plan_rank(path, world, r, how) for r in range(world)]
+    _assert_every_element_held_once(plans)
+    assert {p.parallel.rank for p in plans} == set(range(world))
+
+
+def _assert_every_element_held_once(plans) -> None:
+    """Every element of every tensor is in exactly one rank's boxes (all ranks' if replicated)."""
     for key, tp in plans[0].tensors.items():
         count = torch.zeros(tp.shape, dtype=torch.int32)
         for p in plans:
             for box in p.parallel.shards[key].boxes:
                 count[tuple(slice(a, b) for a, b in box)] += 1
         replicated = plans[0].parallel.shards[key].placements == "Replicate()"
-        assert bool((count == (world if replicated else 1)).all()), key
-    assert {p.parallel.rank for p in plans} == set(range(world))
+        assert bool((count == (len(plans) if replicated else 1)).all()), key
 
 
 def test_packed_experts_cover_every_element_once_and_read_two_runs(tmp_path):
@@ -358,13 +363,7 @@ def test_packed_experts_cover_every_element_once_and_read_two_runs(tmp_path):
     down = plans[1].parallel.shards["model.layers.0.mlp.experts.down_proj"]
     assert down.placements == "Shard(2)" and down.boxes == (((0, 4), (0, 32), (32, 64)),)
     assert "0:4x32:64x0:32 + 0:4x96:128x0:32" in str(plans[1])
-    for key, tp in plans[0].tensors.items():
-        count = torch.zeros(tp.shape, dtype=torch.int32)
-        for p in plans:
-            for box in p.parallel.shards[key].boxes:
-                count[tuple(slice(a, b) for a, b in box)] += 1
-        replicated = plans[0].parallel.shards[key].placements == "Replicate()"
-        assert bool((count == (2 if replicated else 1)).all()), key
+    _assert_every_element_held_once(plans)
 
 
 def _meta_mixtral():
