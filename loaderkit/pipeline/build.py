@@ -12,6 +12,7 @@ import contextlib
 import functools
 import math
 import re
+import sys
 import threading
 from typing import Any
 
@@ -220,19 +221,42 @@ def building_thread_only(context, namespace: Any = torch.nn.init):
     ``torch.nn.init``'s functions for the whole process. Inside this wrapper every function the
     context replaced dispatches by thread: the building thread gets the library's, any other
     thread torch's own, so a module another thread constructs meanwhile is initialised as usual.
-    (The library installs its replacements a moment before they are wrapped.)
+    (The library installs its replacements a moment before they are wrapped: for that moment,
+    the entering and the wrapping run under a long GIL switch interval, so that no other thread
+    runs between them unless one was already due. On exit torch's functions are put back before
+    the library's exit puts back the same ones.)
     """
     before = dict(vars(namespace))
-    with context:
+    with _no_thread_switch():
+        context.__enter__()
         owner = threading.get_ident()
         patched = {n: v for n, v in vars(namespace).items() if n in before and before[n] is not v}
         for name, mine in patched.items():
             setattr(namespace, name, _per_thread(owner, mine, before[name]))
-        try:
-            yield
-        finally:
-            for name, mine in patched.items():
-                setattr(namespace, name, mine)  # the library's own exit restores torch's
+    try:
+        yield
+    except BaseException:
+        with _no_thread_switch():
+            for name in patched:
+                setattr(namespace, name, before[name])
+            if not context.__exit__(*sys.exc_info()):
+                raise
+    else:
+        with _no_thread_switch():
+            for name in patched:
+                setattr(namespace, name, before[name])
+            context.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def _no_thread_switch():
+    """A long GIL switch interval for a few statements (other threads wait unless already due)."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(interval)
 
 
 def _per_thread(owner: int, mine, theirs):
