@@ -233,19 +233,20 @@ def building_thread_only(context, namespace: Any = torch.nn.init):
         patched = {n: v for n, v in vars(namespace).items() if n in before and before[n] is not v}
         for name, mine in patched.items():
             setattr(namespace, name, _per_thread(owner, mine, before[name]))
+
+    def leave(*exc) -> bool:
+        with _no_thread_switch():
+            for name in patched:
+                setattr(namespace, name, before[name])
+            return bool(context.__exit__(*exc))
+
     try:
         yield
     except BaseException:
-        with _no_thread_switch():
-            for name in patched:
-                setattr(namespace, name, before[name])
-            if not context.__exit__(*sys.exc_info()):
-                raise
+        if not leave(*sys.exc_info()):
+            raise
     else:
-        with _no_thread_switch():
-            for name in patched:
-                setattr(namespace, name, before[name])
-            context.__exit__(None, None, None)
+        leave(None, None, None)
 
 
 @contextlib.contextmanager
