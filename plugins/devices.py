@@ -54,8 +54,9 @@ FAST_RATIO = 1.15
 
 
 def _cache_file() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "loaderkit", "cpu-probe.json")
+    from loaderkit.kernels.compiled import cache_root
+
+    return str(cache_root() / "cpu-probe.json")
 
 
 def decode_route() -> str:

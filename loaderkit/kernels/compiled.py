@@ -1,4 +1,5 @@
-"""The compiled fp8 decode kernel: ``fp8_decode.c``, built on first use by the system C compiler.
+"""The compiled fp8 kernel (decode; fp8 and int8 quantize): ``fp8_decode.c``, built on first use
+by the system C compiler.
 
 torch's CPU conversions from fp8 are scalar loops, and any chain of eager torch ops that decodes
 fp8 makes several passes over memory; the kernel decodes, scales and rounds in one pass at close
@@ -142,9 +143,15 @@ def _compiler() -> str | None:
     return None
 
 
-def cache_dir() -> Path:
+def cache_root() -> Path:
+    """loaderkit's per-machine cache folder: ``$XDG_CACHE_HOME/loaderkit`` (``~/.cache`` by default)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "loaderkit" / "kernels"
+    return Path(base) / "loaderkit"
+
+
+def cache_dir() -> Path:
+    """Where the compiled libraries are kept."""
+    return cache_root() / "kernels"
 
 
 @functools.lru_cache(maxsize=1)
